@@ -71,16 +71,26 @@ module Elf =
                  Info = int (u32 b (o + 44))
                  EntSize = int (u64 b (o + 56)) } |]
 
-    let private ofType t (secs: Section[]) = secs |> Array.filter (fun s -> s.Type = t)
+    /// The sections of type `t`, each checked to lie inside the file with a valid linked section.
+    let private ofType t (secs: Section[]) (b: byte[]) =
+        secs
+        |> Array.filter (fun s -> s.Type = t)
+        |> Array.map (fun s ->
+            check "section out of range" (s.Offset >= 0 && s.Size >= 0 && s.Offset <= b.Length - s.Size)
+            check "bad section link" (s.Link >= 0 && s.Link < secs.Length)
+            s)
+
+    /// Entry counts from the file are bounded by what the section can hold (no runaway loops).
+    let private bounded (count: int) (s: Section) (entrySize: int) = max 0 (min count (s.Size / entrySize))
 
     /// Every version the object needs (`.gnu.version_r`), in file order.
     let versionNeeds (bytes: byte[]) : VersionNeed list =
         let secs = sections bytes
-        [ for s in ofType SHT_GNU_verneed secs do
+        [ for s in ofType SHT_GNU_verneed secs bytes do
               let strtab = secs[s.Link].Offset
               let mutable vn = s.Offset
-              for _ in 1 .. s.Info do
-                  let cnt = int (u16 bytes (vn + 2))
+              for _ in 1 .. bounded s.Info s 16 do
+                  let cnt = bounded (int (u16 bytes (vn + 2))) s 16
                   let file = cstring bytes (strtab + int (u32 bytes (vn + 4)))
                   let mutable aux = vn + int (u32 bytes (vn + 8))
                   for _ in 1 .. cnt do
@@ -96,10 +106,10 @@ module Elf =
     /// Every version the object defines (`.gnu.version_d`), e.g. "GLIBCXX_3.4.30" for libstdc++.
     let versionDefinitions (bytes: byte[]) : Set<string> =
         let secs = sections bytes
-        set [ for s in ofType SHT_GNU_verdef secs do
+        set [ for s in ofType SHT_GNU_verdef secs bytes do
                   let strtab = secs[s.Link].Offset
                   let mutable vd = s.Offset
-                  for _ in 1 .. s.Info do
+                  for _ in 1 .. bounded s.Info s 20 do
                       let aux = vd + int (u32 bytes (vd + 12))
                       yield cstring bytes (strtab + int (u32 bytes aux))
                       vd <- vd + int (u32 bytes (vd + 16)) ]
@@ -107,10 +117,10 @@ module Elf =
     /// Names of the dynamic symbols bound to version index `index` (from `.gnu.version`).
     let symbolsOfVersion (bytes: byte[]) (index: uint16) : (int * string) list =
         let secs = sections bytes
-        match ofType SHT_DYNSYM secs, ofType SHT_GNU_versym secs with
+        match ofType SHT_DYNSYM secs bytes, ofType SHT_GNU_versym secs bytes with
         | [| dynsym |], [| versym |] ->
             let strtab = secs[dynsym.Link].Offset
-            let count = dynsym.Size / 24
+            let count = min (dynsym.Size / 24) (versym.Size / 2)
             [ for i in 0 .. count - 1 do
                   if u16 bytes (versym.Offset + 2 * i) &&& 0x7fffus = index then
                       yield i, cstring bytes (strtab + int (u32 bytes (dynsym.Offset + 24 * i))) ]
@@ -119,8 +129,8 @@ module Elf =
     /// Indices of dynamic symbols referenced by any relocation in a RELA section tied to `.dynsym`.
     let relocatedSymbols (bytes: byte[]) : Set<int> =
         let secs = sections bytes
-        let dynsymIdx = secs |> Array.findIndex (fun s -> s.Type = SHT_DYNSYM)
-        set [ for s in ofType SHT_RELA secs do
+        let dynsymIdx = secs |> Array.tryFindIndex (fun s -> s.Type = SHT_DYNSYM) |> Option.defaultValue -1
+        set [ for s in ofType SHT_RELA secs bytes do
                   if s.Link = dynsymIdx then
                       for i in 0 .. s.Size / 24 - 1 do
                           yield int (u64 bytes (s.Offset + 24 * i + 8) >>> 32) ]

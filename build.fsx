@@ -1,0 +1,82 @@
+// Vct build script: `dotnet fsi build.fsx <target> [-- extra args]`.
+// Plain F# with no packages (FAKE cannot be restored here); every target only runs commands that a user
+// could type, so there is no logic here that the projects lack.
+//
+//   build       restore (locked in CI) and build the solution, warnings as errors
+//   test        build, then run the Expecto test program; prints "N passed, N failed, N skipped" last
+//   notebooks   build, then execute every notebooks/*.ipynb headless; fails on any failing cell
+//   bench       build, then run the benchmarks (writes docs/benchmarks.md)
+//   train       the main job (training + evaluation on the built-in synthetic data)
+//   eval        evaluate a checkpoint on the default synthetic split
+//   help        this text
+
+open System
+open System.Diagnostics
+open System.IO
+
+let root = __SOURCE_DIRECTORY__
+let args = fsi.CommandLineArgs |> Array.skip 1
+let target = if args.Length = 0 then "help" else args[0]
+let extra = match Array.tryFindIndex ((=) "--") args with Some i -> args[i + 1 ..] | None -> [||]
+let configuration = "Release"
+
+/// Runs a program in `dir`, streaming its output; returns the exit code.
+let run (dir: string) (exe: string) (arguments: string list) (env: (string * string) list) =
+    let psi = ProcessStartInfo(exe, WorkingDirectory = dir, UseShellExecute = false)
+    for a in arguments do psi.ArgumentList.Add a
+    for (k, v) in env do psi.Environment[k] <- v
+    printfn "> %s %s" exe (String.Join(" ", arguments))
+    use p = Process.Start psi
+    p.WaitForExit()
+    p.ExitCode
+
+let check code what = if code <> 0 then failwithf "%s failed with exit code %d" what code
+
+let dotnet (arguments: string list) = run root "dotnet" arguments []
+
+let build () =
+    let restore = [ "restore"; "Vct.sln" ] @ (if Environment.GetEnvironmentVariable "CI" = "true" then [ "--locked-mode" ] else [])
+    check (dotnet restore) "restore"
+    check (dotnet [ "build"; "Vct.sln"; "-c"; configuration; "--no-restore"; "-warnaserror"; "-nologo" ]) "build"
+
+let test () =
+    build ()
+    // Expecto is a plain program: `dotnet test` has no adapter here and would run nothing.
+    dotnet ([ "run"; "--project"; "tests/Vct.Core.Tests"; "-c"; configuration; "--no-build"; "--" ] @ List.ofArray extra)
+
+let notebooks () =
+    build ()
+    let script = Path.Combine(root, "notebooks", "run-notebooks.sh")
+    run root "bash" ([ script ] @ List.ofArray extra) []
+
+let bench () =
+    build ()
+    dotnet ([ "run"; "--project"; "bench/Vct.Bench"; "-c"; configuration; "--no-build"; "--" ] @ List.ofArray extra)
+
+let notYet what =
+    eprintfn "The '%s' target is not implemented yet: see the feature status table in README.md." what
+    2
+
+let help () =
+    printfn "usage: dotnet fsi build.fsx <build|test|notebooks|bench|train|eval|help> [-- extra args]"
+    0
+
+let code =
+    try
+        match target with
+        | "build" -> build (); 0
+        | "test" -> test ()
+        | "notebooks" -> notebooks ()
+        | "bench" -> bench ()
+        | "train" -> notYet "train"
+        | "eval" -> notYet "eval"
+        | "help" | "--help" | "-h" -> help ()
+        | other ->
+            eprintfn "unknown target '%s'" other
+            help () |> ignore
+            2
+    with e ->
+        eprintfn "build.fsx %s: %s" target e.Message
+        1
+
+exit code
