@@ -3,4 +3,14 @@ using Vct.Cli;
 
 var root = new RootCommand("vct: audio-visual segmentation with the Vision-Centric Transformer (VCT)");
 root.Subcommands.Add(InfoCommand.Create());
-return root.Parse(args).Invoke();
+try
+{
+    return root.Parse(args).Invoke(new InvocationConfiguration { EnableDefaultExceptionHandler = false });
+}
+catch (Exception e) when (e is ArgumentException or InvalidOperationException or IOException or InvalidDataException or NotSupportedException)
+{
+    // Bad input or environment: one clear line, no stack trace (set VCT_DEBUG=1 for it).
+    Console.Error.WriteLine($"vct: {e.Message}");
+    if (Environment.GetEnvironmentVariable("VCT_DEBUG") == "1") Console.Error.WriteLine(e);
+    return 1;
+}

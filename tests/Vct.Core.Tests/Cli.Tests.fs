@@ -1,0 +1,60 @@
+module Vct.Core.Tests.CliTests
+
+open System
+open System.Diagnostics
+open System.IO
+open System.Text.Json
+open Expecto
+
+/// The repository root: the first folder above the test program that holds Vct.sln.
+let repoRoot =
+    lazy
+        (let rec up (d: DirectoryInfo) =
+            if isNull d then failwith "Vct.sln not found above the test program"
+            elif File.Exists(Path.Combine(d.FullName, "Vct.sln")) then d.FullName
+            else up d.Parent
+         up (DirectoryInfo AppContext.BaseDirectory))
+
+/// Runs the built `vct` CLI (Release) with `args`; returns exit code, stdout, stderr.
+let runVct (args: string list) =
+    let dll = Path.Combine(repoRoot.Value, "src", "Vct.Cli", "bin", "Release", "net10.0", "vct.dll")
+    if not (File.Exists dll) then failtestf "the CLI is not built: %s (run `dotnet fsi build.fsx build`)" dll
+    let psi = ProcessStartInfo("dotnet", RedirectStandardOutput = true, RedirectStandardError = true)
+    psi.ArgumentList.Add dll
+    for a in args do psi.ArgumentList.Add a
+    use p = Process.Start psi
+    let out = p.StandardOutput.ReadToEndAsync()
+    let err = p.StandardError.ReadToEndAsync()
+    p.WaitForExit()
+    p.ExitCode, out.Result, err.Result
+
+[<Tests>]
+let tests =
+    testList "Cli" [
+        test "vct info prints versions, device, threads and the compat fix" {
+            let code, out, err = runVct [ "info" ]
+            Expect.equal code 0 $"exit code; stderr: {err}"
+            for field in [ "TorchSharp"; "0.107.0"; "Device"; "Threads"; "Compat fix" ] do
+                Expect.stringContains out field $"mentions {field}"
+        }
+
+        test "vct info --json reports the same facts as the library" {
+            let code, out, err = runVct [ "info"; "--json"; "--device"; "cpu"; "--threads"; "1" ]
+            Expect.equal code 0 $"exit code; stderr: {err}"
+            use doc = JsonDocument.Parse out
+            let r = doc.RootElement
+            Expect.equal (r.GetProperty("torchsharp").GetString()) "0.107.0" "TorchSharp version"
+            Expect.equal (r.GetProperty("device").GetString()) "cpu" "device honoured"
+            Expect.equal (r.GetProperty("threads").GetInt32()) 1 "threads honoured"
+            let mine = Vct.Core.Runtime.init ()
+            Expect.equal (r.GetProperty("compat_fix_applied").GetBoolean()) mine.CompatFixApplied "same decision as in-process"
+            Expect.isNotEmpty (r.GetProperty("compat_fix_reason").GetString()) "a reason"
+        }
+
+        test "vct info --device with a bad value fails and names it" {
+            let code, out, err = runVct [ "info"; "--device"; "tpu" ]
+            Expect.notEqual code 0 "non-zero exit"
+            Expect.stringContains (out + err) "tpu" "names the bad value"
+            Expect.isFalse ((out + err).Contains "   at ") "one clear line, no stack trace"
+        }
+    ]
