@@ -51,6 +51,13 @@ let tests =
             Expect.isNotEmpty (r.GetProperty("compat_fix_reason").GetString()) "a reason"
         }
 
+        test "the C# facade reports what the F# API reports" {
+            let viaFacade = Vct.VctRuntime.Info()
+            let viaApi = Vct.Core.Api.systemInfo ()
+            Expect.equal viaFacade viaApi "same record"
+            Expect.equal (Vct.VctRuntime.ResolveDevice "cpu").``type`` TorchSharp.DeviceType.CPU "device"
+        }
+
         test "vct info --device with a bad value fails and names it" {
             let code, out, err = runVct [ "info"; "--device"; "tpu" ]
             Expect.notEqual code 0 "non-zero exit"
