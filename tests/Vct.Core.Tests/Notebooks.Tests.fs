@@ -1,0 +1,84 @@
+module Vct.Core.Tests.NotebooksTests
+
+open System
+open System.Diagnostics
+open System.IO
+open System.Text.Json.Nodes
+open Expecto
+
+/// The repository root: the first folder above the test assembly that holds Vct.sln.
+let private repoRoot =
+    lazy
+        (let start = Path.GetDirectoryName(typeof<Vct.Core.RuntimeReport>.Assembly.Location)
+         let rec up (dir: DirectoryInfo) =
+             if isNull dir then failwithf "no folder above %s contains Vct.sln" start
+             elif File.Exists(Path.Combine(dir.FullName, "Vct.sln")) then dir.FullName
+             else up dir.Parent
+         up (DirectoryInfo start))
+
+/// Runs `bash notebooks/run-notebooks.sh args` in the repository root; returns the exit code and the output
+/// (stdout and stderr together).
+let private runRunner (args: string list) =
+    let root = repoRoot.Force()
+    let script = Path.Combine(root, "notebooks", "run-notebooks.sh")
+    if not (File.Exists script) then failtestf "%s is missing" script
+    let psi = ProcessStartInfo("bash", WorkingDirectory = root, UseShellExecute = false)
+    psi.ArgumentList.Add script
+    for a in args do psi.ArgumentList.Add a
+    psi.RedirectStandardOutput <- true
+    psi.RedirectStandardError <- true
+    psi.RedirectStandardInput <- true
+    use p = Process.Start psi
+    p.StandardInput.Close()
+    let out = p.StandardOutput.ReadToEndAsync()
+    let err = p.StandardError.ReadToEndAsync()
+    if not (p.WaitForExit(TimeSpan.FromMinutes 15.0)) then
+        p.Kill true
+        failtestf "run-notebooks.sh did not finish in 15 minutes; output so far:\n%s%s" out.Result err.Result
+    p.WaitForExit()
+    p.ExitCode, out.Result + err.Result
+
+/// Exit code 3 of the runner: the set-up failed (tool or FSharp.Core missing); its message says which.
+let private explain (code: int) (output: string) =
+    let hint =
+        if code = 3 then
+            "\nThe runner could not set up dotnet-repl: run `dotnet tool restore` in the repository root "
+            + "(the tool is pinned in .config/dotnet-tools.json) and build the solution (`dotnet build Vct.sln -c Release`)."
+        else ""
+    $"run-notebooks.sh exited with {code}.{hint}\n--- output ---\n{output}"
+
+[<Tests>]
+let tests =
+    testSequenced
+    <| testList "Notebooks" [
+        test "every notebook runs without a failing cell" {
+            let code, output = runRunner []
+            Expect.equal code 0 (explain code output)
+            Expect.stringContains output "ok     notebooks/00-getting-started.ipynb" "one ok line per notebook"
+        }
+
+        test "the runner reports a failing cell and exits non-zero" {
+            let root = repoRoot.Force()
+            let source = Path.Combine(root, "notebooks", "00-getting-started.ipynb")
+            let nb = JsonNode.Parse(File.ReadAllText source)
+            let cell = JsonObject()
+            cell["cell_type"] <- JsonValue.Create "code"
+            cell["execution_count"] <- null
+            cell["metadata"] <-
+                JsonNode.Parse """{"dotnet_interactive":{"language":"fsharp"},"polyglot_notebook":{"kernelName":"fsharp"}}"""
+            cell["outputs"] <- JsonArray()
+            cell["source"] <- JsonArray(JsonValue.Create "if true then failwith \"boom\"")
+            nb["cells"].AsArray().Add cell
+            let dir = Directory.CreateTempSubdirectory "vct-notebook-test-"
+            try
+                let broken = Path.Combine(dir.FullName, "zz-broken-cell-check.ipynb")
+                File.WriteAllText(broken, nb.ToJsonString())
+                let code, output = runRunner [ broken ]
+                if code = 3 then failtest (explain code output)
+                Expect.notEqual code 0 $"a notebook with a failing cell must fail the run\n--- output ---\n{output}"
+                Expect.stringContains output "FAILED" $"the failing notebook is reported\n--- output ---\n{output}"
+                Expect.stringContains output "boom" $"the failing cell's error text is printed\n--- output ---\n{output}"
+            finally
+                dir.Delete true
+        }
+    ]
