@@ -1,0 +1,59 @@
+namespace Vct.Core.Checkpoint
+
+open System
+open System.IO
+open TorchSharp
+open Vct.Core
+
+/// Raw little-endian tensor bytes: the common ground of every checkpoint format read here.
+[<RequireQualifiedAccess>]
+module TensorData =
+    /// Bytes per element of a dtype.
+    let elementSize (dtype: torch.ScalarType) : int64 =
+        match dtype with
+        | torch.ScalarType.Bool | torch.ScalarType.Byte | torch.ScalarType.Int8 -> 1L
+        | torch.ScalarType.Int16 | torch.ScalarType.Float16 | torch.ScalarType.BFloat16 -> 2L
+        | torch.ScalarType.Int32 | torch.ScalarType.Float32 -> 4L
+        | torch.ScalarType.Int64 | torch.ScalarType.Float64 | torch.ScalarType.ComplexFloat32 -> 8L
+        | torch.ScalarType.ComplexFloat64 -> 16L
+        | other -> invalidArg (nameof dtype) $"dtype {other} has no plain byte layout"
+
+    /// True for float16, bfloat16, float32 and float64.
+    let isFloating (dtype: torch.ScalarType) =
+        match dtype with
+        | torch.ScalarType.Float16 | torch.ScalarType.BFloat16 | torch.ScalarType.Float32 | torch.ScalarType.Float64 -> true
+        | _ -> false
+
+    /// "[2x3]" text of a shape ("[]" for a scalar).
+    let showShape (shape: int64[]) = "[" + (shape |> Array.map string |> String.concat "x") + "]"
+
+    /// Reads `numel` elements of `dtype` from `stream` into a new 1-D CPU tensor. A short stream raises
+    /// EndOfStreamException. Storages must stay under 2 GiB (one .NET span).
+    let readStorage (dtype: torch.ScalarType) (numel: int64) (stream: Stream) : Tensor =
+        if numel < 0L then raise (InvalidDataException $"negative element count {numel}")
+        let nbytes = try Checked.(*) numel (elementSize dtype) with :? OverflowException -> Int64.MaxValue
+        if nbytes > int64 Int32.MaxValue then
+            raise (InvalidDataException $"a storage of {nbytes} bytes exceeds the 2 GiB this reader supports")
+        let t = torch.empty([| numel |], dtype = dtype)
+        if numel > 0L then
+            try stream.ReadExactly(t.bytes)
+            with e ->
+                t.Dispose()
+                raise e
+        t
+
+    /// The bytes of `t` in row-major (contiguous) order, as the CPU holds them (little-endian).
+    let toBytes (t: Tensor) : byte[] =
+        if t.numel () = 0L then [||]
+        else
+            use c = t.detach().cpu().contiguous()
+            c.bytes.ToArray()
+
+    /// A new CPU tensor of `dtype` and `shape` holding a copy of `bytes` (row-major, little-endian).
+    let ofBytes (dtype: torch.ScalarType) (shape: int64[]) (bytes: ReadOnlySpan<byte>) : Tensor =
+        let numel = Array.fold (*) 1L shape
+        if int64 bytes.Length <> numel * elementSize dtype then
+            invalidArg (nameof bytes) $"{bytes.Length} bytes do not fill a {dtype} tensor of shape {showShape shape}"
+        let t = torch.empty(shape, dtype = dtype)
+        if numel > 0L then bytes.CopyTo(t.bytes)
+        t
