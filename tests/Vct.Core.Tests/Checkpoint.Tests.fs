@@ -304,6 +304,30 @@ let tests =
                 }
         ]
 
+        test "a recursive list/tuple pickled by Python in protocols 0, 1 and 2" {
+            // l = []; t = (l, 5); l.append(t); pickle.dumps([t, 'x'], protocol) from CPython 3.11.
+            let pickles =
+                [ "(lp0\n((lp1\n(g1\nI5\ntp2\naI5\n000g2\naVx\np3\na."
+                  "]q\x00((]q\x01(h\x01K\x05tq\x02aK\x051h\x02X\x01\x00\x00\x00xq\x03e."
+                  "\x80\x02]q\x00(]q\x01h\x01K\x05\x86q\x02aK\x0500h\x02X\x01\x00\x00\x00xq\x03e." ]
+                |> List.map Text.Encoding.Latin1.GetBytes
+            for (protocol, bytes) in List.zip [ 0; 1; 2 ] pickles do
+                use ms = new MemoryStream(bytes)
+                match Pickle.load Pickle.noHooks ms with
+                | PyValue.List outer ->
+                    Expect.equal outer.Count 2 $"protocol {protocol}: two items"
+                    Expect.equal outer[1] (PyValue.Str "x") $"protocol {protocol}: 'x'"
+                    match outer[0] with
+                    | PyValue.Tuple [| PyValue.List l; PyValue.Int 5L |] ->
+                        Expect.equal l.Count 1 $"protocol {protocol}: l holds one item"
+                        match l[0] with
+                        | PyValue.Tuple [| PyValue.List l2; _ |] -> Expect.isTrue (obj.ReferenceEquals(l, l2)) $"protocol {protocol}: l contains t"
+                        | other -> failtest $"protocol {protocol}: l[0] = {other}"
+                    | other -> failtest $"protocol {protocol}: t = {other}"
+                | other -> failtest $"protocol {protocol}: {other}"
+                Expect.equal ms.Position ms.Length $"protocol {protocol}: read up to STOP"
+        }
+
         test "safetensors written by Python: every dtype and the metadata" {
             use ck = StateDict.load (golden "python_written.safetensors")
             Expect.equal ck.Format CheckpointFormat.Safetensors "format"

@@ -198,7 +198,8 @@ module Pickle =
             | '\x95' -> r.Fixed 8 |> ignore // FRAME: a size hint only
             | '.' -> result <- Some(pop ()) // STOP
             | '(' -> marks.Push stack.Count // MARK
-            | '0' -> pop () |> ignore // POP
+            | '0' -> // POP; protocol 0 also pops a MARK this way (recursive tuples)
+                if marks.Count > 0 && marks.Peek() = stack.Count then marks.Pop() |> ignore else pop () |> ignore
             | '1' -> popMark () |> ignore // POP_MARK
             | '2' -> stack.Push(top ()) // DUP
             | 'N' -> stack.Push PyValue.None
