@@ -269,6 +269,19 @@ let tests =
             Expect.equal (scalar.item<float32> ()) 1.5f "numpy scalar"
         }
 
+        test "a {\"state_dict\": ...} wrapper is unwrapped; other entries stay in Root" {
+            use ck = StateDict.load (golden "wrapped_state_dict.pth")
+            expectFixture "wrapped_state_dict.pth" true ck.StateDict
+            Expect.equal (ck.Root.TryItem "epoch") (Some(PyValue.Int 3L)) "epoch"
+        }
+
+        test "a pickled module object instead of a state dict is rejected, naming the class" {
+            let path = golden "whole_module.pth"
+            expectInvalid path "not a state dict" (fun () -> StateDict.load path |> ignore)
+            let e = Expect.throwsC (fun () -> StateDict.load path |> ignore) id
+            Expect.stringContains e.Message "torch.nn.modules.linear.Linear" "names the pickled class"
+        }
+
         test "detectron2 model-zoo .pkl of numpy arrays (C and Fortran order)" {
             use ck = StateDict.load (golden "detectron2_numpy.pkl")
             Expect.equal ck.Format CheckpointFormat.Pickle "plain pickle"
