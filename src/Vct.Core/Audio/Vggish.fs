@@ -1,0 +1,164 @@
+namespace Vct.Core.Audio
+
+open System
+open System.Collections.Generic
+open TorchSharp
+open type TorchSharp.torch.nn
+open Vct.Core
+
+/// What a state-dict load did: every key of the file is either loaded or ignored (with the reason).
+type LoadReport =
+    { Loaded: string list
+      /// Keys of the file that this module does not use, e.g. the VGGish FC `embeddings.*`.
+      Ignored: string list
+      /// Keys of this module the file did not have (they keep their initial values).
+      Missing: string list }
+    override r.ToString() =
+        let ignored = String.Join(", ", r.Ignored)
+        $"loaded {r.Loaded.Length} tensors; ignored {r.Ignored.Length} (unused: {ignored}); missing {r.Missing.Length}"
+
+/// Options of the VGGish network (reference config keys MODEL.AUDIO.*).
+type VggishConfig =
+    { /// COMPACT_FEATURE: apply the FC `embeddings` (12288 -> 4096 -> 4096 -> 128). Off in every released config.
+      Compact: bool
+      /// POSTPROCESS_LOG_MEL_WITH_PCA: PCA + 8-bit quantisation of the 128-d embeddings (needs Compact). Off.
+      Postprocess: bool }
+    static member Default = { Compact = false; Postprocess = false }
+
+/// State-dict helpers shared by the audio modules.
+[<RequireQualifiedAccess>]
+module StateDict =
+    /// Copies matching tensors of `source` (keys as in the module's own state dict, after stripping `prefix`)
+    /// into `m`. Keys outside `m` are reported as ignored; a shape mismatch is an error naming the key.
+    let load (m: Module) (prefix: string) (source: seq<string * Tensor>) : LoadReport =
+        let own = m.state_dict()
+        let loaded = ResizeArray<string>()
+        let ignored = ResizeArray<string>()
+        let seen = HashSet<string>()
+        use _ = torch.no_grad()
+        for key, value in source do
+            let k = if prefix <> "" && key.StartsWith(prefix, StringComparison.Ordinal) then key.Substring prefix.Length else key
+            match own.TryGetValue k with
+            | true, target ->
+                if target.shape <> value.shape then
+                    invalidArg (nameof source) $"{key}: shape {Shape.show value} in the file, {Shape.show target} in the module"
+                target.copy_(value) |> ignore
+                loaded.Add key
+                seen.Add k |> ignore
+            | _ -> ignored.Add key
+        let missing = own.Keys |> Seq.filter (seen.Contains >> not) |> List.ofSeq
+        { Loaded = List.ofSeq loaded; Ignored = List.ofSeq ignored; Missing = missing }
+
+/// PCA + quantisation of 128-d VGGish embeddings (reference: torchvggish `vggish.py`, Postprocessor).
+[<RequireQualifiedAccess>]
+module VggishPca =
+    /// embeddings [N, 128], eigenVectors [128, 128], means [128] -> [N, 128] in 0..255 (float):
+    /// round((clamp(E (x - mu), -2, 2) + 2) * 255 / 4).
+    let postprocess (eigenVectors: Tensor) (means: Tensor) (embeddings: Tensor) : Tensor =
+        Shape.requireRank (nameof embeddings) 2 embeddings
+        if embeddings.shape[1] <> eigenVectors.shape[1] then
+            invalidArg (nameof embeddings) $"embeddings {Shape.show embeddings} do not match the PCA matrix {Shape.show eigenVectors}"
+        Scope.run (fun () ->
+            let centred = embeddings.t() - means.reshape(-1L, 1L)                     // [128, N]
+            let pca = eigenVectors.mm(centred).t()                                   // [N, 128]
+            let clipped = pca.clamp((-2.0).ToScalar(), (2.0).ToScalar())
+            clipped.add((2.0).ToScalar()).mul((255.0 / 4.0).ToScalar()).round())
+
+/// The VGGish network as the official `audio_backbone` (reference: torchvggish `vggish.py`, VGG/VGGish):
+/// `features` = conv3x3 stack with max-pooling; input [N, 1, 96, 64] -> [N, 512, 6, 4]. The FC `embeddings`
+/// exist only with `Compact` (otherwise their keys are reported as ignored). Frozen: no gradients, eval mode.
+type Vggish(cfg: VggishConfig) as this =
+    inherit Module<Tensor, Tensor>("VGGish")
+    let conv (i: int64) (o: int64) = Conv2d(i, o, 3L, padding = 1L) :> Module<Tensor, Tensor>
+    let relu () = ReLU() :> Module<Tensor, Tensor>
+    let pool () = MaxPool2d(2L, 2L) :> Module<Tensor, Tensor>
+    // Sequential indices are the checkpoint names: convs at 0, 3, 6, 8, 11, 13.
+    let features =
+        Sequential(
+            [| struct ("0", conv 1L 64L); struct ("1", relu ()); struct ("2", pool ())
+               struct ("3", conv 64L 128L); struct ("4", relu ()); struct ("5", pool ())
+               struct ("6", conv 128L 256L); struct ("7", relu ()); struct ("8", conv 256L 256L); struct ("9", relu ()); struct ("10", pool ())
+               struct ("11", conv 256L 512L); struct ("12", relu ()); struct ("13", conv 512L 512L); struct ("14", relu ()); struct ("15", pool ()) |])
+    let embeddings =
+        if cfg.Compact then
+            Sequential(
+                [| struct ("0", Linear(512L * 4L * 6L, 4096L) :> Module<Tensor, Tensor>); struct ("1", relu ())
+                   struct ("2", Linear(4096L, 4096L) :> Module<Tensor, Tensor>); struct ("3", relu ())
+                   struct ("4", Linear(4096L, 128L) :> Module<Tensor, Tensor>); struct ("5", relu ()) |])
+        else null
+    let mutable pca : (Tensor * Tensor) option = None
+    do
+        if cfg.Postprocess && not cfg.Compact then
+            invalidArg (nameof cfg) "Postprocess (PCA) applies to the 128-d embeddings: it needs Compact = true"
+        this.RegisterComponents()
+        for p in this.parameters() do p.requires_grad <- false
+        this.eval() |> ignore
+
+    member _.Config = cfg
+    /// The conv stack (`features`), for callers that want it alone.
+    member _.Features = features
+
+    /// Loads a VGGish state dict (torchvggish `vggish-10086976.pth` keys, or `audio_backbone.*` from a VCT
+    /// checkpoint: pass that prefix). Without `Compact` the FC keys are ignored and reported so.
+    member m.LoadStateDict(source: seq<string * Tensor>, ?prefix: string) : LoadReport =
+        let prefix = defaultArg prefix ""
+        let source = source |> Seq.filter (fun (k, _) -> prefix = "" || k.StartsWith(prefix, StringComparison.Ordinal))
+        StateDict.load m prefix source
+
+    /// PCA parameters (`pca_eigen_vectors` [128,128], `pca_means` [128] or [128,1]) for `Postprocess`.
+    member _.SetPca(eigenVectors: Tensor, means: Tensor) =
+        pca <- Some(eigenVectors.detach().clone().``to``(torch.float32), means.detach().reshape(-1L).clone().``to``(torch.float32))
+
+    /// The first `count` layers of `features` (0..16), e.g. 6 = two conv blocks: [N, 1, 96, 64] -> [N, 128, 24, 16].
+    member _.ForwardLayers(x: Tensor, count: int) : Tensor =
+        if count < 1 || count > 16 then invalidArg (nameof count) $"count must be 1..16, got {count}"
+        use _ = torch.no_grad()
+        Scope.run (fun () ->
+            features.children()
+            |> Seq.truncate count
+            |> Seq.fold (fun (t: Tensor) m -> (m :?> Module<Tensor, Tensor>).call t) x)
+
+    /// x: [N, 1, 96, 64] -> [N, 512, 6, 4] (or [N, 128] with Compact, post-processed with Postprocess).
+    override _.forward(x) =
+        Shape.requireRank (nameof x) 4 x
+        if x.shape[1] <> 1L || x.shape[2] <> 96L || x.shape[3] <> 64L then
+            invalidArg (nameof x) $"VGGish expects [N, 1, 96, 64] log-mel examples, got {Shape.show x}"
+        use _ = torch.no_grad()
+        Scope.run (fun () ->
+            let f = features.call x                                                     // [N, 512, 6, 4]
+            if not cfg.Compact then f
+            else
+                let flat = f.permute(0L, 2L, 3L, 1L).contiguous().view(f.shape[0], -1L)   // [N, 12288] (h, w, c order)
+                let e = embeddings.call flat                                            // [N, 128]
+                match cfg.Postprocess, pca with
+                | false, _ -> e
+                | true, Some(v, mu) -> VggishPca.postprocess v mu e
+                | true, None -> invalidOp "Postprocess is on but no PCA parameters were set (SetPca)")
+
+/// The audio MLP of the head (reference: `models/modeling/misc/audio_transformation.py`, audio_mlp, as
+/// `sem_seg_head.audio_transformation`): Linear 512->4096, ReLU, Linear 4096->4096, ReLU, Linear 4096->256
+/// applied per (time, frequency) cell on the channel axis: [N, 512, 6, 4] -> [N, 256, 6, 4].
+type AudioMlp(inDim: int64, middleDim: int64, outDim: int64) as this =
+    inherit Module<Tensor, Tensor>("audio_mlp")
+    let embeddings =
+        Sequential(
+            [| struct ("0", Linear(inDim, middleDim) :> Module<Tensor, Tensor>); struct ("1", ReLU() :> Module<Tensor, Tensor>)
+               struct ("2", Linear(middleDim, middleDim) :> Module<Tensor, Tensor>); struct ("3", ReLU() :> Module<Tensor, Tensor>)
+               struct ("4", Linear(middleDim, outDim) :> Module<Tensor, Tensor>) |])
+    do this.RegisterComponents()
+    new() = new AudioMlp(512L, 4096L, 256L)
+
+    /// Loads `embeddings.*` keys (pass prefix "sem_seg_head.audio_transformation." for a VCT checkpoint).
+    member m.LoadStateDict(source: seq<string * Tensor>, ?prefix: string) : LoadReport =
+        let prefix = defaultArg prefix ""
+        let source = source |> Seq.filter (fun (k, _) -> prefix = "" || k.StartsWith(prefix, StringComparison.Ordinal))
+        StateDict.load m prefix source
+
+    /// x: [N, C, 6, 4] -> [N, outDim, 6, 4]. The official code transposes 1<->3, runs the MLP on [N, 24, C]
+    /// and transposes back; per-cell, that is this permutation.
+    override _.forward(x) =
+        Shape.requireRank (nameof x) 4 x
+        if x.shape[1] <> inDim then invalidArg (nameof x) $"audio MLP expects {inDim} channels, got {Shape.show x}"
+        Scope.run (fun () ->
+            let t = x.permute(0L, 2L, 3L, 1L)                // [N, 6, 4, C]
+            (embeddings.call t).permute(0L, 3L, 1L, 2L))     // [N, outDim, 6, 4]

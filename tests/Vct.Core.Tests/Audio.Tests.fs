@@ -1,0 +1,361 @@
+module Vct.Core.Tests.AudioTests
+
+open System
+open System.IO
+open System.Text.Json
+open Expecto
+open FsCheck
+open FsCheck.FSharp
+open TorchSharp
+open Vct.Core
+open Vct.Core.Audio
+
+/// The repository root: the first folder above the test program that holds Vct.sln.
+let repoRoot =
+    lazy
+        (let rec up (d: DirectoryInfo) =
+            if isNull d then failwith "Vct.sln not found above the test program"
+            elif File.Exists(Path.Combine(d.FullName, "Vct.sln")) then d.FullName
+            else up d.Parent
+         up (DirectoryInfo AppContext.BaseDirectory))
+
+let goldenDir = lazy (Path.Combine(repoRoot.Value, "tests", "golden", "audio"))
+let golden (parts: string list) = Path.Combine(Array.ofList (goldenDir.Value :: parts))
+
+type Fixture =
+    { Name: string; Rate: int; Channels: int; Encoding: string; Samples: int; Examples: int
+      ResampledSamples: int option; Int16Ref: bool }
+
+let fixtures =
+    lazy
+        (use doc = JsonDocument.Parse(File.ReadAllText(golden [ "manifest.json" ]))
+         [ for f in doc.RootElement.GetProperty("fixtures").EnumerateArray() ->
+               let opt (n: string) = match f.TryGetProperty n with | true, v -> Some v | _ -> None
+               { Name = f.GetProperty("name").GetString()
+                 Rate = f.GetProperty("rate").GetInt32()
+                 Channels = f.GetProperty("channels").GetInt32()
+                 Encoding = f.GetProperty("encoding").GetString()
+                 Samples = f.GetProperty("samples").GetInt32()
+                 Examples = f.GetProperty("examples").GetInt32()
+                 ResampledSamples = opt "resampled_samples" |> Option.map (fun v -> v.GetInt32())
+                 Int16Ref = (opt "int16_ref").IsSome } ])
+
+let maxAbs (a: Tensor) (b: Tensor) = Scope.runValue (fun () -> (a - b).abs().max().ToDouble())
+
+let examplesOf (scaling: SampleScaling) (path: string) =
+    let opts = { ExampleOptions.Default Subset.NoClip with Scaling = scaling }
+    (Examples.ofFile opts path).Examples
+
+let sine (rate: int) (freq: float) (amp: float) (n: int) =
+    Array.init n (fun i -> amp * sin (2.0 * Math.PI * freq * float i / float rate))
+
+/// Amplitude of the `freq` component of x (least squares on sin/cos), ignoring `edge` samples at each end.
+let amplitudeAt (rate: int) (freq: float) (edge: int) (x: float[]) =
+    let mutable ss, cc, sc, xs, xc = 0.0, 0.0, 0.0, 0.0, 0.0
+    for i in edge .. x.Length - 1 - edge do
+        let s = sin (2.0 * Math.PI * freq * float i / float rate)
+        let c = cos (2.0 * Math.PI * freq * float i / float rate)
+        ss <- ss + s * s; cc <- cc + c * c; sc <- sc + s * c; xs <- xs + x[i] * s; xc <- xc + x[i] * c
+    let det = ss * cc - sc * sc
+    let a = (xs * cc - xc * sc) / det
+    let b = (xc * ss - xs * sc) / det
+    sqrt (a * a + b * b)
+
+let rms (edge: int) (x: float[]) =
+    let core = x[edge .. x.Length - 1 - edge]
+    sqrt (core |> Array.averageBy (fun v -> v * v))
+
+let config = { FsCheckConfig.defaultConfig with maxTest = 40 }
+
+[<Tests>]
+let goldenTests =
+    testList "Audio.Golden" [
+        for f in fixtures.Value do
+            test $"log-mel of {f.Name} matches the official front end" {
+                use _ = torch.NewDisposeScope()
+                let expected = Npy.read (golden [ "ref"; f.Name + ".npy" ])
+                let actual = examplesOf SampleScaling.Exact (golden [ "wav"; f.Name + ".wav" ])
+                Expect.equal actual.shape expected.shape "example count and shape"
+                let tol = if f.Rate = 16000 then 1e-4 else 1e-3
+                let err = maxAbs actual expected
+                Expect.isLessThanOrEqual err tol $"max abs log-mel error {err:E2}"
+            }
+            if f.Int16Ref then
+                test $"official int16 reading of {f.Name} matches wavfile_to_examples" {
+                    use _ = torch.NewDisposeScope()
+                    let expected = Npy.read (golden [ "ref"; f.Name + ".int16.npy" ])
+                    let actual = examplesOf SampleScaling.OfficialInt16 (golden [ "wav"; f.Name + ".wav" ])
+                    Expect.equal actual.shape expected.shape "shape"
+                    let tol = if f.Rate = 16000 then 1e-4 else 1e-3
+                    let err = maxAbs actual expected
+                    Expect.isLessThanOrEqual err tol $"max abs log-mel error {err:E2}"
+                }
+            match f.ResampledSamples with
+            | Some n ->
+                test $"resampling {f.Name} reproduces resampy kaiser_best" {
+                    use _ = torch.NewDisposeScope()
+                    let w = Wav.read SampleScaling.Exact (golden [ "wav"; f.Name + ".wav" ])
+                    Expect.equal w.SampleRate f.Rate "rate"
+                    Expect.equal w.Channels.Length f.Channels "channels"
+                    let y = Resample.kaiserBest f.Rate 16000 (w.Mono())
+                    Expect.equal y.Length n "output length as resampy"
+                    let expected = Npy.read (golden [ "ref"; f.Name + ".resampled.npy" ])   // [2, 2000] head, tail
+                    let ours = torch.tensor(Array.append y[.. 1999] y[y.Length - 2000 ..], dtype = torch.float64).view(2L, 2000L)
+                    let err = maxAbs ours expected
+                    Expect.isLessThanOrEqual err 1e-12 $"max abs sample error {err:E2}"
+                }
+            | None -> ()
+    ]
+
+[<Tests>]
+let resampler =
+    testList "Audio.Resample" [
+        test "the kaiser_best table is resampy's (spot values)" {
+            let t = Resample.halfWindow SincFilter.KaiserBest
+            Expect.equal t.Length 409601 "50 zero crossings x 8192 + 1"
+            Expect.floatClose Accuracy.veryHigh t[0] 0.917347 "centre = rolloff"
+            Expect.floatClose { absolute = 1e-20; relative = 1e-9 } t[t.Length - 1] -5.289331422066904e-08 "last entry of kaiser_best.npz"
+        }
+
+        test "Bessel I0 matches known values" {
+            Expect.floatClose Accuracy.veryHigh (Resample.besselI0 0.0) 1.0 "I0(0)"
+            Expect.floatClose Accuracy.veryHigh (Resample.besselI0 1.0) 1.2660658777520082 "I0(1)"
+            Expect.floatClose Accuracy.veryHigh (Resample.besselI0 12.9846) 48718.34656175112 "I0(beta)"
+        }
+
+        for rate in [ 8000; 11025; 22050; 32000; 44100; 48000; 96000; 44056; 7919 ] do
+            test $"fast polyphase path equals the direct loop at {rate} Hz" {
+                let rng = Random(rate)
+                let x = Array.init (rate / 3 + 17) (fun _ -> rng.NextDouble() * 2.0 - 1.0)
+                let a = Resample.fast SincFilter.KaiserBest rate 16000 x
+                let b = Resample.direct SincFilter.KaiserBest rate 16000 x
+                Expect.equal a.Length b.Length "length"
+                let err = Array.map2 (fun (u: float) v -> abs (u - v)) a b |> Array.max
+                Expect.isLessThanOrEqual err 1e-13 $"max difference {err:E2}"
+            }
+
+        testPropertyWithConfig config "keeps an in-band sinusoid's frequency and amplitude" <|
+            fun (seed: int) ->
+                let rng = Random(seed)
+                let rate = [| 8000; 22050; 44100; 48000 |][rng.Next 4]
+                let freq = 100.0 + rng.NextDouble() * (min 6000.0 (0.4 * float rate) - 100.0)   // pass band: rolloff 0.917 x 8 kHz minus the transition
+                let amp = 0.1 + 0.8 * rng.NextDouble()
+                let y = Resample.kaiserBest rate 16000 (sine rate freq amp (rate / 2))
+                let edge = 400
+                let a = amplitudeAt 16000 freq edge y
+                Expect.floatClose { absolute = 2e-3; relative = 2e-3 } a amp $"amplitude at {freq:F1} Hz from {rate} Hz"
+                // The same frequency: fitting there explains (almost) all the energy.
+                let total = rms edge y
+                Expect.floatClose { absolute = 3e-3; relative = 3e-3 } total (a / sqrt 2.0) "all energy at that frequency"
+
+        testPropertyWithConfig config "removes an out-of-band sinusoid" <|
+            fun (seed: int) ->
+                let rng = Random(seed)
+                let rate = [| 22050; 44100; 48000 |][rng.Next 3]
+                let freq = 8600.0 + rng.NextDouble() * (0.47 * float rate - 8600.0)
+                let y = Resample.kaiserBest rate 16000 (sine rate freq 0.9 (rate / 2))
+                let r = rms 400 y
+                Expect.isLessThan r 1e-4 $"{freq:F0} Hz from {rate} Hz leaves rms {r:E2}"
+
+        test "same rate is a copy; bad rates are rejected" {
+            let x = [| 1.0; 2.0 |]
+            Expect.equal (Resample.kaiserBest 16000 16000 x) x "copy"
+            Expect.throwsT<ArgumentException> (fun () -> Resample.kaiserBest 0 16000 x |> ignore) "zero rate"
+        }
+    ]
+
+[<Tests>]
+let logMel =
+    testList "Audio.LogMel" [
+        test "the log-mel of silence is log(0.01)" {
+            use _ = torch.NewDisposeScope()
+            let lm = LogMel.ofWaveform (torch.zeros(20000L))
+            Expect.equal lm.shape [| 1L + (20000L - 400L) / 160L; 64L |] "frames"
+            let err = lm.sub((log 0.01).ToScalar()).abs().max().ToDouble()
+            Expect.isLessThan err 1e-6 "every cell"
+        }
+
+        test "mel matrix: no area normalisation, DC row zero, peaks of 1" {
+            let m = LogMel.vggishMelMatrix.Value
+            Expect.equal (Array2D.length1 m, Array2D.length2 m) (257, 64) "shape"
+            for j in 0 .. 63 do
+                Expect.equal m[0, j] 0.0 "DC row"
+                let col = [| for b in 0 .. 256 -> m[b, j] |]
+                Expect.isLessThanOrEqual (Array.max col) 1.0 "triangle height <= 1"
+                Expect.isGreaterThan (Array.max col) 0.3 "band not empty"
+        }
+
+        test "float64 computation matches the float32 one to 1e-4" {
+            use _ = torch.NewDisposeScope()
+            let rng = Random 7
+            let x = Array.init 32000 (fun _ -> rng.NextDouble() - 0.5)
+            let a = Examples.logMel16k torch.float32 x
+            let b = Examples.logMel16k torch.float64 x
+            Expect.isLessThan (maxAbs a b) 1e-4 "precision"
+        }
+
+        testPropertyWithConfig config "example count for any clip length" <|
+            fun (len: uint16) (extra: byte) ->
+                use _ = torch.NewDisposeScope()
+                let n = int len + int extra * 300
+                let frames = LogMel.frameCount n
+                let expectedFrames = if n < 400 then 0 else 1 + (n - 400) / 160
+                Expect.equal frames expectedFrames "STFT frames"
+                let ex = LogMel.toExamples (LogMel.ofWaveform (torch.zeros(int64 n)))
+                Expect.equal ex.shape[0] (int64 (if frames < 96 then 0 else 1 + (frames - 96) / 96)) "examples"
+                Expect.equal ex.shape[1..] [| 1L; 96L; 64L |] "example shape"
+    ]
+
+let examplesFrom (count: int) =
+    // Examples whose rows are their index, so that padding is visible.
+    torch.arange((float count).ToScalar(), dtype = torch.float32).view(int64 count, 1L, 1L, 1L).expand(int64 count, 1L, 96L, 64L).contiguous()
+
+[<Tests>]
+let clipping =
+    testList "Audio.Examples" [
+        testPropertyWithConfig config "subset rules: count, repeat-last (S4/MS3), zero rows (AVSS), truncation" <|
+            fun (n: byte) (which: byte) ->
+                use _ = torch.NewDisposeScope()
+                let n = int n % 16
+                let subset = [| Subset.S4; Subset.Ms3; Subset.Avss; Subset.NoClip |][int which % 4]
+                let ex = examplesFrom n
+                match subset, n with
+                | (Subset.S4 | Subset.Ms3), 0 ->
+                    Expect.throwsT<InvalidDataException> (fun () -> Examples.clip subset "clip.wav" ex |> ignore) "no example"
+                | _ ->
+                    let r = Examples.clip subset "clip.wav" ex
+                    let rows = [| for i in 0L .. r.Examples.shape[0] - 1L -> r.Examples[i].mean().ToDouble() |]
+                    match subset.Target with
+                    | None -> Expect.equal rows.Length n "all examples"
+                    | Some t ->
+                        Expect.equal rows.Length t "target count"
+                        for i in 0 .. t - 1 do
+                            let expected =
+                                if i < n then float i
+                                elif subset = Subset.Avss then 0.0
+                                else float (n - 1)
+                            Expect.equal rows[i] expected $"row {i}"
+                        Expect.equal r.Available n "available"
+                        Expect.equal (r.Warnings.Length > 0) (n > t || (subset = Subset.Avss && n = 0)) "warned"
+                        if subset = Subset.Avss then
+                            Expect.equal r.Real (Array.init 10 (fun i -> if i < n then 1 else 0)) "flags"
+
+        test "AVSS flags per label" {
+            Expect.equal (AvssFlags.vidTemporalMask "v1s") [| 1; 1; 1; 1; 1; 0; 0; 0; 0; 0 |] "v1s"
+            Expect.equal (AvssFlags.vidTemporalMask "v2") (Array.create 10 1) "v2"
+            Expect.equal (AvssFlags.gtTemporalMask "v1s" "train") [| 1; 0; 0; 0; 0 |] "v1s train"
+            Expect.equal (AvssFlags.gtTemporalMask "v1s" "test") (Array.create 5 1) "v1s test"
+            Expect.equal (AvssFlags.gtTemporalMask "v1m" "train") (Array.create 5 1) "v1m train"
+        }
+
+        test "a 5 s clip gives exactly 5 examples with no warning (S4)" {
+            use _ = torch.NewDisposeScope()
+            let w = Audio.ofSamples 16000 (sine 16000 440.0 0.5 80000)
+            let r = Examples.ofWaveform (ExampleOptions.Default Subset.S4) w
+            Expect.equal r.Available 5 "5 examples in 80 000 samples"
+            Expect.isEmpty r.Warnings "no warning"
+        }
+    ]
+
+/// Bad inputs: (file, subset, zero-pad?, expected: Error of message part | Ok of example count and warning part).
+[<Tests>]
+let badInputs =
+    let expectError (path: string) (part: string) (f: unit -> unit) =
+        let e = Expect.throwsC f id
+        Expect.stringContains e.Message path "names the file"
+        Expect.stringContains e.Message part "says the problem"
+    let s4 = ExampleOptions.Default Subset.S4
+    testList "Audio.BadInput" [
+        for file, part in
+            [ "truncated.wav", "truncated"
+              "empty.wav", "empty file"
+              "header_only.wav", "no audio samples"
+              "text.wav", "not a WAV file"
+              "nan.wav", "2 non-finite (NaN/Inf) samples"
+              "rate_1hz.wav", "implausible sample rate 1 Hz"
+              "rate_1mhz.wav", "implausible sample rate 1000000 Hz"
+              "short_0.2s.wav", "shorter than one VGGish example" ] do
+            test $"{file} fails with a clear message" {
+                let path = golden [ "bad"; file ]
+                expectError path part (fun () -> Examples.ofFile s4 path |> ignore)
+            }
+
+        test "short_0.2s.wav with zero padding gives 5 examples and a warning" {
+            use _ = torch.NewDisposeScope()
+            let path = golden [ "bad"; "short_0.2s.wav" ]
+            let r = Examples.ofFile { s4 with ShortClip = ShortClip.ZeroPad } path
+            Expect.equal r.Examples.shape [| 5L; 1L; 96L; 64L |] "padded"
+            Expect.equal r.Available 1 "one example after padding"
+            Expect.stringContains (String.Join("\n", r.Warnings)) "padded with silence" "warned"
+        }
+
+        test "short_0.2s.wav for AVSS gives 10 zero rows, as the official tool" {
+            use _ = torch.NewDisposeScope()
+            let path = golden [ "bad"; "short_0.2s.wav" ]
+            let r = Examples.ofFile (ExampleOptions.Default Subset.Avss) path
+            Expect.equal r.Examples.shape [| 10L; 1L; 96L; 64L |] "10 rows"
+            Expect.equal (r.Examples.abs().sum().ToDouble()) 0.0 "all zero"
+            Expect.equal r.Real (Array.zeroCreate 10) "no real example"
+        }
+
+        test "a 40 s clip is truncated to 5 (S4) with a warning, kept whole with none" {
+            use _ = torch.NewDisposeScope()
+            let path = Path.Combine(Path.GetTempPath(), $"vct-40s-{Guid.NewGuid():N}.wav")
+            try
+                Wav.writeFloat32 path 8000 [| sine 8000 300.0 0.3 (40 * 8000) |]
+                let r = Examples.ofFile s4 path
+                Expect.equal r.Examples.shape[0] 5L "5 examples"
+                Expect.equal r.Available 41 "41 whole examples in 40 s"
+                Expect.stringContains (String.Join("\n", r.Warnings)) "kept the first 5" "warned"
+                Expect.stringContains (String.Join("\n", r.Warnings)) path "names the file"
+                let all = Examples.ofFile (ExampleOptions.Default Subset.NoClip) path
+                Expect.equal all.Examples.shape[0] 41L "none: every whole example"
+            finally
+                File.Delete path
+        }
+
+        test "a missing file is a FileNotFoundException naming it" {
+            expectError "/nonexistent/x.wav" "no such file" (fun () -> Audio.load "/nonexistent/x.wav" |> ignore)
+        }
+
+        test "without ffmpeg a non-WAV file gives an install hint" {
+            let path = golden [ "pkl"; "s4_style.pkl" ]
+            let e = Expect.throwsC (fun () -> Media.readWithFfmpegAt None SampleScaling.Exact path |> ignore) id
+            Expect.isTrue (e :? NotSupportedException) "NotSupportedException"
+            Expect.stringContains e.Message path "names the file"
+            Expect.stringContains e.Message "apt-get install ffmpeg" "says how to install"
+        }
+    ]
+
+[<Tests>]
+let containers =
+    testList "Audio.Ffmpeg" [
+        test "flac and mp3 through ffmpeg" {
+            match Media.tryFindFfmpeg () with
+            | None -> skiptest "ffmpeg is not installed"
+            | Some ffmpeg ->
+                use _ = torch.NewDisposeScope()
+                let src = golden [ "wav"; "mix_44k_stereo_pcm16.wav" ]
+                let dir = Directory.CreateTempSubdirectory("vct-ffmpeg").FullName
+                try
+                    let conv (ext: string) =
+                        let out = Path.Combine(dir, "clip." + ext)
+                        let psi = Diagnostics.ProcessStartInfo(ffmpeg, $"-v error -y -i \"{src}\" \"{out}\"")
+                        use p = Diagnostics.Process.Start psi
+                        p.WaitForExit()
+                        out
+                    let flac = Audio.load (conv "flac")
+                    let wav = Audio.load src
+                    Expect.equal flac.SampleRate 44100 "rate"
+                    Expect.equal flac.Channels.Length 2 "channels"
+                    Expect.equal flac.Channels wav.Channels "lossless: same samples"
+                    let mp3 = Examples.ofFile (ExampleOptions.Default Subset.NoClip) (conv "mp3")
+                    Expect.equal mp3.Examples.shape[1..] [| 1L; 96L; 64L |] "mp3 decodes to examples"
+                    let bogus = Path.Combine(dir, "bogus.mp4")
+                    File.WriteAllText(bogus, "not a video")
+                    let e = Expect.throwsC (fun () -> Audio.load bogus |> ignore) id
+                    Expect.stringContains e.Message bogus "names the file"
+                finally
+                    Directory.Delete(dir, true)
+        }
+    ]
