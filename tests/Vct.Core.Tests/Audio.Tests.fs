@@ -359,3 +359,157 @@ let containers =
                     Directory.Delete(dir, true)
         }
     ]
+
+[<Tests>]
+let pickles =
+    testList "Audio.LogMelPickle" [
+        test "an S4-style .pkl (pickled tensor, repeat-last padding) reads as the official examples" {
+            use _ = torch.NewDisposeScope()
+            let t = LogMelPickle.read (golden [ "pkl"; "s4_style.pkl" ])
+            Expect.equal t.shape [| 5L; 1L; 96L; 64L |] "shape"
+            // Written by the official front end from speech_16k_mono_pcm16.wav (PCM16: the int16 path is exact).
+            let ours = Examples.ofFile (ExampleOptions.Default Subset.S4) (golden [ "wav"; "speech_16k_mono_pcm16.wav" ])
+            let err = maxAbs ours.Examples t
+            Expect.isLessThanOrEqual err 1e-4 $"our S4 examples vs the pickle: {err:E2}"
+            Expect.equal (maxAbs t[3] t[4]) 0.0 "last example repeated"
+        }
+
+        test "an AVSS-style audio.pkl (zero rows) reads as the official examples" {
+            use _ = torch.NewDisposeScope()
+            let t = LogMelPickle.read (golden [ "pkl"; "avss_style.pkl" ])
+            Expect.equal t.shape [| 10L; 1L; 96L; 64L |] "shape"
+            let ours = Examples.ofFile (ExampleOptions.Default Subset.Avss) (golden [ "wav"; "speech_16k_mono_pcm16.wav" ])
+            Expect.isLessThanOrEqual (maxAbs ours.Examples t) 1e-4 "our AVSS examples vs the pickle"
+            Expect.equal ours.Real [| 1; 1; 1; 0; 0; 0; 0; 0; 0; 0 |] "three real rows"
+            Expect.equal (t.narrow(0L, 3L, 7L).abs().sum().ToDouble()) 0.0 "zero rows"
+        }
+
+        test "a pickled leaf tensor that requires grad reads with its values" {
+            use _ = torch.NewDisposeScope()
+            let t = LogMelPickle.readTensor (golden [ "pkl"; "leaf_requires_grad.pkl" ])
+            Expect.equal t.shape [| 2L; 1L; 3L; 4L |] "shape"
+            Expect.equal (t.data<float32>().ToArray()) (Array.init 24 float32) "values"
+            Expect.isFalse t.requires_grad "detached"
+        }
+
+        test "a non-tensor or broken pickle fails naming the file" {
+            let bad = golden [ "bad"; "text.wav" ]
+            let e = Expect.throwsC (fun () -> LogMelPickle.read bad |> ignore) id
+            Expect.stringContains e.Message bad "names the file"
+            let tmp = Path.Combine(Path.GetTempPath(), $"vct-trunc-{Guid.NewGuid():N}.pkl")
+            try
+                let bytes = File.ReadAllBytes(golden [ "pkl"; "s4_style.pkl" ])
+                File.WriteAllBytes(tmp, bytes[.. bytes.Length / 2])
+                let e = Expect.throwsC (fun () -> LogMelPickle.read tmp |> ignore) id
+                Expect.stringContains e.Message tmp "names the truncated file"
+            finally
+                File.Delete tmp
+        }
+    ]
+
+let officialGolden (name: string) = Path.Combine(repoRoot.Value, "tests", "golden", "official", name)
+
+let manifestKeys (prefix: string) =
+    File.ReadAllLines(officialGolden "manifest_s4.tsv")
+    |> Array.map (fun l -> l.Split('\t'))
+    |> Array.filter (fun p -> p.Length >= 2 && p[0].StartsWith(prefix, StringComparison.Ordinal))
+    |> Array.map (fun p -> p[0].Substring prefix.Length, p[1])
+
+let shapeText (t: Tensor) = String.Join("x", t.shape)
+
+[<Tests>]
+let networks =
+    testList "Audio.Vggish" [
+        test "VGGish conv blocks match the official features[0:6] golden" {
+            use _ = torch.NewDisposeScope()
+            use ck = Checkpoint.StateDict.load (officialGolden "comp_vggish_features.pt")
+            let sd = ck.StateDict
+            use m = new Vggish(VggishConfig.Default)
+            let weights = sd |> Seq.filter (fun kv -> kv.Key.StartsWith "w.") |> Seq.toArray
+            let report =
+                Checkpoint.StateDict.loadInto
+                    { Checkpoint.LoadOptions.Default with Remap = (fun k -> Some(k.Substring 2)); Strict = false }
+                    weights m
+            Expect.equal report.Loaded.Length 4 "4 tensors (convs 0 and 3)"
+            let y = m.ForwardLayers(sd["in.x"], 6)
+            let expected = sd["out.out"]
+            Expect.equal y.shape expected.shape "[1, 128, 24, 16]"
+            let rel = (y - expected).abs().max().ToDouble() / expected.abs().max().ToDouble()
+            Expect.isLessThanOrEqual rel 1e-4 $"relative error {rel:E2}"
+            Expect.equal ((m.call sd["in.x"]).shape) [| 1L; 512L; 6L; 4L |] "full stack output"
+        }
+
+        test "VGGish keys and shapes are the official audio_backbone.features.*" {
+            use m = new Vggish(VggishConfig.Default)
+            let ours = m.state_dict() |> Seq.map (fun kv -> kv.Key, shapeText kv.Value) |> Seq.sort |> Array.ofSeq
+            let theirs = manifestKeys "audio_backbone." |> Array.filter (fun (k, _) -> k.StartsWith "features.") |> Array.sort
+            Expect.equal ours theirs "same keys and shapes"
+            Expect.isTrue (m.parameters() |> Seq.forall (fun p -> not p.requires_grad)) "frozen"
+            use c = new Vggish({ VggishConfig.Default with Compact = true })
+            let compact = c.state_dict() |> Seq.map (fun kv -> kv.Key, shapeText kv.Value) |> Seq.sort |> Array.ofSeq
+            Expect.equal compact (manifestKeys "audio_backbone." |> Array.sort) "with Compact: features and embeddings"
+        }
+
+        test "loading a torchvggish-style file reports the FC weights as dropped" {
+            use _ = torch.NewDisposeScope()
+            use src = new Vggish(VggishConfig.Default)
+            let tensors =
+                [ for kv in src.state_dict() -> Collections.Generic.KeyValuePair("audio_backbone." + kv.Key, kv.Value.clone())
+                  // The real embeddings are [4096, 12288] etc.; dropped keys are not shape-checked, so small stand-ins do.
+                  for k in [ "embeddings.0.weight"; "embeddings.0.bias"; "embeddings.2.weight"; "embeddings.2.bias"; "embeddings.4.weight"; "embeddings.4.bias" ] ->
+                      Collections.Generic.KeyValuePair("audio_backbone." + k, torch.zeros(2L))
+                  yield Collections.Generic.KeyValuePair("backbone.patch_embed.proj.bias", torch.zeros(2L)) ]
+            use m = new Vggish(VggishConfig.Default)
+            let r = m.LoadStateDict(tensors, "audio_backbone.")
+            Expect.equal r.Loaded.Length 12 "12 conv tensors"
+            Expect.equal r.Dropped.Length 7 "6 FC tensors and 1 foreign key dropped"
+            Expect.isTrue (r.Dropped |> List.exists (fun k -> k = "audio_backbone.embeddings.0.weight")) "FC reported"
+            let x = torch.randn(2L, 1L, 96L, 64L)
+            Expect.equal (maxAbs (m.call x) (src.call x)) 0.0 "same weights, same output"
+        }
+
+        test "PCA post-processing: the official formula" {
+            use _ = torch.NewDisposeScope()
+            let v = torch.eye(128L) * 2.0.ToScalar()
+            let mu = torch.ones(128L)
+            let e = torch.linspace(-1.0, 3.0, 128L).unsqueeze(0L)
+            let q = VggishPca.postprocess v mu e
+            // 2 (x - 1) clamped to [-2, 2], then (. + 2) * 63.75 rounded.
+            let expected = ((e - 1.0.ToScalar()) * 2.0.ToScalar()).clamp((-2.0).ToScalar(), 2.0.ToScalar()).add(2.0.ToScalar()).mul(63.75.ToScalar()).round()
+            Expect.equal (maxAbs q expected) 0.0 "quantised"
+            Expect.throwsT<ArgumentException> (fun () -> new Vggish({ Compact = false; Postprocess = true }) |> ignore) "needs Compact"
+        }
+
+        test "audio MLP matches the official audio_mlp (reduced width) with the head's transposes" {
+            use _ = torch.NewDisposeScope()
+            use ck = Checkpoint.StateDict.load (golden [ "ref"; "audio_mlp_small.pt" ])
+            let sd = ck.StateDict
+            use m = new AudioMlp(512L, 32L, 256L)
+            let weights = sd |> Seq.filter (fun kv -> kv.Key.StartsWith "w.") |> Seq.toArray
+            let r = m.LoadStateDict(weights, "w.")
+            Expect.equal r.Loaded.Length 6 "3 linears"
+            let y = m.call sd["in.x"]
+            let expected = sd["out.out"]
+            Expect.equal y.shape [| 1L; 256L; 6L; 4L |] "shape"
+            let rel = (y - expected).abs().max().ToDouble() / expected.abs().max().ToDouble()
+            Expect.isLessThanOrEqual rel 1e-4 $"relative error {rel:E2}"
+        }
+
+        test "audio MLP keys and shapes are the official sem_seg_head.audio_transformation.*" {
+            use m = new AudioMlp()
+            let ours = m.state_dict() |> Seq.map (fun kv -> kv.Key, shapeText kv.Value) |> Seq.sort |> Array.ofSeq
+            Expect.equal ours (manifestKeys "sem_seg_head.audio_transformation." |> Array.sort) "same keys and shapes"
+        }
+
+        test "notebook path: file -> examples -> VGGish -> MLP in three calls" {
+            use _ = torch.NewDisposeScope()
+            let w = Audio.load (golden [ "wav"; "speech_16k_mono_pcm16.wav" ])
+            let ex = Audio.examples Subset.S4 w
+            use vggish = new Vggish(VggishConfig.Default)
+            let f = Audio.encodeBatched vggish 2 ex
+            Expect.equal f.shape [| 5L; 512L; 6L; 4L |] "VGGish features"
+            Expect.isLessThan (maxAbs f (Audio.encode vggish ex)) 1e-5 "batching does not change the result"
+            use mlp = new AudioMlp()
+            Expect.equal (mlp.call f).shape [| 5L; 256L; 6L; 4L |] "audio tokens"
+        }
+    ]

@@ -5,17 +5,7 @@ open System.Collections.Generic
 open TorchSharp
 open type TorchSharp.torch.nn
 open Vct.Core
-
-/// What a state-dict load did: every key of the file is either loaded or ignored (with the reason).
-type LoadReport =
-    { Loaded: string list
-      /// Keys of the file that this module does not use, e.g. the VGGish FC `embeddings.*`.
-      Ignored: string list
-      /// Keys of this module the file did not have (they keep their initial values).
-      Missing: string list }
-    override r.ToString() =
-        let ignored = String.Join(", ", r.Ignored)
-        $"loaded {r.Loaded.Length} tensors; ignored {r.Ignored.Length} (unused: {ignored}); missing {r.Missing.Length}"
+open Vct.Core.Checkpoint
 
 /// Options of the VGGish network (reference config keys MODEL.AUDIO.*).
 type VggishConfig =
@@ -24,30 +14,6 @@ type VggishConfig =
       /// POSTPROCESS_LOG_MEL_WITH_PCA: PCA + 8-bit quantisation of the 128-d embeddings (needs Compact). Off.
       Postprocess: bool }
     static member Default = { Compact = false; Postprocess = false }
-
-/// State-dict helpers shared by the audio modules.
-[<RequireQualifiedAccess>]
-module StateDict =
-    /// Copies matching tensors of `source` (keys as in the module's own state dict, after stripping `prefix`)
-    /// into `m`. Keys outside `m` are reported as ignored; a shape mismatch is an error naming the key.
-    let load (m: Module) (prefix: string) (source: seq<string * Tensor>) : LoadReport =
-        let own = m.state_dict()
-        let loaded = ResizeArray<string>()
-        let ignored = ResizeArray<string>()
-        let seen = HashSet<string>()
-        use _ = torch.no_grad()
-        for key, value in source do
-            let k = if prefix <> "" && key.StartsWith(prefix, StringComparison.Ordinal) then key.Substring prefix.Length else key
-            match own.TryGetValue k with
-            | true, target ->
-                if target.shape <> value.shape then
-                    invalidArg (nameof source) $"{key}: shape {Shape.show value} in the file, {Shape.show target} in the module"
-                target.copy_(value) |> ignore
-                loaded.Add key
-                seen.Add k |> ignore
-            | _ -> ignored.Add key
-        let missing = own.Keys |> Seq.filter (seen.Contains >> not) |> List.ofSeq
-        { Loaded = List.ofSeq loaded; Ignored = List.ofSeq ignored; Missing = missing }
 
 /// PCA + quantisation of 128-d VGGish embeddings (reference: torchvggish `vggish.py`, Postprocessor).
 [<RequireQualifiedAccess>]
@@ -98,12 +64,32 @@ type Vggish(cfg: VggishConfig) as this =
     /// The conv stack (`features`), for callers that want it alone.
     member _.Features = features
 
-    /// Loads a VGGish state dict (torchvggish `vggish-10086976.pth` keys, or `audio_backbone.*` from a VCT
-    /// checkpoint: pass that prefix). Without `Compact` the FC keys are ignored and reported so.
-    member m.LoadStateDict(source: seq<string * Tensor>, ?prefix: string) : LoadReport =
+    /// Loads a VGGish state dict (torchvggish `vggish-10086976.pth` keys `features.*`/`embeddings.*`, or
+    /// `audio_backbone.*` of a VCT checkpoint: pass that prefix). Keys outside the prefix, and without
+    /// `Compact` the FC `embeddings.*` (present in every file, unused by VCT), are reported as `Dropped`.
+    /// Strict otherwise: a missing or mis-shaped conv key raises before anything is copied.
+    member m.LoadStateDict(tensors: KeyValuePair<string, Tensor> seq, ?prefix: string) : LoadReport =
         let prefix = defaultArg prefix ""
-        let source = source |> Seq.filter (fun (k, _) -> prefix = "" || k.StartsWith(prefix, StringComparison.Ordinal))
-        StateDict.load m prefix source
+        let remap (k: string) =
+            if not (k.StartsWith(prefix, StringComparison.Ordinal)) then None
+            else
+                let k = k.Substring prefix.Length
+                if k.StartsWith("embeddings.", StringComparison.Ordinal) && not cfg.Compact then None else Some k
+        use _ = torch.no_grad()
+        StateDict.loadInto { LoadOptions.Default with Remap = remap } tensors m
+
+    /// Loads `vggish-10086976.pth` (or a VCT checkpoint with prefix "audio_backbone.").
+    member m.Load(path: string, ?prefix: string) : LoadReport =
+        use ck = StateDict.load path
+        m.LoadStateDict(ck.StateDict, defaultArg prefix "")
+
+    /// Loads `vggish_pca_params-970ea276.pth` (keys `pca_eigen_vectors`, `pca_means`) for `Postprocess`.
+    member m.LoadPca(path: string) =
+        use ck = StateDict.load path
+        let get (k: string) =
+            if ck.StateDict.ContainsKey k then ck.StateDict[k]
+            else raise (IO.InvalidDataException($"{path}: no '{k}' entry (expected a VGGish PCA parameter file)"))
+        m.SetPca(get "pca_eigen_vectors", get "pca_means")
 
     /// PCA parameters (`pca_eigen_vectors` [128,128], `pca_means` [128] or [128,1]) for `Postprocess`.
     member _.SetPca(eigenVectors: Tensor, means: Tensor) =
@@ -148,11 +134,14 @@ type AudioMlp(inDim: int64, middleDim: int64, outDim: int64) as this =
     do this.RegisterComponents()
     new() = new AudioMlp(512L, 4096L, 256L)
 
-    /// Loads `embeddings.*` keys (pass prefix "sem_seg_head.audio_transformation." for a VCT checkpoint).
-    member m.LoadStateDict(source: seq<string * Tensor>, ?prefix: string) : LoadReport =
+    /// Loads `embeddings.*` keys (pass prefix "sem_seg_head.audio_transformation." for a VCT checkpoint;
+    /// keys outside it are reported as `Dropped`). Strict on the MLP's own keys.
+    member m.LoadStateDict(tensors: KeyValuePair<string, Tensor> seq, ?prefix: string) : LoadReport =
         let prefix = defaultArg prefix ""
-        let source = source |> Seq.filter (fun (k, _) -> prefix = "" || k.StartsWith(prefix, StringComparison.Ordinal))
-        StateDict.load m prefix source
+        let remap (k: string) =
+            if k.StartsWith(prefix, StringComparison.Ordinal) then Some(k.Substring prefix.Length) else None
+        use _ = torch.no_grad()
+        StateDict.loadInto { LoadOptions.Default with Remap = remap } tensors m
 
     /// x: [N, C, 6, 4] -> [N, outDim, 6, 4]. The official code transposes 1<->3, runs the MLP on [N, 24, C]
     /// and transposes back; per-cell, that is this permutation.
