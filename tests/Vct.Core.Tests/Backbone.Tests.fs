@@ -1,0 +1,249 @@
+module Vct.Core.Tests.BackboneTests
+
+open System
+open System.IO
+open Expecto
+open TorchSharp
+open Vct.Core
+open Vct.Core.Backbone
+open Vct.Core.PixelDecoder
+open Vct.Core.Tests.VisionGolden
+
+let private config = { FsCheckConfig.defaultConfig with maxTest = 40 }
+let private fewConfig = { FsCheckConfig.defaultConfig with maxTest = 8 }
+
+/// Key, shape rows of an official manifest under `prefix` (prefix removed).
+let manifest (subset: string) (prefix: string) =
+    File.ReadAllLines(Path.Combine(goldenRoot.Value, $"manifest_{subset}.tsv"))
+    |> Array.skip 1
+    |> Array.map (fun l -> l.Split('\t'))
+    |> Array.filter (fun f -> f[0].StartsWith(prefix, StringComparison.Ordinal))
+    |> Array.map (fun f -> f[0].Substring prefix.Length, f[1], f[2])
+
+let showShape (shape: int64[]) = if shape.Length = 0 then "" else shape |> Array.map string |> String.concat "x"
+
+let ourRows (prefix: string) (m: torch.nn.Module) =
+    [| for kv in m.state_dict() do
+         if kv.Key.StartsWith(prefix, StringComparison.Ordinal) then
+             let dtype = if kv.Value.dtype = torch.int64 then "int64" else "float32"
+             yield kv.Key.Substring prefix.Length, showShape kv.Value.shape, dtype |]
+
+let expectSameRows (what: string) (official: (string * string * string)[]) (ours: (string * string * string)[]) =
+    let o = Set.ofArray official
+    let u = Set.ofArray ours
+    let missing = Set.difference o u |> Set.toList |> List.truncate 8
+    let extra = Set.difference u o |> Set.toList |> List.truncate 8
+    Expect.isTrue (missing.IsEmpty && extra.IsEmpty) $"{what}: official but not ours {missing}; ours but not official {extra}"
+    Expect.equal ours.Length official.Length $"{what}: entry count"
+
+[<Tests>]
+let windows =
+    testList "Vision.Backbone.Windows" [
+        testPropertyWithConfig config "partition and reverse are inverses" <|
+            fun (b: int) (ws: int) (nh: int) (nw: int) (c: int) (seed: int) ->
+                let b, ws, nh, nw, c = int64 (abs b % 2 + 1), int64 (abs ws % 5 + 1), int64 (abs nh % 3 + 1), int64 (abs nw % 3 + 1), int64 (abs c % 4 + 1)
+                use _ = torch.NewDisposeScope()
+                torch.manual_seed (int64 seed) |> ignore
+                let x = torch.randn(b, nh * ws, nw * ws, c)
+                let wins = Windows.partition ws x
+                Expect.sequenceEqual wins.shape [| b * nh * nw; ws; ws; c |] "window shape"
+                Expect.isTrue (same (Windows.reverse ws (nh * ws) (nw * ws) wins) x) "reverse (partition x) = x"
+                let y = torch.randn(b * nh * nw, ws, ws, c)
+                Expect.isTrue (same (Windows.partition ws (Windows.reverse ws (nh * ws) (nw * ws) y)) y) "partition (reverse w) = w"
+                // window k holds rows/cols of block (k / nw, k % nw), row-major
+                let k = (nh * nw) - 1L
+                let expected = x[0L].narrow(0L, (k / nw) * ws, ws).narrow(1L, (k % nw) * ws, ws)
+                Expect.isTrue (same wins[k] expected) "last window is the bottom-right block"
+
+        testPropertyWithConfig config "shift mask never lets tokens of different regions attend, and allows all others" <|
+            fun (ws: int) (kh: int) (kw: int) (s: int) ->
+                let ws = int64 (abs ws % 6 + 2)
+                let hp, wp = ws * int64 (abs kh % 3 + 1), ws * int64 (abs kw % 3 + 1)
+                let shift = int64 (abs s % int (ws - 1L)) + 1L
+                use _ = torch.NewDisposeScope()
+                let mask = Windows.shiftMask hp wp ws shift torch.CPU                       // [nW, N, N]
+                let nW = (hp / ws) * (wp / ws)
+                Expect.sequenceEqual mask.shape [| nW; ws * ws; ws * ws |] "mask shape"
+                let m = mask.data<float32>().ToArray()
+                // After the cyclic shift by -shift, rows >= hp - shift (cols >= wp - shift) came round from the top (left).
+                let region (win: int64) (t: int64) =
+                    let r = (win / (wp / ws)) * ws + t / ws
+                    let c = (win % (wp / ws)) * ws + t % ws
+                    (r >= hp - shift), (c >= wp - shift)
+                let nn = ws * ws
+                for win in 0L .. nW - 1L do
+                    for i in 0L .. nn - 1L do
+                        for j in 0L .. nn - 1L do
+                            let v = m[int (win * nn * nn + i * nn + j)]
+                            let sameRegion = region win i = region win j
+                            if sameRegion && v <> 0.0f then failtest $"window {win}: tokens {i}, {j} of one region masked ({v})"
+                            if not sameRegion && v <> -100.0f then failtest $"window {win}: tokens {i}, {j} of different regions not masked ({v})"
+
+        test "relative position index is (y1-y2+ws-1)(2ws-1) + (x1-x2+ws-1)" {
+            for ws in [ 1L; 3L; 7L; 12L ] do
+                use idx = Windows.relativePositionIndex ws
+                Expect.equal idx.dtype torch.int64 "int64 buffer"
+                let a = idx.data<int64>().ToArray()
+                let n = ws * ws
+                for i in 0L .. n - 1L do
+                    for j in 0L .. n - 1L do
+                        let e = (i / ws - j / ws + ws - 1L) * (2L * ws - 1L) + (i % ws - j % ws + ws - 1L)
+                        if a[int (i * n + j)] <> e then failtest $"ws {ws}: index[{i},{j}] = {a[int (i * n + j)]}, expected {e}"
+        }
+    ]
+
+let private tiny = lazy (let m = new SwinTransformer(SwinConfig.Tiny) in m.eval(); m)
+
+[<Tests>]
+let swin =
+    testList "Vision.Backbone.Swin" [
+        testPropertyWithConfig fewConfig "Tiny: output shapes for random input sizes (ceil of the strides)" <|
+            fun (h: int) (w: int) (seed: int) ->
+                let h, w = int64 (abs h % 90 + 5), int64 (abs w % 90 + 5)
+                use _ = torch.NewDisposeScope()
+                use _ = torch.no_grad ()
+                torch.manual_seed (int64 seed) |> ignore
+                let outs = tiny.Value.call (torch.randn(2L, 3L, h, w))
+                Expect.equal outs.Length 4 "res2..res5"
+                let mutable eh, ew = (h + 3L) / 4L, (w + 3L) / 4L
+                for i in 0 .. 3 do
+                    Expect.sequenceEqual outs[i].shape [| 2L; SwinConfig.Tiny.StageDim i; eh; ew |] $"res{i + 2} for {h}x{w}"
+                    Expect.isTrue (outs[i].isfinite().all().item<bool>()) "finite"
+                    eh <- (eh + 1L) / 2L
+                    ew <- (ew + 1L) / 2L
+
+        test "SwinB384 strides and channels" {
+            Expect.sequenceEqual SwinConfig.SwinB384.OutChannels [| 128L; 256L; 512L; 1024L |] "channels"
+            Expect.sequenceEqual SwinConfig.SwinB384.OutStrides [| 4L; 8L; 16L; 32L |] "strides"
+        }
+
+        test "drop path: identity in eval mode, per-sample zero-or-scaled in training" {
+            use _ = torch.NewDisposeScope()
+            let x = torch.ones(64L, 3L, 5L)
+            Expect.isTrue (same (DropPath.apply 0.3 false None x) (x)) "eval: identity"
+            let y = DropPath.apply 0.5 true (Some(new torch.Generator(1UL))) x
+            let perSample = y.view(64L, -1L)
+            let first = perSample.select(1L, 0L)
+            Expect.isTrue (perSample.eq(first.unsqueeze(1L)).all().item<bool>()) "one decision per sample"
+            let vals = first.data<float32>().ToArray()
+            Expect.isTrue (vals |> Array.forall (fun v -> v = 0.0f || abs (v - 2.0f) < 1e-6f)) "0 or 1/keep"
+            Expect.isTrue (vals |> Array.exists ((=) 0.0f) && vals |> Array.exists ((<>) 0.0f)) "some kept, some dropped"
+        }
+
+        test "training mode runs with stochastic depth and back-propagates" {
+            use m = new SwinTransformer(SwinConfig.Tiny, new torch.Generator(3UL))
+            m.train()
+            use _ = torch.NewDisposeScope()
+            let outs = m.call (torch.randn(2L, 3L, 33L, 47L))
+            let loss = outs |> Array.map (fun t -> t.square().mean()) |> Array.reduce (+)
+            loss.backward()
+            let grads = m.parameters() |> Seq.filter (fun p -> not (isNull p.grad)) |> Seq.length
+            Expect.isGreaterThan grads 0 "gradients reach the parameters"
+        }
+    ]
+
+[<Tests>]
+let stateDict =
+    testList "Vision.StateDict" [
+        test "backbone, pre_sam_backbone and scale_factor_module match the official manifests (names, shapes, dtypes)" {
+            use enc = new VisualEncoder(VisualEncoderConfig.SwinB384)
+            let all = ourRows "" enc
+            for subset in [ "s4"; "ms3"; "avss" ] do
+                for prefix in [ "backbone."; "pre_sam_backbone."; "scale_factor_module." ] do
+                    expectSameRows $"{subset} {prefix}" (manifest subset prefix) (ourRows prefix enc)
+            Expect.equal all.Length ((manifest "s4" "backbone.").Length * 2 + (manifest "s4" "scale_factor_module.").Length) "nothing else"
+            let idx = all |> Array.filter (fun (k, _, _) -> k.EndsWith "relative_position_index")
+            Expect.equal idx.Length 48 "24 relative_position_index buffers per backbone"
+        }
+
+        test "sem_seg_head.pixel_decoder matches the official manifests" {
+            use pd = new MSDeformAttnPixelDecoder(PixelDecoderConfig.SwinB384)
+            for subset in [ "s4"; "ms3"; "avss" ] do
+                expectSameRows $"{subset} pixel decoder" (manifest subset "sem_seg_head.pixel_decoder.") (ourRows "" pd)
+        }
+
+        test "without the pre-SAM branch only backbone.* remains" {
+            use enc = new VisualEncoder(VisualEncoderConfig.Tiny.WithUsePreSam false)
+            for kv in enc.state_dict() do
+                Expect.isTrue (kv.Key.StartsWith "backbone.") $"{kv.Key} is a backbone key"
+        }
+    ]
+
+[<Tests>]
+let preSam =
+    testList "Vision.Backbone.PreSam" [
+        test "refuses without mask images unless a fallback is chosen; fallbacks run" {
+            use enc = new VisualEncoder(VisualEncoderConfig.Tiny)
+            enc.eval()
+            use _ = torch.no_grad ()
+            use _ = torch.NewDisposeScope()
+            let x = torch.randn(1L, 3L, 40L, 40L)
+            let e = Expect.throwsC (fun () -> enc.Forward(x, None) |> ignore) id
+            Expect.stringContains e.Message "MissingMasks" "the message names the fallbacks"
+            let skip = enc.Forward(x, None, MissingMasks.SkipBranch)
+            let rgb = enc.Backbone.call x
+            for k in 0 .. 3 do Expect.isTrue (same skip[k] rgb[k]) "SkipBranch = RGB features"
+            let blank = enc.Forward(x, None, MissingMasks.BlankMaskImage)
+            let explicitBlank = enc.Forward(x, Some(PreSam.blankMaskImage 1L 40L 40L torch.CPU))
+            for k in 0 .. 3 do Expect.isTrue (blank[k].allclose(explicitBlank[k])) "BlankMaskImage = the grey Maskige"
+            Expect.throws (fun () -> enc.Forward(x, Some(torch.randn(1L, 3L, 32L, 40L))) |> ignore) "mask image size must match"
+        }
+
+        test "fusion is F + s(P) * P at every level" {
+            use enc = new VisualEncoder(VisualEncoderConfig.Tiny)
+            enc.eval()
+            use _ = torch.no_grad ()
+            use _ = torch.NewDisposeScope()
+            let x = torch.randn(2L, 3L, 36L, 52L)
+            let p = torch.randn(2L, 3L, 36L, 52L)
+            let fused = enc.Forward(x, Some p)
+            let f = enc.Backbone.call x
+            let pf = enc.PreSamBackbone.Value.call p
+            for k in 0 .. 3 do
+                let s = enc.ScaleFactorModule.Value[k].call pf[k]
+                Expect.sequenceEqual s.shape [| 2L; pf[k].shape[1]; 1L; 1L |] "scale shape"
+                Expect.isTrue (fused[k].allclose(f[k] + s * pf[k], rtol = 1e-5, atol = 1e-6)) $"level {k}"
+        }
+    ]
+
+[<Tests>]
+let imageNet =
+    testList "Vision.Backbone.ImageNet" [
+        test "original classification key layout loads like the reference (norm0..3 untouched, head/norm/attn_mask unused)" {
+            let cfg = { swinConfigOfPad with NumHeads = [| 1L; 1L; 2L; 2L |]; EmbedDim = 8L; DropPathRate = 0.2 }
+            use m = new SwinTransformer(cfg)
+            let reports = SwinPretrained.loadImageNet (visionFile "vision_swin_imagenet.pth") [ m ]
+            let r = List.exactlyOne reports
+            Expect.sequenceEqual (List.sort r.NotInCheckpoint)
+                (List.sort [ for i in 0 .. 3 do for p in [ "weight"; "bias" ] -> $"norm{i}.{p}" ]) "only norm0..3 missing"
+            Expect.isTrue (r.Loaded |> List.forall (fun (k, c) -> k = c)) "keys map to themselves"
+            let unused = List.sort r.Unused
+            Expect.containsAll unused [ "head.weight"; "head.bias"; "norm.weight"; "norm.bias" ] "classifier and final norm unused"
+            Expect.isTrue (unused |> List.forall (fun k -> k.StartsWith "head." || k.StartsWith "norm." || k.EndsWith ".attn_mask")) "nothing else unused"
+            Expect.equal (unused |> List.filter (fun k -> k.EndsWith ".attn_mask")).Length 4 "the 4 attn_mask buffers"
+            // values: file tensors copied exactly; norms at LayerNorm defaults
+            let file = SwinPretrained.readCheckpoint (visionFile "vision_swin_imagenet.pth")
+            let sd = m.state_dict()
+            for k, c in r.Loaded do Expect.isTrue (same sd[k] file[c]) $"{k} copied"
+            Expect.isTrue (sd["norm2.weight"].eq(1.0f.ToScalar()).all().item<bool>()) "norm2 weight stays 1"
+            for t in file.Values do t.Dispose()
+            // the official forward after the same load
+            use g = new Golden("vision_swin_imagenet_expected.pt")
+            m.eval()
+            use _ = torch.no_grad ()
+            let outs = m.call g["in.x"]
+            for i in 0 .. 3 do expectClose $"res{i + 2}" g[$"out.res{i + 2}"] outs[i]
+        }
+
+        test "both Swin copies (backbone, pre_sam_backbone) start from the same ImageNet weights" {
+            let cfg = { swinConfigOfPad with EmbedDim = 8L; NumHeads = [| 1L; 1L; 2L; 2L |] }
+            use rgb = new SwinTransformer(cfg)
+            use pre = new SwinTransformer(cfg)
+            let reports = SwinPretrained.loadImageNet (visionFile "vision_swin_imagenet.pth") [ rgb; pre ]
+            Expect.equal reports.Length 2 "two reports"
+            let a = rgb.state_dict()
+            let b = pre.state_dict()
+            for kv in a do
+                if not (kv.Key.StartsWith "norm") then Expect.isTrue (same kv.Value b[kv.Key]) $"{kv.Key} equal in both"
+        }
+    ]

@@ -1,0 +1,237 @@
+module Vct.Core.Tests.VisionGolden
+
+open System
+open System.Collections
+open System.Collections.Generic
+open System.IO
+open Expecto
+open TorchSharp
+open Vct.Core
+open Vct.Core.Backbone
+open Vct.Core.PixelDecoder
+
+/// tests/golden, found by walking up from the test binary.
+let goldenRoot =
+    lazy
+        (let rec up (dir: DirectoryInfo) =
+            if isNull dir then failwith "tests/golden not found above the test binary"
+            let candidate = Path.Combine(dir.FullName, "tests", "golden")
+            if Directory.Exists(Path.Combine(candidate, "vision")) then candidate else up dir.Parent
+         up (DirectoryInfo AppContext.BaseDirectory))
+
+/// Same shape and identical values.
+let same (a: Tensor) (b: Tensor) = a.shape = b.shape && a.eq(b).all().item<bool>()
+
+let visionFile (name: string) = Path.Combine(goldenRoot.Value, "vision", name)
+
+/// A golden file: flat dict name -> tensor (torch.save'd by the official harness or by make_vision_fixtures.py).
+type Golden(name: string) =
+    let table = TorchSharp.PyBridge.PyTorchUnpickler.UnpickleStateDict(visionFile name)
+    let d = Dictionary<string, Tensor>()
+    do for k in table.Keys do
+        match table[k] with
+        | :? Tensor as t -> d[string k] <- t
+        | _ -> ()
+    member _.Item(key: string) =
+        match d.TryGetValue key with
+        | true, t -> t
+        | _ -> failwith $"{name} has no tensor {key}"
+    member _.Has(key: string) = d.ContainsKey key
+    /// The `w.<prefix>*` entries with `w.<prefix>` removed.
+    member _.Weights(?prefix: string) =
+        let p = "w." + defaultArg prefix ""
+        let r = Dictionary<string, Tensor>()
+        for kv in d do
+            if kv.Key.StartsWith(p, StringComparison.Ordinal) then r[kv.Key.Substring p.Length] <- kv.Value
+        r
+    interface IDisposable with
+        member _.Dispose() = for t in d.Values do t.Dispose()
+
+/// Copies golden weights into a module: every golden key must exist with the same shape, and every module key
+/// must be covered except those `mayMiss` accepts.
+let loadWeights (weights: Dictionary<string, Tensor>) (mayMiss: string -> bool) (m: torch.nn.Module) =
+    use _ = torch.no_grad ()
+    let sd = m.state_dict()
+    for kv in weights do
+        match sd.TryGetValue kv.Key with
+        | true, t ->
+            Expect.sequenceEqual t.shape kv.Value.shape $"shape of {kv.Key}"
+            t.copy_(kv.Value) |> ignore
+        | _ -> failtest $"module has no key {kv.Key}"
+    for k in sd.Keys do
+        if not (weights.ContainsKey k) && not (mayMiss k) then failtest $"golden has no weight for {k}"
+
+/// |actual − expected| <= atol + rtol·|expected| elementwise (rtol 1e-4, atol 1e-5 · max|expected| by default),
+/// with the worst errors in the message.
+let expectClose (what: string) (expected: Tensor) (actual: Tensor) =
+    Expect.sequenceEqual actual.shape expected.shape $"{what}: shape"
+    use _ = torch.NewDisposeScope()
+    let e = expected.to_type(torch.float64)
+    let a = actual.detach().to_type(torch.float64)
+    let scale = e.abs().max().item<float>()
+    let atol = 1e-5 * max scale 1e-6
+    let err = (a - e).abs()
+    let bound = e.abs() * 1e-4 + atol
+    let ok = err.le(bound).all().item<bool>()
+    let maxAbs = err.max().item<float>()
+    let maxRel = (err / (e.abs() + atol)).max().item<float>()
+    if not ok then failtest $"{what}: max abs error {maxAbs:g3}, max rel error {maxRel:g3} (max |expected| {scale:g3})"
+
+let swinConfigOfCompSwin =
+    { SwinConfig.SwinB384 with
+        EmbedDim = 32L; Depths = [| 2; 2 |]; NumHeads = [| 1L; 2L |]; WindowSize = 12L; OutIndices = [| 0; 1 |] }
+
+let swinConfigOfPad =
+    { SwinConfig.SwinB384 with
+        EmbedDim = 8L; Depths = [| 2; 2; 2; 2 |]; NumHeads = [| 1L; 1L; 2L; 2L |]; WindowSize = 7L }
+
+let isRelIndex (k: string) = k.EndsWith(".relative_position_index", StringComparison.Ordinal)
+
+[<Tests>]
+let swinGolden =
+    testList "Vision.Golden.Swin" [
+        test "comp_swin: full reduced backbone (res2, res3)" {
+            use g = new Golden("comp_swin.pt")
+            use m = new SwinTransformer(swinConfigOfCompSwin)
+            loadWeights (g.Weights()) isRelIndex m
+            m.eval()
+            use _ = torch.no_grad ()
+            let outs = m.call g["in.x"]
+            expectClose "res2" g["out.res2"] outs[0]
+            expectClose "res3" g["out.res3"] outs[1]
+        }
+
+        test "comp_swin: block without shift (layer0.block0) and patch embedding" {
+            use g = new Golden("comp_swin.pt")
+            use m = new SwinTransformer(swinConfigOfCompSwin)
+            loadWeights (g.Weights()) isRelIndex m
+            m.eval()
+            use _ = torch.no_grad ()
+            use _ = torch.NewDisposeScope()
+            let emb = m.PatchEmbed.call g["in.x"]                                        // [1, 32, 24, 24]
+            let tokens = emb.flatten(2L).transpose(1L, 2L)
+            let blk = m.Layers[0].Blocks[0]
+            Expect.equal blk.ShiftSize 0L "block 0 is not shifted"
+            let mask = Windows.shiftMask 24L 24L 12L 6L tokens.device
+            expectClose "layer0.block0" g["out.debug.layer0.block0"] (blk.Forward(tokens, 24L, 24L, mask))
+        }
+
+        test "comp_swin: shifted block (layer0.block1, 2x2 windows) from the official block0 output" {
+            use g = new Golden("comp_swin.pt")
+            use m = new SwinTransformer(swinConfigOfCompSwin)
+            loadWeights (g.Weights()) isRelIndex m
+            m.eval()
+            use _ = torch.no_grad ()
+            use _ = torch.NewDisposeScope()
+            let blk = m.Layers[0].Blocks[1]
+            Expect.equal blk.ShiftSize 6L "block 1 is shifted by ws/2"
+            let mask = Windows.shiftMask 24L 24L 12L 6L torch.CPU
+            expectClose "layer0.block1" g["out.debug.layer0.block1"] (blk.Forward(g["out.debug.layer0.block0"], 24L, 24L, mask))
+        }
+
+        test "comp_swin: whole stage 1 (merging + plain + shifted block on one 12x12 window)" {
+            use g = new Golden("comp_swin.pt")
+            use m = new SwinTransformer(swinConfigOfCompSwin)
+            loadWeights (g.Weights()) isRelIndex m
+            m.eval()
+            use _ = torch.no_grad ()
+            use _ = torch.NewDisposeScope()
+            let down = m.Layers[0].Downsample.Value.Forward(g["out.debug.layer0.block1"], 24L, 24L)   // [1, 144, 64]
+            let out, _, _, _, _, _ = m.Layers[1].Forward(down, 12L, 12L)
+            expectClose "layer1.block1" g["out.debug.layer1.block1"] out
+            let b0 = m.Layers[1].Blocks[0].Forward(down, 12L, 12L, Windows.shiftMask 12L 12L 12L 6L torch.CPU)
+            expectClose "layer1.block0" g["out.debug.layer1.block0"] b0
+        }
+
+        test "vision_swin_pad: four stages on 70x101 (padding in patch embed, windows and merging) + index buffers" {
+            use g = new Golden("vision_swin_pad.pt")
+            use m = new SwinTransformer(swinConfigOfPad)
+            let w = g.Weights()
+            // the official relative_position_index buffers equal ours before loading
+            let sd = m.state_dict()
+            for kv in w do
+                if isRelIndex kv.Key then
+                    Expect.isTrue (same sd[kv.Key] kv.Value) $"{kv.Key} equals the official buffer"
+            loadWeights w (fun _ -> false) m
+            m.eval()
+            use _ = torch.no_grad ()
+            let outs = m.call g["in.x"]
+            for i in 0 .. 3 do
+                expectClose $"res{i + 2}" g[$"out.res{i + 2}"] outs[i]
+        }
+    ]
+
+[<Tests>]
+let preSamGolden =
+    testList "Vision.Golden.PreSam" [
+        test "comp_channel_weighted_block: scale and fused output for d = 128, 256, 512, 1024" {
+            use g = new Golden("comp_channel_weighted_block.pt")
+            use _ = torch.no_grad ()
+            for d in [ 128L; 256L; 512L; 1024L ] do
+                use blk = new ChannelWeightedBlock(d)
+                loadWeights (g.Weights($"dim{d}.")) (fun _ -> false) blk
+                let pre = g[$"in.dim{d}.pre_sam_feature"]
+                let s = blk.call pre
+                expectClose $"scale {d}" g[$"out.dim{d}.scale"] s
+                expectClose $"fused {d}" g[$"out.dim{d}.fused"] (PreSam.fuse g[$"in.dim{d}.feature"] s pre)
+        }
+    ]
+
+[<Tests>]
+let pixelDecoderGolden =
+    testList "Vision.Golden.PixelDecoder" [
+        test "comp_position_embedding_sine: three shapes" {
+            use g = new Golden("comp_position_embedding_sine.pt")
+            for i in 0 .. 2 do
+                let shape = g[$"in.shape{i}"].data<int64>().ToArray()
+                use x = torch.zeros(shape)
+                use pos = PositionEmbedding.sine 128L x
+                expectClose $"pos{i}" g[$"out.pos{i}"] pos
+        }
+
+        test "comp_msdeformattn: locations, weights and output (with padding mask)" {
+            use g = new Golden("comp_msdeformattn.pt")
+            use m = new MSDeformAttn(256L, 3L, 8L, 4L)
+            loadWeights (g.Weights()) (fun _ -> false) m
+            m.eval()
+            use _ = torch.no_grad ()
+            let shapesT = g["in.input_spatial_shapes"].data<int64>().ToArray()
+            let shapes = Array.init 3 (fun l -> shapesT[2 * l], shapesT[2 * l + 1])
+            let loc, wts = m.Locations(g["in.query"], g["in.reference_points"], shapes)
+            expectClose "sampling_locations" g["out.debug.sampling_locations"] loc
+            expectClose "attention_weights" g["out.debug.attention_weights"] wts
+            let out = m.Forward(g["in.query"], g["in.reference_points"], g["in.input_flatten"], shapes, Some g["in.input_padding_mask"])
+            expectClose "output" g["out.output"] out
+        }
+
+        test "vision_encoder_layer: one deformable encoder layer" {
+            use g = new Golden("vision_encoder_layer.pt")
+            use layer = new MSDeformAttnEncoderLayer(64L, 128L, 0.0, 3L, 4L, 4L)
+            loadWeights (g.Weights()) (fun _ -> false) layer
+            layer.eval()
+            use _ = torch.no_grad ()
+            let shapesT = g["in.spatial_shapes"].data<int64>().ToArray()
+            let shapes = Array.init 3 (fun l -> shapesT[2 * l], shapesT[2 * l + 1])
+            use refs = MSDeformAttnEncoder.ReferencePoints(shapes, 2L, torch.CPU)
+            expectClose "reference points" g["in.reference_points"] refs
+            let out = layer.Forward(g["in.src"], g["in.pos"], refs, shapes, None)
+            expectClose "layer output" g["out.out"] out
+        }
+
+        test "vision_pixel_decoder: mask features, encoder features and the three multi-scale maps" {
+            use g = new Golden("vision_pixel_decoder.pt")
+            let cfg =
+                { PixelDecoderConfig.SwinB384 with
+                    InChannels = [| 16L; 32L; 64L; 128L |]; ConvDim = 64L; MaskDim = 64L; NumHeads = 4L; EncLayers = 2
+                    DimFeedforward = 128L }
+            use m = new MSDeformAttnPixelDecoder(cfg)
+            loadWeights (g.Weights()) (fun _ -> false) m
+            m.eval()
+            use _ = torch.no_grad ()
+            let out = m.call [| g["in.res2"]; g["in.res3"]; g["in.res4"]; g["in.res5"] |]
+            expectClose "mask_features" g["out.mask_features"] out.MaskFeatures
+            expectClose "encoder features" g["out.encoder_features"] out.EncoderFeatures
+            for i in 0 .. 2 do
+                expectClose $"multi_scale{i}" g[$"out.multi_scale{i}"] out.MultiScaleFeatures[i]
+        }
+    ]
