@@ -3,6 +3,7 @@ using Vct.Cli;
 
 var root = new RootCommand("vct: audio-visual segmentation with the Vision-Centric Transformer (VCT)");
 root.Subcommands.Add(InfoCommand.Create());
+root.Subcommands.Add(AudioCommand.Create());
 try
 {
     return root.Parse(args).Invoke(new InvocationConfiguration { EnableDefaultExceptionHandler = false });

@@ -267,7 +267,7 @@ let badInputs =
     let s4 = ExampleOptions.Default Subset.S4
     testList "Audio.BadInput" [
         for file, part in
-            [ "truncated.wav", "truncated"
+            [ "truncated.wav", "truncated: the header declares 16800 bytes of audio but the file holds 8378"
               "empty.wav", "empty file"
               "header_only.wav", "no audio samples"
               "text.wav", "not a WAV file"
@@ -511,5 +511,63 @@ let networks =
             Expect.isLessThan (maxAbs f (Audio.encode vggish ex)) 1e-5 "batching does not change the result"
             use mlp = new AudioMlp()
             Expect.equal (mlp.call f).shape [| 5L; 256L; 6L; 4L |] "audio tokens"
+        }
+    ]
+
+/// Runs the built `vct` CLI (Release) with `args`; returns exit code, stdout, stderr.
+let runVct (args: string list) =
+    let dll = Path.Combine(repoRoot.Value, "src", "Vct.Cli", "bin", "Release", "net10.0", "vct.dll")
+    if not (File.Exists dll) then failtestf "the CLI is not built: %s" dll
+    let psi = Diagnostics.ProcessStartInfo("dotnet", RedirectStandardOutput = true, RedirectStandardError = true)
+    psi.ArgumentList.Add dll
+    for a in args do psi.ArgumentList.Add a
+    use p = Diagnostics.Process.Start psi
+    let out = p.StandardOutput.ReadToEndAsync()
+    let err = p.StandardError.ReadToEndAsync()
+    p.WaitForExit()
+    p.ExitCode, out.Result, err.Result
+
+[<Tests>]
+let cli =
+    testList "Audio.Cli" [
+        test "vct audio examples writes the subset's examples as .npy" {
+            use _ = torch.NewDisposeScope()
+            let dir = Directory.CreateTempSubdirectory("vct-cli-audio").FullName
+            try
+                let src = golden [ "wav"; "mix_44k_stereo_pcm16.wav" ]
+                let out = Path.Combine(dir, "x.npy")
+                let code, stdout, err = runVct [ "audio"; "examples"; src; "--subset"; "avss"; "--out"; out ]
+                Expect.equal code 0 $"exit code; stderr: {err}"
+                Expect.stringContains stdout "1 example(s)" "reports the count"
+                let written = Npy.read out
+                let lib = (Examples.ofFile (ExampleOptions.Default Subset.Avss) src).Examples
+                Expect.equal written.shape [| 10L; 1L; 96L; 64L |] "AVSS shape"
+                Expect.equal (maxAbs written lib) 0.0 "same as the library"
+            finally
+                Directory.Delete(dir, true)
+        }
+
+        test "vct audio examples on a folder writes a mirrored tree and lists failures" {
+            let dir = Directory.CreateTempSubdirectory("vct-cli-tree").FullName
+            try
+                let code, stdout, err = runVct [ "audio"; "examples"; golden [ "wav" ]; "--subset"; "s4"; "--out"; dir; "--jobs"; "2" ]
+                Expect.equal code 0 $"exit code; stderr: {err}"
+                Expect.stringContains stdout $"{fixtures.Value.Length} of {fixtures.Value.Length} file(s) written" "all written"
+                Expect.isTrue (File.Exists(Path.Combine(dir, "tones_8k_mono_pcm16.npy"))) "mirrored name"
+                let code, _, err = runVct [ "audio"; "examples"; golden [ "bad" ]; "--subset"; "s4"; "--out"; dir ]
+                Expect.equal code 1 "failures give exit code 1"
+                Expect.stringContains err (golden [ "bad"; "nan.wav" ]) "names each failing file"
+                Expect.isFalse (err.Contains "   at ") "no stack trace"
+            finally
+                Directory.Delete(dir, true)
+        }
+
+        test "vct audio examples on a bad file fails with one clear line" {
+            let bad = golden [ "bad"; "rate_1mhz.wav" ]
+            let code, _, err = runVct [ "audio"; "examples"; bad; "--out"; Path.Combine(Path.GetTempPath(), "never.npy") ]
+            Expect.equal code 1 "exit code"
+            Expect.stringContains err bad "names the file"
+            Expect.stringContains err "implausible sample rate" "says the problem"
+            Expect.isFalse (err.Contains "   at ") "no stack trace"
         }
     ]

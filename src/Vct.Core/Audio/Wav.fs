@@ -109,9 +109,33 @@ module Wav =
                 out[c][f] <- v
         out
 
+    /// The data chunk's declared size and the bytes the file really has after its header (RIFF chunk walk).
+    /// None when there is no data chunk or the size is the streaming placeholder 0xFFFFFFFF.
+    let private dataChunkSizes (bytes: byte[]) : (int64 * int64) option =
+        let mutable pos = 12
+        let mutable result = None
+        let mutable go = bytes.Length >= 12
+        while go && pos + 8 <= bytes.Length do
+            let id = Text.Encoding.ASCII.GetString(bytes, pos, 4)
+            let size = int64 (BinaryPrimitives.ReadUInt32LittleEndian(ReadOnlySpan(bytes, pos + 4, 4)))
+            if id = "data" then
+                if size <> 0xFFFFFFFFL then result <- Some(size, int64 bytes.Length - int64 (pos + 8))
+                go <- false
+            else pos <- pos + 8 + int size + int (size &&& 1L)
+        result
+
     /// Reads a WAV stream (any common encoding, plain or WAVE_FORMAT_EXTENSIBLE); `name` goes into errors.
     let readStream (scaling: SampleScaling) (name: string) (stream: Stream) : Waveform =
         if stream.CanSeek && stream.Length = 0L then fail name "empty file (0 bytes)"
+        let bytes =
+            use ms = new MemoryStream()
+            stream.CopyTo ms
+            ms.ToArray()
+        match dataChunkSizes bytes with
+        | Some(declared, held) when declared > held ->
+            fail name $"truncated: the header declares {declared} bytes of audio but the file holds {held}"
+        | _ -> ()
+        let stream = new MemoryStream(bytes, false)
         let reader =
             try new WaveFileReader(stream)
             with
