@@ -188,8 +188,11 @@ module Safetensors =
              fs.Write(lenBytes, 0, 8)
              fs.Write(header, 0, header.Length)
              for (_, t) in tensors do
-                 let bytes = TensorData.toBytes t
-                 fs.Write(bytes, 0, bytes.Length)
+                 if t.numel () > 0L then
+                     // Straight from the tensor's memory: no managed copy of large weights.
+                     use c = t.detach().cpu().contiguous()
+                     let span: Span<byte> = c.bytes
+                     fs.Write(Span<byte>.op_Implicit span: ReadOnlySpan<byte>)
              fs.Flush(true))
             File.Move(tmp, full, true)
         finally

@@ -1,0 +1,81 @@
+/// Shared benchmark plumbing: timing, memory, the Python baseline, and docs/benchmarks.md sections.
+module Vct.Bench.Harness
+
+open System
+open System.Diagnostics
+open System.IO
+open System.Text.Json
+
+/// The repository root (the folder holding Vct.sln above the program).
+let repoRoot =
+    let rec up (d: DirectoryInfo) =
+        if isNull d then failwith "Vct.sln not found above the benchmark program"
+        elif File.Exists(Path.Combine(d.FullName, "Vct.sln")) then d.FullName
+        else up d.Parent
+    up (DirectoryInfo AppContext.BaseDirectory)
+
+/// Median of a non-empty list.
+let median (xs: float list) =
+    let a = List.sort xs |> Array.ofList
+    if a.Length % 2 = 1 then a[a.Length / 2] else (a[a.Length / 2 - 1] + a[a.Length / 2]) / 2.0
+
+/// Wall-clock seconds of `f`, run `repeats` times after `warmup` untimed runs.
+let time (warmup: int) (repeats: int) (f: unit -> unit) =
+    for _ in 1 .. warmup do f ()
+    [ for _ in 1 .. repeats ->
+          GC.Collect()
+          let sw = Stopwatch.StartNew()
+          f ()
+          sw.Elapsed.TotalSeconds ]
+
+/// Current resident set size of this process in MiB (Linux: VmRSS; elsewhere the working set).
+let rssMiB () =
+    try
+        File.ReadAllLines "/proc/self/status"
+        |> Array.pick (fun l -> if l.StartsWith "VmRSS:" then Some(float (l.Split(' ', StringSplitOptions.RemoveEmptyEntries)[1]) / 1024.0) else None)
+    with _ -> float (Process.GetCurrentProcess().WorkingSet64) / 1048576.0
+
+/// Runs `/usr/bin/python3 script args` with the repository's bench/python on the path; returns stdout.
+/// Fails with the script's stderr when it exits non-zero.
+let python (script: string) (args: string list) =
+    let psi = ProcessStartInfo("/usr/bin/python3", RedirectStandardOutput = true, RedirectStandardError = true)
+    psi.ArgumentList.Add(Path.Combine(repoRoot, "bench", "python", script))
+    for a in args do psi.ArgumentList.Add a
+    use p = Process.Start psi
+    let out = p.StandardOutput.ReadToEndAsync()
+    let err = p.StandardError.ReadToEndAsync()
+    p.WaitForExit()
+    if p.ExitCode <> 0 then failwithf "python %s %A failed (%d): %s" script args p.ExitCode err.Result
+    out.Result
+
+/// Parses the JSON that a baseline script printed on its last line.
+let pythonJson (script: string) (args: string list) =
+    let out = python script args
+    let last = out.Split('\n', StringSplitOptions.RemoveEmptyEntries) |> Array.last
+    JsonDocument.Parse(last).RootElement.Clone()
+
+/// "Debian GNU/Linux 12 (bookworm), 2 cores, AMD EPYC ..." for the report.
+let machine () =
+    let cpu =
+        try
+            File.ReadAllLines "/proc/cpuinfo"
+            |> Array.tryPick (fun l -> if l.StartsWith "model name" then Some((l.Split(':', 2)[1]).Trim()) else None)
+            |> Option.defaultValue "unknown CPU"
+        with _ -> "unknown CPU"
+    $"{Runtime.InteropServices.RuntimeInformation.OSDescription}, {Environment.ProcessorCount} cores, {cpu}"
+
+/// Replaces (or appends) the section of docs/benchmarks.md between `<!-- bench:NAME -->` markers.
+let writeSection (name: string) (markdown: string) =
+    let path = Path.Combine(repoRoot, "docs", "benchmarks.md")
+    let start, stop = $"<!-- bench:{name} -->", $"<!-- /bench:{name} -->"
+    let existing =
+        if File.Exists path then File.ReadAllText path
+        else "# Benchmarks\n\nWritten by `dotnet fsi build.fsx bench`; each section is replaced when its suite runs again.\n"
+    let block = $"{start}\n{markdown.TrimEnd()}\n{stop}"
+    let i, j = existing.IndexOf start, existing.IndexOf stop
+    let text =
+        if i >= 0 && j > i then existing.Substring(0, i) + block + existing.Substring(j + stop.Length)
+        else existing.TrimEnd() + "\n\n" + block + "\n"
+    Directory.CreateDirectory(Path.GetDirectoryName path) |> ignore
+    File.WriteAllText(path, text)
+    printfn "wrote section '%s' of %s" name path
