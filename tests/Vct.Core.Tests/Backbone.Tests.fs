@@ -222,11 +222,10 @@ let imageNet =
             Expect.isTrue (unused |> List.forall (fun k -> k.StartsWith "head." || k.StartsWith "norm." || k.EndsWith ".attn_mask")) "nothing else unused"
             Expect.equal (unused |> List.filter (fun k -> k.EndsWith ".attn_mask")).Length 4 "the 4 attn_mask buffers"
             // values: file tensors copied exactly; norms at LayerNorm defaults
-            let file = SwinPretrained.readCheckpoint (visionFile "vision_swin_imagenet.pth")
+            use file = Vct.Core.Checkpoint.StateDict.load (visionFile "vision_swin_imagenet.pth")
             let sd = m.state_dict()
-            for k, c in r.Loaded do Expect.isTrue (same sd[k] file[c]) $"{k} copied"
+            for k, c in r.Loaded do Expect.isTrue (same sd[k] file.StateDict[c]) $"{k} copied"
             Expect.isTrue (sd["norm2.weight"].eq(1.0f.ToScalar()).all().item<bool>()) "norm2 weight stays 1"
-            for t in file.Values do t.Dispose()
             // the official forward after the same load
             use g = new Golden("vision_swin_imagenet_expected.pt")
             m.eval()

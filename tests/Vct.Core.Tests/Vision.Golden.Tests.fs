@@ -1,7 +1,6 @@
 module Vct.Core.Tests.VisionGolden
 
 open System
-open System.Collections
 open System.Collections.Generic
 open System.IO
 open Expecto
@@ -26,16 +25,10 @@ let visionFile (name: string) = Path.Combine(goldenRoot.Value, "vision", name)
 
 /// A golden file: flat dict name -> tensor (torch.save'd by the official harness or by make_vision_fixtures.py).
 type Golden(name: string) =
-    let table = TorchSharp.PyBridge.PyTorchUnpickler.UnpickleStateDict(visionFile name)
-    let d = Dictionary<string, Tensor>()
-    do for k in table.Keys do
-        match table[k] with
-        | :? Tensor as t -> d[string k] <- t
-        | _ -> ()
-    member _.Item(key: string) =
-        match d.TryGetValue key with
-        | true, t -> t
-        | _ -> failwith $"{name} has no tensor {key}"
+    let file = Vct.Core.Checkpoint.StateDict.load (visionFile name)
+    let d = file.StateDict
+    member _.Item(key: string) : Tensor =
+        if d.ContainsKey key then d[key] else failwith $"{name} has no tensor {key}"
     member _.Has(key: string) = d.ContainsKey key
     /// The `w.<prefix>*` entries with `w.<prefix>` removed.
     member _.Weights(?prefix: string) =
@@ -45,7 +38,7 @@ type Golden(name: string) =
             if kv.Key.StartsWith(p, StringComparison.Ordinal) then r[kv.Key.Substring p.Length] <- kv.Value
         r
     interface IDisposable with
-        member _.Dispose() = for t in d.Values do t.Dispose()
+        member _.Dispose() = (file :> IDisposable).Dispose()
 
 /// Copies golden weights into a module: every golden key must exist with the same shape, and every module key
 /// must be covered except those `mayMiss` accepts.

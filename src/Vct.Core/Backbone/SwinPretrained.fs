@@ -1,7 +1,6 @@
 namespace Vct.Core.Backbone
 
 open System
-open System.Collections
 open System.Collections.Generic
 open TorchSharp
 open Vct.Core
@@ -50,27 +49,11 @@ module SwinPretrained =
           NotInCheckpoint = List.ofSeq missing
           Unused = checkpoint.Keys |> Seq.filter (used.Contains >> not) |> List.ofSeq }
 
-    /// Reads a torch.save file holding either {"model": state_dict} (the released ImageNet files) or a bare
-    /// state dict. The caller disposes the tensors.
-    let readCheckpoint (path: string) : Dictionary<string, Tensor> =
-        let root = TorchSharp.PyBridge.PyTorchUnpickler.UnpickleStateDict(path)
-        let table =
-            match root["model"] with
-            | :? Hashtable as inner -> inner
-            | _ -> root
-        let d = Dictionary<string, Tensor>()
-        for k in table.Keys do
-            match table[k] with
-            | :? Tensor as t -> d[string k] <- t
-            | _ -> ()   // non-tensor entries (none in the released files)
-        if d.Count = 0 then invalidArg (nameof path) $"{path} holds no tensors (expected a state dict or {{\"model\": state_dict}})"
-        d
-
-    /// Loads an ImageNet Swin file (e.g. swin_base_patch4_window12_384_22k.pth) into each module of `targets`
-    /// (the RGB backbone and the pre-SAM backbone start from the same weights, as in the reference).
+    /// Loads an ImageNet Swin file into each module of `targets` (the RGB backbone and the pre-SAM backbone start
+    /// from the same weights, as in the reference). Reads `{"model": state_dict}` or a bare state dict, as
+    /// torch.save zip/legacy files (swin_base_patch4_window12_384_22k.pth) or the pickled `.pkl` that the
+    /// official conversion script writes (same keys, numpy arrays).
     let loadImageNet (path: string) (targets: SwinTransformer seq) : SwinPretrainedReport list =
-        let ckpt = readCheckpoint path
-        try
-            [ for t in targets -> loadFrom ckpt t ]
-        finally
-            for t in ckpt.Values do t.Dispose()
+        use ckpt = Vct.Core.Checkpoint.StateDict.load path
+        if ckpt.StateDict.Count = 0 then invalidArg (nameof path) $"{path} holds no tensors"
+        [ for t in targets -> loadFrom ckpt.StateDict t ]
