@@ -155,7 +155,10 @@ module Resample =
             let nOut = outputLength srIn srOut x.Length
             if nOut < 1 then invalidArg (nameof x) $"{x.Length} samples are too few to resample from {srIn} to {srOut} Hz"
             let g = int (Numerics.BigInteger.GreatestCommonDivisor(Numerics.BigInteger srIn, Numerics.BigInteger srOut))
-            let pIn, q = srIn / g, srOut / g
+            // NOTE: a period of q < 32 outputs (48 kHz: q = 1) would make many skinny GEMMs; k periods are
+            // grouped into one super-period of k*q outputs (the phases are then k*q distinct outputs).
+            let k = max 1 ((32 + srOut / g - 1) / (srOut / g))
+            let pIn, q = k * (srIn / g), k * (srOut / g)
             let pl = plan f srIn srOut
             let nwin = pl.Win.Length
             let phases = min q nOut
