@@ -1,0 +1,116 @@
+namespace Vct.Core.Decoder
+
+open System
+open TorchSharp
+open type TorchSharp.torch.nn
+open Vct.Core
+
+/// Multi-head attention with PyTorch's `nn.MultiheadAttention` parameter layout and numerics
+/// (`in_proj_weight` rows [q; k; v], `in_proj_bias`, `out_proj`), sequence-first like the official
+/// decoder: query [L, B, C], key/value [S, B, C] -> [L, B, C].
+/// A boolean `attnMask` [B*h, L, S] (row b*h + head, batch-major) blocks where True.
+type MultiheadAttention(embedDim: int64, numHeads: int64) as this =
+    inherit Module<Tensor, Tensor, Tensor, Tensor option, Tensor>("MultiheadAttention")
+    do
+        if embedDim % numHeads <> 0L then
+            invalidArg (nameof numHeads) $"embed dim {embedDim} is not divisible by {numHeads} heads"
+
+    let in_proj_weight = Parameter(torch.empty(3L * embedDim, embedDim))
+    let in_proj_bias = Parameter(torch.zeros(3L * embedDim))
+    let out_proj = Linear(embedDim, embedDim)
+    let headDim = embedDim / numHeads
+
+    do
+        // PyTorch's _reset_parameters: xavier-uniform in-projection, zero biases.
+        use _ = torch.no_grad ()
+        init.xavier_uniform_ in_proj_weight |> ignore
+        out_proj.bias.zero_() |> ignore
+        this.RegisterComponents()
+
+    member _.NumHeads = numHeads
+
+    /// query [L, B, C], key [S, B, C], value [S, B, C], mask [B*h, L, S] (True = blocked) -> [L, B, C]
+    override _.forward(query, key, value, attnMask) =
+        Scope.run (fun () ->
+            let l, b = query.shape[0], query.shape[1]
+            let s = key.shape[0]
+            let w = in_proj_weight.chunk(3L, 0L)
+            let bi = in_proj_bias.chunk(3L, 0L)
+            let heads (x: Tensor) (len: int64) = x.reshape(len, b * numHeads, headDim).transpose(0L, 1L) // [B*h, M, d]
+            // NOTE: q is scaled before the product, as torch 1.13's _scaled_dot_product_attention does.
+            let q = heads (functional.linear(query, w[0], bi[0])) l * (1.0 / sqrt (float headDim)).ToScalar()
+            let k = heads (functional.linear(key, w[1], bi[1])) s
+            let v = heads (functional.linear(value, w[2], bi[2])) s
+            let logits = q.bmm(k.transpose(1L, 2L))                                   // [B*h, L, S]
+            let logits =
+                match attnMask with
+                | Some m ->
+                    if m.shape <> [| b * numHeads; l; s |] then
+                        invalidArg "attnMask" $"attention mask must be [{b * numHeads}, {l}, {s}], got {Shape.show m}"
+                    logits.masked_fill(m, Double.NegativeInfinity.ToScalar())
+                | None -> logits
+            let attn = logits.softmax(-1L)
+            let out = attn.bmm(v).transpose(0L, 1L).reshape(l * b, embedDim)        // [L*B, C]
+            out_proj.call(out).view(l, b, embedDim))
+
+/// Post-norm cross-attention block of the official decoder (`CrossAttentionLayer`, dropout 0):
+/// tgt [L, B, C], memory [S, B, C] -> LayerNorm(tgt + MHA(tgt + queryPos, memory + pos, memory)).
+type CrossAttentionLayer(dModel: int64, nHead: int64) as this =
+    inherit Module<Tensor, Tensor, Tensor option, Tensor option, Tensor option, Tensor>("CrossAttentionLayer")
+    let multihead_attn = new MultiheadAttention(dModel, nHead)
+    let norm = LayerNorm(dModel)
+
+    do
+        use _ = torch.no_grad ()
+        this.RegisterComponents()
+
+    /// tgt [L, B, C], memory [S, B, C], mask [B*h, L, S], pos [S, B, C], queryPos [L, B, C] -> [L, B, C]
+    override _.forward(tgt, memory, memoryMask, pos, queryPos) =
+        Scope.run (fun () ->
+            let withPos (x: Tensor) (p: Tensor option) = match p with Some p -> x + p | None -> x
+            let attended = multihead_attn.call(withPos tgt queryPos, withPos memory pos, memory, memoryMask)
+            norm.call (tgt + attended))
+
+/// Post-norm self-attention block (`SelfAttentionLayer`, dropout 0): q = k = tgt + queryPos, v = tgt.
+type SelfAttentionLayer(dModel: int64, nHead: int64) as this =
+    inherit Module<Tensor, Tensor option, Tensor>("SelfAttentionLayer")
+    let self_attn = new MultiheadAttention(dModel, nHead)
+    let norm = LayerNorm(dModel)
+    do this.RegisterComponents()
+
+    /// tgt [L, B, C], queryPos [L, B, C] -> [L, B, C]
+    override _.forward(tgt, queryPos) =
+        Scope.run (fun () ->
+            let qk = match queryPos with Some p -> tgt + p | None -> tgt
+            norm.call (tgt + self_attn.call(qk, qk, tgt, None)))
+
+/// Post-norm feed-forward block (`FFNLayer`, ReLU, dropout 0): LayerNorm(x + linear2(relu(linear1(x)))).
+type FFNLayer(dModel: int64, dimFeedforward: int64) as this =
+    inherit Module<Tensor, Tensor>("FFNLayer")
+    let linear1 = Linear(dModel, dimFeedforward)
+    let linear2 = Linear(dimFeedforward, dModel)
+    let norm = LayerNorm(dModel)
+    do this.RegisterComponents()
+
+    /// [..., C] -> [..., C]
+    override _.forward(tgt) =
+        Scope.run (fun () -> norm.call (tgt + linear2.call (functional.relu (linear1.call tgt))))
+
+/// Mask2Former's `MLP`: `numLayers` Linear layers (`layers.<i>`), ReLU between them, none after the last.
+type MLP(inputDim: int64, hiddenDim: int64, outputDim: int64, numLayers: int) as this =
+    inherit Module<Tensor, Tensor>("MLP")
+    do if numLayers < 1 then invalidArg (nameof numLayers) $"an MLP needs at least one layer, got {numLayers}"
+    let dims = [ inputDim ] @ List.replicate (numLayers - 1) hiddenDim @ [ outputDim ]
+    let layers =
+        ModuleList<Module<Tensor, Tensor>>(
+            [| for (i, o) in List.pairwise dims -> Linear(i, o) :> Module<Tensor, Tensor> |])
+    do this.RegisterComponents()
+
+    /// [..., inputDim] -> [..., outputDim]
+    override _.forward(x) =
+        Scope.run (fun () ->
+            let mutable y = x
+            for i in 0 .. layers.Count - 1 do
+                y <- layers[i].call y
+                if i < layers.Count - 1 then y <- functional.relu y
+            y)
