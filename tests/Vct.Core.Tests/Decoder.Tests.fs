@@ -85,6 +85,23 @@ let goldens =
             expectClose "VCQ queries" g["out.vcq.query"] v.Queries
             expectEqual "VCQ assignment arg-max" g["out.debug.assign_argmax_vcq"] (v.Assignment.argmax(2L))
         }
+
+        test "prediction heads and the attention masks built from them (sizes 6x4 and 3x3)" {
+            use _ = torch.NewDisposeScope()
+            use g = golden "comp_prediction_heads.pt"
+            let cfg = { VctDecoderConfig.Released(2L, None, 8L, 8L) with DecLayers = 1; DimFeedforward = 16L }
+            use dec = new VctDecoder(cfg)
+            let heads = set [ "decoder_norm."; "class_embed."; "mask_embed." ]
+            loadWeights (g.Weights()) (fun k -> not (heads |> Set.exists (fun h -> k.StartsWith h))) dec
+            dec.eval ()
+            let pred = dec.Heads(g["in.output"], g["in.mask_features"])
+            expectClose "class logits" g["out.outputs_class"] pred.Logits
+            expectClose "mask logits" g["out.outputs_mask"] pred.Masks
+            for (name, size) in [ "size6x4", (6L, 4L); "size3x3", (3L, 3L) ] do
+                let m = PredictionHeads.attentionMask 8L size pred.Masks
+                expectEqual $"{name} attention mask" g[$"out.{name}.attn_mask"] m
+                expectEqual $"{name} after the fully-masked-row reset" g[$"out.{name}.attn_mask_reset"] (PredictionHeads.openFullyMaskedRows m)
+        }
     ]
 
 [<Tests>]
@@ -151,6 +168,54 @@ let properties =
             (y * w).sum().backward()
             (x2.softmax(-2L) * w).sum().backward()
             Expect.isTrue (x1.grad.allclose(x2.grad, rtol = 1e-5, atol = 1e-6)) "straight-through gradient"
+
+        testProperty "no attention row is fully masked after the reset" <| fun (seed: int) ->
+            use _ = torch.NewDisposeScope()
+            torch.manual_seed (int64 seed) |> ignore
+            // Strongly negative logits: most rows would be blocked everywhere.
+            let masks = torch.randn(2L, 5L, 8L, 8L) - 3.0.ToScalar()
+            let m = PredictionHeads.openFullyMaskedRows (PredictionHeads.attentionMask 4L (3L, 2L) masks)
+            Expect.isFalse (m.all(-1L).any().item<bool> ()) "every row has an open key"
+            Expect.sequenceEqual m.shape [| 8L; 5L; 6L |] "[B*h, N, h*w]"
+
+        testProperty "decoder output shapes for any number of frames (tiny widths)" <| fun (frames: FsCheck.PositiveInt) ->
+            use _ = torch.NewDisposeScope()
+            let bt = int64 (1 + frames.Get % 3)
+            let cfg =
+                { VctDecoderConfig.Released(2L, Some 5L, 8L, 8L) with
+                    HiddenDim = 32L; NumQueries = 7L; NumHeads = 4L; DimFeedforward = 16L
+                    Query = { VcqConfig.For(8L, 8L, Some 5L) with Channels = 32L; NumQueries = 7L } }
+            use dec = new VctDecoder(cfg)
+            dec.eval ()
+            let audio = torch.randn(bt, 32L, 6L, 4L)
+            let ms = [| torch.randn(bt, 32L, 2L, 2L); torch.randn(bt, 32L, 4L, 4L); torch.randn(bt, 32L, 8L, 8L) |]
+            use out = dec.Forward(audio, ms, torch.randn(bt, 32L, 8L, 8L), keepMasks = true)
+            Expect.equal out.Predictions.Length 10 "1 + 9 predictions"
+            Expect.sequenceEqual out.Last.Logits.shape [| bt; 7L; 3L |] "class logits"
+            Expect.sequenceEqual out.Last.Masks.shape [| bt; 7L; 8L; 8L |] "mask logits"
+            Expect.sequenceEqual out.AudioFeat.Value.shape [| bt; 32L |] "audio feat"
+            Expect.sequenceEqual out.ProtoFeat.Value.shape [| bt; 5L; 32L |] "proto feat"
+            Expect.equal out.AttentionMasks.Length 9 "one mask per layer"
+            Expect.isTrue (out.AudioFeat.Value.norm(-1).allclose(torch.ones(bt))) "unit norm"
+
+        test "decoder state-dict names and shapes equal the official S4 and MS3 manifests" {
+            for (subset, protos) in [ "s4", Some 23L; "ms3", None ] do
+                use dec = new VctDecoder(VctDecoderConfig.Released(2L, protos, 96L, 96L))
+                let ours =
+                    dec.state_dict()
+                    |> Seq.map (fun kv -> "sem_seg_head.predictor." + kv.Key, (kv.Value.shape |> Array.map string |> String.concat "x"))
+                    |> Map.ofSeq
+                let official =
+                    System.IO.File.ReadAllLines(System.IO.Path.Combine(Golden.root.Value, $"manifest_{subset}.tsv"))
+                    |> Array.skip 1
+                    |> Array.map (fun l -> l.Split('\t'))
+                    |> Array.filter (fun c -> c[0].StartsWith "sem_seg_head.predictor.")
+                    |> Array.map (fun c -> c[0], (if c[1] = "scalar" then "" else c[1]))
+                    |> Map.ofArray
+                Expect.equal (Set.ofSeq ours.Keys) (Set.ofSeq official.Keys) $"{subset}: same keys"
+                for kv in official do
+                    Expect.equal ours[kv.Key] kv.Value $"{subset}: shape of {kv.Key}"
+        }
 
         test "VCQ has no prototype keys; ProtoVCQ names follow the official checkpoint" {
             use proto = new VisualQueryBlock(VcqConfig.For(8L, 8L, Some 23L))
