@@ -112,6 +112,16 @@ let swin =
                     eh <- (eh + 1L) / 2L
                     ew <- (ew + 1L) / 2L
 
+        test "ImagePadding.toDivisible pads bottom/right with zeros to a multiple of 32" {
+            use _ = torch.NewDisposeScope()
+            let x = torch.randn(2L, 3L, 50L, 64L)
+            let p = ImagePadding.toDivisible 32L x
+            Expect.sequenceEqual p.shape [| 2L; 3L; 64L; 64L |] "padded shape"
+            Expect.isTrue (same (p.narrow(2L, 0L, 50L)) x) "top-left is the input"
+            Expect.isTrue (p.narrow(2L, 50L, 14L).eq(0.0f.ToScalar()).all().item<bool>()) "zeros below"
+            Expect.isTrue (obj.ReferenceEquals(ImagePadding.toDivisible 32L p, p)) "no copy when divisible"
+        }
+
         test "SwinB384 strides and channels" {
             Expect.sequenceEqual SwinConfig.SwinB384.OutChannels [| 128L; 256L; 512L; 1024L |] "channels"
             Expect.sequenceEqual SwinConfig.SwinB384.OutStrides [| 4L; 8L; 16L; 32L |] "strides"

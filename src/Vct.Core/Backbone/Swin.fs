@@ -53,6 +53,20 @@ type SwinConfig =
         for i in c.OutIndices do
             if i < 0 || i >= c.Depths.Length then invalidArg "config" $"OutIndices has {i}, outside 0..{c.Depths.Length - 1}"
 
+/// Batch padding as detectron2's ImageList.from_tensors (reference §1.2): the model pads frames and Maskiges with
+/// zeros (in normalised space) at the bottom/right to a multiple of MASK_FORMER.SIZE_DIVISIBILITY (32) before the
+/// backbones. The Swin modules accept any size; this is the step in front of them.
+[<RequireQualifiedAccess>]
+module ImagePadding =
+    /// x: [B, C, H, W] -> [B, C, ceil(H/d)·d, ceil(W/d)·d] (x itself when nothing to pad)
+    let toDivisible (divisibility: int64) (x: Tensor) : Tensor =
+        Shape.requireRank (nameof x) 4 x
+        if divisibility < 1L then invalidArg (nameof divisibility) $"divisibility {divisibility} must be >= 1"
+        let h, w = x.shape[2], x.shape[3]
+        let ph, pw = Windows.roundUp divisibility h - h, Windows.roundUp divisibility w - w
+        if ph = 0L && pw = 0L then x
+        else Scope.run (fun () -> functional.pad(x, [| 0L; pw; 0L; ph |]))
+
 /// Stochastic depth as timm's DropPath: in training, each sample's residual branch is zeroed with probability
 /// `rate` and the survivors are scaled by 1 / (1 - rate); identity in eval mode.
 [<RequireQualifiedAccess>]
