@@ -4,6 +4,7 @@ using Vct.Cli;
 var root = new RootCommand("vct: audio-visual segmentation with the Vision-Centric Transformer (VCT)");
 root.Subcommands.Add(InfoCommand.Create());
 root.Subcommands.Add(AudioCommand.Create());
+root.Subcommands.Add(ScoreCommand.Create());
 try
 {
     return root.Parse(args).Invoke(new InvocationConfiguration { EnableDefaultExceptionHandler = false });
