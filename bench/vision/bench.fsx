@@ -2,7 +2,7 @@
 // pixel decoder). One case per process, so that peak RSS belongs to that case.
 //   dotnet build Vct.sln -c Release
 //   dotnet fsi bench/vision/bench.fsx -- <case> [repeats]      case: swin1 swin5 presam1 presam5 pixdec5 | all
-// Prints one line per case: case, median seconds, min seconds, peak RSS MiB, threads.
+// Prints one line per case: case, median seconds, min seconds, peak RSS MiB, threads ($VCT_BENCH_THREADS, default 2).
 #r "../../tests/Vct.Core.Tests/bin/Release/net10.0/TorchSharp.dll"
 #r "../../tests/Vct.Core.Tests/bin/Release/net10.0/Vct.Core.dll"
 
@@ -31,6 +31,9 @@ let time (repeats: int) (f: unit -> unit) =
     ts[ts.Length / 2], ts[0]
 
 let run (case: string) (repeats: int) =
+    match Environment.GetEnvironmentVariable "VCT_BENCH_THREADS" with
+    | null | "" -> torch.set_num_threads 2
+    | n -> torch.set_num_threads (int n)
     torch.manual_seed 0L |> ignore
     use _ = torch.no_grad ()
     let frames = if case.EndsWith "5" then 5L else 1L

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """The same cases as bench.fsx, measured on the official modules (Debian torch, OpenBLAS via vct_env).
    VCT_MIRROR=<git dir of spyflying/VCT_AVS> /usr/bin/python3 bench/vision/bench_official.py [case|all] [repeats]
-Prints: case, median s, min s, peak RSS MiB, threads (one process per case)."""
+Prints: case, median s, min s, peak RSS MiB, threads (one process per case). Threads: $VCT_BENCH_THREADS (2)."""
 import os
 import resource
 import subprocess
@@ -25,6 +25,7 @@ def run(case, repeats):
     vct_env.setup_blas("openblas", verbose=False)
     import torch
     ns = vct_env.import_official(verbose=False)
+    torch.set_num_threads(int(os.environ.get("VCT_BENCH_THREADS", "2")))  # Debian's torch defaults to 1 here
     torch.manual_seed(0)
     frames = 5 if case.endswith("5") else 1
     with torch.no_grad():

@@ -94,7 +94,9 @@ type SwinMlp(dim: int64, hidden: int64, drop: float) as this =
 
     override _.forward(x) =
         Scope.run (fun () ->
-            let h = functional.gelu(fc1.call x)
+            let pre = fc1.call x
+            let h = functional.gelu pre
+            pre.Dispose()   // the widest temporary ([.., 4C]); autograd keeps what it needs
             let h = functional.dropout(h, drop, this.training)
             functional.dropout(fc2.call h, drop, this.training))
 
@@ -134,16 +136,19 @@ type WindowAttention(dim: int64, windowSize: int64, numHeads: int64, qkvBias: bo
             let q = qkv[0L] * scale.ToScalar()
             let k = qkv[1L]
             let v = qkv[2L]
-            let attn = q.matmul(k.transpose(-2L, -1L))                                   // [B_, h, N, N]
-            let attn = attn + this.RelativePositionBias().unsqueeze(0L)
-            let attn =
-                match mask with
-                | Some mk ->
-                    let nW = mk.shape[0]
-                    if b_ % nW <> 0L then invalidArg (nameof mask) $"mask {Shape.show mk} does not fit {b_} windows"
-                    (attn.view(b_ / nW, nW, numHeads, n, n) + mk.unsqueeze(1L).unsqueeze(0L)).view(-1L, numHeads, n, n)
-                | None -> attn
-            let attn = functional.dropout(attn.softmax(-1L), attnDrop, this.training)
+            // NOTE: the bias and the mask are added in place and the logits freed right after the softmax: same
+            // values as the reference's out-of-place adds, but one [B_, h, N, N] buffer instead of three.
+            let logits = q.matmul(k.transpose(-2L, -1L))                                 // [B_, h, N, N]
+            logits.add_(this.RelativePositionBias().unsqueeze(0L)) |> ignore
+            match mask with
+            | Some mk ->
+                let nW = mk.shape[0]
+                if b_ % nW <> 0L then invalidArg (nameof mask) $"mask {Shape.show mk} does not fit {b_} windows"
+                logits.view(b_ / nW, nW, numHeads, n, n).add_(mk.unsqueeze(1L).unsqueeze(0L)) |> ignore
+            | None -> ()
+            let attn = logits.softmax(-1L)
+            logits.Dispose()
+            let attn = functional.dropout(attn, attnDrop, this.training)
             let y = attn.matmul(v).transpose(1L, 2L).reshape(b_, n, c)                    // [B_, N, C]
             functional.dropout(proj.call y, projDrop, this.training))
 
