@@ -3,6 +3,8 @@ using Vct.Cli;
 
 var root = new RootCommand("vct: audio-visual segmentation with the Vision-Centric Transformer (VCT)");
 root.Subcommands.Add(InfoCommand.Create());
+root.Subcommands.Add(ModelCommands.Convert());
+root.Subcommands.Add(ModelCommands.Forward());
 root.Subcommands.Add(AudioCommand.Create());
 root.Subcommands.Add(ScoreCommand.Create());
 try

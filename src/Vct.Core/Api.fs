@@ -1,6 +1,7 @@
 namespace Vct.Core
 
 open System
+open System.IO
 open TorchSharp
 
 /// Versions and environment, as `vct info` prints them.
@@ -34,3 +35,173 @@ module Api =
           CudaAvailable = cuda
           Threads = torch.get_num_threads ()
           Runtime = report }
+
+/// One video to segment: frames, audio examples and, for pre-SAM models, the mask images.
+type VideoInput =
+    { /// RGB frames [T, 3, H, W], 0..255.
+      Frames: Tensor
+      /// VGGish log-mel examples [T_a, 1, 96, 64] (T_a = T for S4/MS3; 10 for AVSS with TemporalFlags).
+      AudioLogMel: Tensor
+      /// Semantic-SAM mask images [T, 3, H, W], 0..255 (models with the pre-SAM branch).
+      PreMasks: Tensor option
+      /// AVSS `vid_temporal_mask_flag` [T_a].
+      TemporalFlags: Tensor option }
+
+/// Maps people want to look at, on request.
+type SegmentationMaps =
+    { /// PPQG: the query each mask-feature pixel is assigned to, int64 [T, H/4, W/4].
+      PixelToQuery: Tensor
+      /// The boolean attention mask of each decoder layer [T*heads, N, h*w] (True = blocked).
+      AttentionMasks: Tensor list
+      /// Cosine similarity of each frame's audio embedding to each prototype [T, K] (S4, AVSS).
+      PrototypeSimilarity: Tensor option }
+
+/// The segmentation of one video (CPU tensors).
+type Segmentation =
+    { /// Semantic scores [T, C, S, S] (reference §7; S = the output size).
+      Scores: Tensor
+      /// S4/MS3: bool foreground masks [T, S, S]; AVSS: int64 class maps [T, S, S].
+      Masks: Tensor
+      /// Class probabilities of the queries [T, N, C+1] (softmax of the last prediction's logits).
+      ClassProbabilities: Tensor
+      Maps: SegmentationMaps option }
+    interface IDisposable with
+        member s.Dispose() =
+            s.Scores.Dispose()
+            s.Masks.Dispose()
+            s.ClassProbabilities.Dispose()
+            match s.Maps with
+            | Some m ->
+                m.PixelToQuery.Dispose()
+                for t in m.AttentionMasks do t.Dispose()
+                m.PrototypeSimilarity |> Option.iter (fun t -> t.Dispose())
+            | None -> ()
+
+/// Inference options.
+type SegmentOptions =
+    { /// Return the PPQG assignment, attention masks and prototype similarities.
+      Intermediates: bool
+      /// Output side; None = the model's OutputSize (224 for the released models, as the official code).
+      OutputSize: int64 option }
+    static member Default = { Intermediates = false; OutputSize = None }
+
+/// Inference entry points.
+[<RequireQualifiedAccess>]
+module Inference =
+    /// Loads a model: our safetensors checkpoint (config beside it or in its metadata), or an official
+    /// PyTorch checkpoint (`.pth`/`.pt`/`.pkl`; then `subset` is required). The model is in eval mode on `device`.
+    let loadModel (path: string) (subset: Subset option) (device: torch.Device) : VctModel * Checkpoint.LoadReport =
+        Runtime.init () |> ignore
+        match Path.GetExtension(path).ToLowerInvariant(), subset with
+        | (".pth" | ".pt" | ".pkl"), Some s -> ModelIO.loadOfficial s path device
+        | (".pth" | ".pt" | ".pkl"), None ->
+            invalidArg (nameof subset) $"{path} is an official PyTorch checkpoint: say which subset it is for (s4, ms3 or avss)"
+        | _ -> ModelIO.load path device
+
+    /// The audio examples of a file under the model's subset rules: [T_a, 1, 96, 64] and, for AVSS, the flags.
+    let audioExamples (subset: Subset) (path: string) : Tensor * Tensor option =
+        let rule = match subset with Subset.S4 -> Audio.Subset.S4 | Subset.MS3 -> Audio.Subset.Ms3 | Subset.AVSS -> Audio.Subset.Avss
+        let clip = Audio.Audio.examplesOfFile (Audio.ExampleOptions.Default rule) path
+        let flags = match subset with Subset.AVSS -> Some(torch.tensor(clip.Real |> Array.map float32)) | _ -> None
+        clip.Examples, flags
+
+    /// Segments one video: no gradients, eval mode; inputs are moved to the model's device, results to the CPU.
+    let segment (model: VctModel) (options: SegmentOptions) (video: VideoInput) : Segmentation =
+        use _ = torch.no_grad ()
+        use scope = torch.NewDisposeScope()
+        model.eval ()
+        let device = (Seq.head (model.parameters ())).device
+        let inputs =
+            { Images = video.Frames.``to``(device)
+              PreMasks = video.PreMasks |> Option.map (fun m -> m.``to``(device))
+              AudioLogMel = video.AudioLogMel.``to``(device)
+              TemporalFlags = video.TemporalFlags }
+        use out = model.Forward(inputs, keepMasks = options.Intermediates)
+        let size = defaultArg options.OutputSize model.Config.OutputSize
+        let last = out.Decoder.Last
+        let scores = VctMath.semanticInference out.InputSize (size, size) last.Logits last.Masks
+        let masks =
+            match model.Config.Subset with
+            | Subset.AVSS -> VctMath.labelMaps scores
+            | _ -> VctMath.binaryMasks scores
+        let maps =
+            if options.Intermediates then
+                let t = video.Frames.shape[0]
+                let mh, mw = last.Masks.shape[2], last.Masks.shape[3]
+                let similarity =
+                    match out.Decoder.AudioFeat, out.Decoder.ProtoFeat with
+                    | Some a, Some p -> Some(p.bmm(a.unsqueeze(2L)).squeeze(2L).cpu().MoveToOuterDisposeScope())
+                    | _ -> None
+                Some { PixelToQuery = out.Decoder.Assignment.argmax(2L).reshape(t, mh, mw).cpu().MoveToOuterDisposeScope()
+                       AttentionMasks = [ for m in out.Decoder.AttentionMasks -> m.cpu().MoveToOuterDisposeScope() ]
+                       PrototypeSimilarity = similarity }
+            else None
+        { Scores = scores.cpu().MoveToOuterDisposeScope()
+          Masks = masks.cpu().MoveToOuterDisposeScope()
+          ClassProbabilities = last.Logits.softmax(-1L).cpu().MoveToOuterDisposeScope()
+          Maps = maps }
+
+    /// Segments several videos one after the other (memory stays that of one video).
+    let segmentAll (model: VctModel) (options: SegmentOptions) (videos: VideoInput seq) : Segmentation list =
+        [ for v in videos -> segment model options v ]
+
+/// The researchers' parity tool behind `vct forward`: the raw model on named input tensors.
+[<RequireQualifiedAccess>]
+module Parity =
+    /// Looks up `prefix + name` in a flat dict.
+    let private find (tensors: Collections.Generic.IDictionary<string, Tensor>) (prefix: string) (name: string) =
+        match tensors.TryGetValue(prefix + name) with
+        | true, t -> Some t
+        | _ -> None
+
+    /// Reads the inputs (images, pre_masks, audio_log_mel, vid_temporal_mask_flag) from a flat dict file.
+    let readInputs (path: string) (prefix: string) (usePreSam: bool) (subset: Subset) : VctInputs * IDisposable =
+        let ck = Checkpoint.StateDict.load path
+        let d = ck.StateDict :> Collections.Generic.IDictionary<string, Tensor>
+        let need name =
+            match find d prefix name with
+            | Some t -> t
+            | None ->
+                let have = String.Join(", ", d.Keys |> Seq.truncate 20)
+                raise (InvalidDataException $"{path}: no tensor '{prefix}{name}' (it has: {have})")
+        let inputs =
+            { Images = need "images"
+              PreMasks = if usePreSam then Some(need "pre_masks") else find d prefix "pre_masks"
+              AudioLogMel = need "audio_log_mel"
+              TemporalFlags =
+                match subset with
+                | Subset.AVSS -> Some(need "vid_temporal_mask_flag")
+                | _ -> None }
+        inputs, (ck :> IDisposable)
+
+    /// Runs the model in eval mode and names its outputs as `vct forward` writes them: pred_logits, pred_masks,
+    /// aux<i>.pred_logits / aux<i>.pred_masks (i = 0..8, the official aux_outputs order), feats.audio_feat,
+    /// feats.proto_feat, sem_seg; with `intermediates` also backbone, pixel-decoder, audio, PPQG and per-layer
+    /// decoder tensors under names mirroring the official module paths.
+    let run (model: VctModel) (inputs: VctInputs) (intermediates: bool) : (string * Tensor) list =
+        use _ = torch.no_grad ()
+        model.eval ()
+        use out = model.Forward(inputs, keepIntermediates = intermediates, keepMasks = intermediates)
+        let c (t: Tensor) = t.detach().cpu().clone()
+        let preds = out.Decoder.Predictions
+        let last = List.last preds
+        [ yield "pred_logits", c last.Logits
+          yield "pred_masks", c last.Masks
+          for i, p in List.indexed (List.take (preds.Length - 1) preds) do
+              yield $"aux{i}.pred_logits", c p.Logits
+              yield $"aux{i}.pred_masks", c p.Masks
+          match out.Decoder.AudioFeat with Some a -> yield "feats.audio_feat", c a | None -> ()
+          match out.Decoder.ProtoFeat with Some p -> yield "feats.proto_feat", c p | None -> ()
+          use scores = model.SemanticScores(out, ?flags = None)
+          yield "sem_seg", c scores
+          match out.Intermediates with
+          | Some i ->
+              for k, f in Array.indexed i.Features do yield $"backbone.res{k + 2}", c f
+              yield "sem_seg_head.pixel_decoder.mask_features", c i.MaskFeatures
+              for k, f in Array.indexed i.MultiScale do yield $"sem_seg_head.pixel_decoder.multi_scale_features.{k}", c f
+              yield "audio_backbone", c i.AudioBackbone
+              yield "sem_seg_head.audio_transformation", c i.AudioFeatures
+              yield "sem_seg_head.predictor.visual_query_block.assignment", c out.Decoder.Assignment
+              for k, m in List.indexed out.Decoder.AttentionMasks do
+                  yield $"sem_seg_head.predictor.attn_mask.{k}", c m
+          | None -> () ]

@@ -106,4 +106,71 @@ let tests =
             let e = Expect.throwsC (fun () -> ModelIO.load "/nonexistent/model.safetensors" torch.CPU |> ignore) id
             Expect.stringContains e.Message "/nonexistent/model.safetensors" "names the file"
         }
+    
+        test "vct forward writes the official output names and equals the in-process forward" {
+            let dir = tempDir ()
+            try
+                use _ = torch.NewDisposeScope()
+                let cfg = tiny Subset.S4
+                use m = new VctModel(cfg)
+                let ckpt = Path.Combine(dir, "tiny.safetensors")
+                ModelIO.save ckpt m
+                let x = inputs cfg
+                let inPath = Path.Combine(dir, "inputs.safetensors")
+                Safetensors.write inPath (Collections.Generic.Dictionary()) [ "in.images", x.Images; "in.audio_log_mel", x.AudioLogMel ]
+                let outPath = Path.Combine(dir, "out.safetensors")
+                let code, out, err = CliTests.runVct [ "forward"; "--checkpoint"; ckpt; "--inputs"; inPath; "--input-prefix"; "in."; "--out"; outPath; "--intermediates"; "--device"; "cpu" ]
+                Expect.equal code 0 $"vct forward failed: {out}\n{err}"
+                use written = Safetensors.read outPath
+                let names = Set.ofSeq written.Tensors.Keys
+                for n in [ "pred_logits"; "pred_masks"; "aux0.pred_logits"; "aux8.pred_masks"; "feats.audio_feat"; "feats.proto_feat"; "sem_seg"
+                           "backbone.res2"; "sem_seg_head.pixel_decoder.mask_features"; "sem_seg_head.predictor.visual_query_block.assignment" ] do
+                    Expect.contains names n $"writes {n}"
+                let expected = Parity.run m x false |> Map.ofList
+                for n in [ "pred_logits"; "pred_masks"; "sem_seg"; "aux3.pred_masks" ] do
+                    Expect.isTrue (written.Tensors[n].allclose(expected[n], rtol = 1e-5, atol = 1e-6)) $"{n} as in-process"
+            finally
+                Directory.Delete(dir, true)
+        }
+
+        test "vct forward without a needed input names the file and the tensor" {
+            let dir = tempDir ()
+            try
+                use _ = torch.NewDisposeScope()
+                use m = new VctModel(tiny Subset.MS3)
+                let ckpt = Path.Combine(dir, "tiny.safetensors")
+                ModelIO.save ckpt m
+                let inPath = Path.Combine(dir, "inputs.safetensors")
+                Safetensors.write inPath (Collections.Generic.Dictionary()) [ "images", torch.zeros(1L, 3L, 64L, 64L) ]
+                let code, out, err = CliTests.runVct [ "forward"; "--checkpoint"; ckpt; "--inputs"; inPath; "--out"; Path.Combine(dir, "o.safetensors") ]
+                Expect.notEqual code 0 "fails"
+                Expect.stringContains (out + err) "audio_log_mel" "names the tensor"
+                Expect.stringContains (out + err) "inputs.safetensors" "names the file"
+            finally
+                Directory.Delete(dir, true)
+        }
+
+        test "vct convert turns an official-format .pth into our checkpoint that loads exactly" {
+            let dir = tempDir ()
+            try
+                use _ = torch.NewDisposeScope()
+                // A released-size S4 state dict (1.2 GB) with one documented leftover, written as a PyTorch zip
+                // .pth by TorchSharp.PyBridge: converted, then refused for the wrong subset.
+                use _ng = torch.no_grad ()
+                use m = new VctModel(VctConfig.Released Subset.S4)
+                let sd = m.state_dict()
+                sd.Add("criterion.empty_weight", torch.ones(3L))
+                let pth = Path.Combine(dir, "model_best.pth")
+                TorchSharp.PyBridge.PyTorchPickler.PickleStateDict(pth, sd)
+                let outPath = Path.Combine(dir, "s4.safetensors")
+                let code, out, err = CliTests.runVct [ "convert"; "--subset"; "s4"; "--checkpoint"; pth; "--out"; outPath ]
+                Expect.equal code 0 $"convert failed: {out}\n{err}"
+                Expect.stringContains err "criterion.empty_weight" "reports the dropped key"
+                Expect.equal (ModelIO.readConfig outPath) (VctConfig.Released Subset.S4) "config written"
+                let code2, out2, err2 = CliTests.runVct [ "convert"; "--subset"; "avss"; "--checkpoint"; pth; "--out"; Path.Combine(dir, "x.safetensors") ]
+                Expect.notEqual code2 0 "S4 weights do not fit the AVSS model"
+                Expect.stringContains (out2 + err2) "class_embed" "names the mismatch"
+            finally
+                Directory.Delete(dir, true)
+        }
     ]
