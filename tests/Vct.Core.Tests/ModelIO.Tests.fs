@@ -173,4 +173,27 @@ let tests =
             finally
                 Directory.Delete(dir, true)
         }
+    
+        test "the C# facade loads a checkpoint and segments a video with maps" {
+            let dir = tempDir ()
+            try
+                use _ = torch.NewDisposeScope()
+                let cfg = tiny Subset.S4
+                let src = new VctModel(cfg)
+                ModelIO.save (Path.Combine(dir, "m.safetensors")) src
+                src.Dispose()
+                use seg = Vct.VctSegmenter.Load(Path.Combine(dir, "m.safetensors"), Vct.SegmenterOptions(Device = "cpu", Intermediates = true))
+                let x = inputs cfg
+                use r = seg.Segment(x.Images, x.AudioLogMel)
+                Expect.sequenceEqual r.Masks.shape [| 2L; 64L; 64L |] "masks [T, S, S]"
+                Expect.equal r.Masks.dtype torch.ScalarType.Bool "binary for S4"
+                Expect.sequenceEqual r.Scores.shape [| 2L; 2L; 64L; 64L |] "scores"
+                Expect.sequenceEqual r.PixelToQuery.shape [| 2L; 16L; 16L |] "assignment per mask-feature pixel"
+                Expect.isTrue (r.PixelToQuery.max().item<int64> () < 20L) "query indices"
+                Expect.sequenceEqual r.PrototypeSimilarity.shape [| 2L; 4L |] "similarities [T, K]"
+                Expect.equal r.AttentionMasks.Count 9 "one mask per layer"
+                Expect.isTrue (r.ClassProbabilities.sum(-1).allclose(torch.ones(2L, 20L))) "probabilities"
+            finally
+                Directory.Delete(dir, true)
+        }
     ]
