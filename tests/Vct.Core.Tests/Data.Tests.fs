@@ -1,0 +1,184 @@
+module Vct.Core.Tests.DataTests
+
+open System
+open System.IO
+open Expecto
+open Vct.Core.Data
+open Vct.Core.Evaluation
+
+let private tempDir (name: string) =
+    let d = Path.Combine(Path.GetTempPath(), $"vct-data-{name}-{Guid.NewGuid():N}")
+    Directory.CreateDirectory d |> ignore
+    d
+
+let private tiny (kind: SynthKind) (seed: int) =
+    { SynthOptions.Default kind with Seed = seed; Train = 2; Val = 1; Test = 1; Size = 40; EvalSize = 56 }
+
+let private filesOf (root: string) =
+    Directory.GetFiles(root, "*", SearchOption.AllDirectories)
+    |> Array.map (fun f -> Path.GetRelativePath(root, f), File.ReadAllBytes f)
+    |> Array.sortBy fst
+
+let private throwsMentioning<'E when 'E :> exn> (what: string) (f: unit -> unit) =
+    let msg =
+        try f (); failtest $"expected {typeof<'E>.Name} mentioning {what}"
+        with
+        | :? 'E as e -> e.Message
+    Expect.stringContains msg what $"the error names {what}"
+
+[<Tests>]
+let synth =
+    testList "Data.Synth" [
+        test "same seed, same bytes; another seed, other bytes" {
+            let a, b, c = tempDir "a", tempDir "b", tempDir "c"
+            Synth.generate (tiny SynthKind.Ms3 5) a |> ignore
+            Synth.generate (tiny SynthKind.Ms3 5) b |> ignore
+            Synth.generate (tiny SynthKind.Ms3 6) c |> ignore
+            let fa, fb, fc = filesOf a, filesOf b, filesOf c
+            Expect.equal (Array.map fst fa) (Array.map fst fb) "same files"
+            Array.iter2 (fun (n, x: byte[]) (_, y: byte[]) -> Expect.isTrue (x.AsSpan().SequenceEqual(ReadOnlySpan y)) $"{n} identical") fa fb
+            Expect.isFalse ((Array.map snd fa |> Array.concat).AsSpan().SequenceEqual(ReadOnlySpan(Array.map snd fc |> Array.concat))) "seed matters"
+        }
+        for kind in [ SynthKind.S4; SynthKind.Ms3; SynthKind.Avss ] do
+            test $"{kind}: output passes the data check and loads back through the readers" {
+                let root = tempDir "synth"
+                let rep = Synth.generate (tiny kind 1) root
+                let check = DataCheck.run root 2
+                Expect.isTrue check.Ok $"""no problems: {String.Join("; ", check.Problems)}"""
+                let dk = match kind with SynthKind.S4 -> DatasetKind.S4 | SynthKind.Ms3 -> DatasetKind.Ms3 | SynthKind.Avss -> DatasetKind.Avss
+                for split, n in [ "train", 2; "val", 1; "test", 1 ] do
+                    let recs = Avsbench.records dk root split
+                    Expect.equal recs.Length n $"{split} videos"
+                    for r in recs do
+                        let v = Avsbench.loadVideo LoadOptions.Default r
+                        let planned = rep.Videos |> Array.find (fun p -> p.Id = r.Id)
+                        Expect.equal v.Frames.Length planned.Frames "frames"
+                        Expect.equal v.Frames[0].Width 40 "frame size"
+                        let expectedMasks = if kind = SynthKind.S4 && split = "train" then 1 else planned.Frames
+                        Expect.equal v.Masks.Length expectedMasks "annotated frames"
+                        Expect.equal v.Masks[0].Width (if split = "train" then 40 else 56) "train GT at frame size, eval GT at EvalSize"
+                        let gt0 = if kind = SynthKind.Avss then Synth.classMask planned 0 v.Masks[0].Width else Synth.binaryMask planned 0 v.Masks[0].Width
+                        Expect.equal v.Masks[0].Pixels gt0 "mask decodes to the planned GT (0/1 or class ids)"
+                        use a = Avsbench.audioExamples r
+                        Expect.equal a.shape [| (if kind = SynthKind.Avss then 10L else 5L); 1L; 96L; 64L |] "log-mel examples"
+                        if kind = SynthKind.Avss then
+                            Expect.equal r.VidTemporalFlag.Length 10 "vid flag"
+                            Expect.equal r.GtTemporalFlag.Length planned.Frames "gt flag"
+                if kind = SynthKind.Avss then Expect.equal (Avsbench.avssClasses root).Length 9 "background + 8 classes"
+            }
+        test "audio matters: a vision-only model (other videos' audio) is far below what the GT allows" {
+            // statistics of the default S4-like set (no files written)
+            let videos = Synth.plan (SynthOptions.Default SynthKind.S4)
+            let b = SynthStats.baselines SynthKind.S4 64 videos
+            Expect.floatClose Accuracy.medium (fst b.Oracle) 1.0 "the GT scores 1"
+            Expect.isLessThan (fst b.AllObjects) 0.55 "audio-blind, every object: M_J < 0.55"
+            Expect.isLessThan (fst b.OneObject) 0.55 "audio-blind, one object: M_J < 0.55"
+            Expect.isLessThan (fst b.ShuffledAudioOracle) 0.3 "perfect model with shuffled audio: M_J < 0.3"
+            for kind in [ SynthKind.Ms3; SynthKind.Avss ] do
+                let b = SynthStats.baselines kind 48 (Synth.plan (SynthOptions.Default kind))
+                Expect.isLessThan (fst b.ShuffledAudioOracle) (fst b.Oracle - 0.2) $"{kind}: shuffled audio is measurably worse"
+                Expect.isLessThan (fst b.AllObjects) (fst b.Oracle - 0.2) $"{kind}: audio-blind is measurably worse"
+        }
+        test "each category has its own sound: the signatures are far apart in log-spectrum" {
+            let n = 16000
+            let spec (x: float32[]) =
+                use t = TorchSharp.torch.tensor(x)
+                use s = TorchSharp.torch.fft.rfft(t).abs().add(TorchSharp.Scalar.op_Implicit 1e-3).log()
+                s.data<float32>().ToArray()
+            let sigs = Array.init 8 (fun c -> spec (Synth.signature (Random 3) c n))
+            for i in 0 .. 7 do
+                for j in i + 1 .. 7 do
+                    let d = Array.fold2 (fun s (a: float32) b -> s + float (abs (a - b))) 0.0 sigs[i] sigs[j] / float sigs[i].Length
+                    Expect.isGreaterThan d 0.5 $"categories {i} and {j} differ"
+            for c in 0 .. 7 do
+                let s = Synth.signature (Random 3) c n
+                Expect.all s (fun v -> Single.IsFinite v && abs v <= 2.0f) $"category {c} is finite and bounded"
+        }
+    ]
+
+[<Tests>]
+let readers =
+    testList "Data.Readers" [
+        test "missing frame, missing mask: clear errors naming the file; the check reports both at once" {
+            let root = tempDir "broken"
+            Synth.generate (tiny SynthKind.S4 2) root |> ignore
+            let rv = Avsbench.records DatasetKind.S4 root "val"
+            let rt = Avsbench.records DatasetKind.S4 root "test"
+            File.Delete rv[0].Frames[2]
+            File.Delete rt[0].Masks[3]
+            throwsMentioning<FileNotFoundException> (Path.GetFileName rv[0].Frames[2]) (fun () -> Avsbench.records DatasetKind.S4 root "val" |> ignore)
+            throwsMentioning<FileNotFoundException> (Path.GetFileName rt[0].Masks[3]) (fun () -> Avsbench.records DatasetKind.S4 root "test" |> ignore)
+            let check = DataCheck.run root 2
+            Expect.equal check.Problems.Length 2 $"""both problems: {String.Join("; ", check.Problems)}"""
+        }
+        test "CSV without a column and unknown split name the CSV" {
+            let root = tempDir "csv"
+            let rep = Synth.generate (tiny SynthKind.S4 3) root
+            let csv = Path.Combine(rep.Root, "s4_meta_data.csv")
+            let lines = File.ReadAllLines csv
+            File.WriteAllLines(csv, lines |> Array.map (fun l -> let c = l.Split(',') in String.Join(",", [| c[0]; c[1]; c[3] |])))
+            throwsMentioning<InvalidDataException> "'category'" (fun () -> Avsbench.records DatasetKind.S4 root "train" |> ignore)
+            throwsMentioning<InvalidDataException> "s4_meta_data.csv" (fun () -> Avsbench.records DatasetKind.S4 root "train" |> ignore)
+            File.WriteAllLines(csv, lines |> Array.mapi (fun i l -> if i = 1 then l.Replace(",train", ",training") else l))
+            throwsMentioning<InvalidDataException> "unknown split 'training'" (fun () -> Avsbench.records DatasetKind.S4 root "val" |> ignore)
+            let check = DataCheck.run root 2
+            Expect.exists check.Problems (fun p -> p.Contains "training" && p.Contains "s4_meta_data.csv") "the check reports it"
+            throwsMentioning<ArgumentException> "unknown split 'dev'" (fun () -> Avsbench.records DatasetKind.S4 root "dev" |> ignore)
+        }
+        test "a unicode video id is read like any other" {
+            let root = tempDir "unicode"
+            let rep = Synth.generate (tiny SynthKind.Ms3 4) root
+            let v = rep.Videos |> Array.find (fun v -> v.Split = "val")
+            let uid = "vidéo_日本_ß"
+            for f in Directory.GetFiles(rep.Root, $"*{v.Id}*", SearchOption.AllDirectories) |> Array.sortByDescending (fun f -> f.Length) do
+                File.Move(f, Path.Combine(Path.GetDirectoryName f, Path.GetFileName(f).Replace(v.Id, uid)))
+            for d in Directory.GetDirectories(rep.Root, v.Id, SearchOption.AllDirectories) do
+                Directory.Move(d, Path.Combine(Path.GetDirectoryName d, uid))
+            let csv = Path.Combine(rep.Root, "ms3_meta_data.csv")
+            File.WriteAllText(csv, File.ReadAllText(csv).Replace(v.Id, uid))
+            let r = Avsbench.records DatasetKind.Ms3 root "val" |> Array.exactlyOne
+            Expect.equal r.Id uid "unicode id"
+            Expect.equal (Avsbench.loadVideo LoadOptions.Default r).Frames.Length 5 "frames load"
+            let check = DataCheck.run root 2
+            Expect.isTrue check.Ok $"""the check passes: {String.Join("; ", check.Problems)}"""
+        }
+        test "a truncated PNG is an error, not a partly decoded image; bad mask values are reported" {
+            let root = tempDir "trunc"
+            Synth.generate (tiny SynthKind.S4 5) root |> ignore
+            let r = Avsbench.records DatasetKind.S4 root "test" |> Array.exactlyOne
+            let bytes = File.ReadAllBytes r.Frames[1]
+            File.WriteAllBytes(r.Frames[1], bytes[.. bytes.Length * 2 / 3])
+            throwsMentioning<InvalidDataException> (Path.GetFileName r.Frames[1]) (fun () -> ImageIO.readRgb r.Frames[1] |> ignore)
+            let m = ImageIO.readLabels r.Masks[0]
+            ImageIO.write r.Masks[0] { m with Pixels = m.Pixels |> Array.map (fun v -> if v = 255uy then 128uy else v) }
+            let check = DataCheck.run root 2
+            Expect.exists check.Problems (fun p -> p.Contains(Path.GetFileName r.Frames[1]) && p.Contains "truncated") "truncated frame reported"
+            Expect.exists check.Problems (fun p -> p.Contains(Path.GetFileName r.Masks[0]) && p.Contains "128") "mask value reported"
+        }
+        test "AVSS raw originals (no processed_* folders) are resized on the fly to the 224-style eval size" {
+            let root = tempDir "raw"
+            let rep = Synth.generate (tiny SynthKind.Avss 6) root
+            for d in Directory.GetDirectories(rep.Root, "processed_*", SearchOption.AllDirectories) do Directory.Delete(d, true)
+            let r = Avsbench.records DatasetKind.Avss root "test" |> Array.exactlyOne
+            Expect.isTrue r.Raw "raw originals"
+            let v = Avsbench.loadVideo { LoadOptions.Default with FrameSize = Some 64; EvalGtSize = 56 } r
+            Expect.equal (v.Frames[0].Width, v.Masks[0].Width) (64, 56) "frames to FrameSize, eval GT to EvalGtSize"
+            let planned = rep.Videos |> Array.find (fun p -> p.Id = r.Id)
+            let direct = Synth.classMask planned 0 56
+            let agree = Array.fold2 (fun s (a: byte) b -> if a = b then s + 1 else s) 0 v.Masks[0].Pixels direct
+            Expect.isGreaterThan (float agree / float direct.Length) 0.97 "nearest-resized labels match the analytic ones"
+        }
+        test "vct data check exits non-zero and lists the problems; vct synth writes a dataset that passes" {
+            let root = tempDir "cli"
+            let code, out, err = CliTests.runVct [ "synth"; "--kind"; "s4"; "--out"; root; "--train"; "2"; "--val"; "1"; "--test"; "1"; "--size"; "40" ]
+            Expect.equal code 0 $"synth exit code; stderr: {err}"
+            Expect.stringContains out "shuffled audio" "prints the baselines"
+            let code, out, _ = CliTests.runVct [ "data"; "check"; root ]
+            Expect.equal code 0 $"check passes: {out}"
+            let r = Avsbench.records DatasetKind.S4 root "train"
+            File.Delete r[0].Frames[0]
+            let code, out, _ = CliTests.runVct [ "data"; "check"; root ]
+            Expect.notEqual code 0 "non-zero exit"
+            Expect.stringContains out (Path.GetFileName r[0].Frames[0]) "names the missing frame"
+        }
+    ]
