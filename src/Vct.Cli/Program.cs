@@ -6,9 +6,9 @@ root.Subcommands.Add(InfoCommand.Create());
 root.Subcommands.Add(ModelCommands.Convert());
 root.Subcommands.Add(ModelCommands.Forward());
 root.Subcommands.Add(AudioCommand.Create());
+root.Subcommands.Add(ScoreCommand.Create());
 root.Subcommands.Add(SynthCommand.Create());
 root.Subcommands.Add(DataCommand.Create());
-root.Subcommands.Add(ScoreCommand.Create());
 try
 {
     return root.Parse(args).Invoke(new InvocationConfiguration { EnableDefaultExceptionHandler = false });
