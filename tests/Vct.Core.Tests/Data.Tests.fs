@@ -182,3 +182,78 @@ let readers =
             Expect.stringContains out (Path.GetFileName r[0].Frames[0]) "names the missing frame"
         }
     ]
+
+let private greyVideo (frames: int) (w: int) (h: int) =
+    // frames carry their mask (object = 200, background = 0) so geometry can be checked after augmentation
+    let rng = Random 11
+    let masks =
+        Array.init frames (fun _ ->
+            let cx, cy, r = rng.Next(w), rng.Next(h), 5 + rng.Next(w / 3)
+            { Width = w; Height = h; Channels = 1
+              Pixels = Array.init (w * h) (fun i -> let x, y = i % w, i / w in if (x - cx) * (x - cx) + (y - cy) * (y - cy) <= r * r then 1uy else 0uy) })
+    let fr = masks |> Array.map (fun m -> { Width = w; Height = h; Channels = 3; Pixels = Array.init (w * h * 3) (fun i -> m.Pixels[i / 3] * 200uy) })
+    let record =
+        { Id = "v"; Split = "train"; Kind = DatasetKind.Ms3; Category = ""; CategoryLabel = 0; Frames = [||]; Masks = [||]; MaskFrames = [||]
+          PreMasks = [||]; Audio = AudioSource.Wav ""; VidTemporalFlag = [||]; GtTemporalFlag = [||]; Raw = false }
+    { Record = record; Frames = fr; Masks = masks; PreMasks = fr }
+
+[<Tests>]
+let augment =
+    testList "Data.Augment" [
+        test "deterministic for a seed; another seed draws other parameters" {
+            let v = greyVideo 3 60 60
+            let o = { AugmentOptions.Default with CropSize = 48 }
+            let a = Augment.video o (Random 4) v
+            let b = Augment.video o (Random 4) v
+            Expect.equal a b "same seed, same output"
+            let others = [ for s in 5 .. 12 -> Augment.video o (Random s) v ]
+            Expect.exists others (fun c -> c.ShortSide <> a.ShortSide || c.CropX <> a.CropX || c.Flip <> a.Flip) "parameters vary with the seed"
+        }
+        test "geometry is shared by frames, masks and Maskiges; padding is 128 / 255; size is the crop" {
+            let v = greyVideo 5 60 60
+            let o = { AugmentOptions.Default with CropSize = 48; ColorJitter = false }
+            for s in 0 .. 9 do
+                let a = Augment.video o (Random s) v
+                Expect.isTrue (Array.forall (fun (f: Image) -> f.Width = 48 && f.Height = 48) (Array.concat [ a.Frames; a.Masks; a.PreMasks ])) "crop size"
+                for t in 0 .. 4 do
+                    let f, m = a.Frames[t], a.Masks[t]
+                    let agree (i: int) =
+                        let g = f.Pixels[3 * i]
+                        match m.Pixels[i] with
+                        | 255uy -> g = 128uy
+                        | 1uy -> g > 150uy
+                        | _ -> g < 50uy
+                    let ok = Array.init m.Pixels.Length agree |> Array.filter id |> Array.length
+                    Expect.isGreaterThan (float ok / float m.Pixels.Length) 0.95 $"seed {s} frame {t}: frame and mask aligned"
+                    Expect.equal a.PreMasks[t].Pixels a.Frames[t].Pixels "Maskige follows the frame (no jitter here)"
+                Expect.contains (Augment.shortSides 48) a.ShortSide "short side from the official choices"
+        }
+        test "the colour jitter is redrawn for every image" {
+            let img = { Width = 16; Height = 16; Channels = 3; Pixels = Array.init (16 * 16 * 3) (fun i -> byte (40 + i % 170)) }
+            let v = { greyVideo 5 16 16 with Frames = Array.create 5 img; PreMasks = [||] }
+            let a = Augment.video { AugmentOptions.Default with CropSize = 16 } (Random 1) v
+            let distinct = a.Frames |> Array.map (fun f -> f.Pixels) |> Array.distinct
+            Expect.isGreaterThan distinct.Length 2 "identical frames come out differently jittered"
+        }
+        test "the batch loader is deterministic whatever the worker count, bounded, and reshuffles per epoch" {
+            let recs = Array.init 11 (fun i -> { (greyVideo 1 4 4).Record with Id = string i })
+            let mutable inFlight = 0
+            let mutable peak = 0
+            let mk workers =
+                BatchLoader(recs, { LoaderOptions.Default with BatchSize = 3; Workers = workers; Prefetch = 2; Seed = 9 }, fun r rng ->
+                    let n = Threading.Interlocked.Increment &inFlight
+                    if n > peak then peak <- n
+                    r.Id, rng.Next())
+            let consume (l: BatchLoader<string * int>) e =
+                [ for b in l.Epoch e do
+                      Threading.Thread.Sleep 20
+                      Threading.Interlocked.Add(&inFlight, -b.Length) |> ignore
+                      yield b ]
+            let l1, l2 = mk 1, mk 2
+            let a = consume l1 0
+            Expect.equal a.Length 3 "11 videos, batch 3, drop last"
+            Expect.equal a (consume l2 0) "same batches with 2 workers"
+            Expect.notEqual (consume l1 1) a "another epoch, another order"
+            Expect.isLessThanOrEqual peak ((2 + 2) * 3) "at most prefetch + in-progress batches are held"
+        }
+    ]
