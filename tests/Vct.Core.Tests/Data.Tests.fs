@@ -257,3 +257,33 @@ let augment =
             Expect.isLessThanOrEqual peak ((2 + 2) * 3) "at most prefetch + in-progress batches are held"
         }
     ]
+
+[<Tests>]
+let labels =
+    testList "Data.Labels" [
+        test "palette and grey label PNGs read as PIL's np.array(Image.open(...)) does" {
+            let dir = Path.Combine(CliTests.repoRoot.Value, "tests", "golden", "avsbench")
+            let expected = [| 0uy; 1uy; 2uy; 3uy; 4uy; 70uy; 255uy; 0uy; 12uy; 12uy; 1uy; 0uy |]
+            for f in [ "palette_labels.png"; "grey_labels.png" ] do
+                let m = ImageIO.readLabels (Path.Combine(dir, f))
+                Expect.equal (m.Width, m.Height) (4, 3) $"{f} size"
+                Expect.equal m.Pixels expected $"{f} indices"
+        }
+        test "the AVSS colour map is PASCAL-VOC's bit-interleaved palette" {
+            Expect.equal (Avsbench.avssColour 0) (0uy, 0uy, 0uy) "0"
+            Expect.equal (Avsbench.avssColour 1) (128uy, 0uy, 0uy) "1"
+            Expect.equal (Avsbench.avssColour 2) (0uy, 128uy, 0uy) "2"
+            Expect.equal (Avsbench.avssColour 3) (128uy, 128uy, 0uy) "3"
+            Expect.equal (Avsbench.avssColour 4) (0uy, 0uy, 128uy) "4"
+            Expect.equal (Avsbench.avssColour 8) (64uy, 0uy, 0uy) "8"
+        }
+        test "batches become [N,3,H,W] float32 and [N,H,W] int64 tensors" {
+            let img = { Width = 3; Height = 2; Channels = 3; Pixels = Array.init 18 byte }
+            use t = Batch.frames [| img; img |]
+            Expect.equal t.shape [| 2L; 3L; 2L; 3L |] "frames shape"
+            Expect.equal (t[0, 1, 0, 2].item<float32>()) 7.0f "channel-first: pixel (x=2, y=0) green = byte 7"
+            use l = Batch.labels [| { Width = 3; Height = 2; Channels = 1; Pixels = Array.init 6 byte } |]
+            Expect.equal l.shape [| 1L; 2L; 3L |] "labels shape"
+            Expect.equal l.dtype TorchSharp.torch.int64 "int64"
+        }
+    ]
