@@ -168,6 +168,25 @@ let readers =
             let agree = Array.fold2 (fun s (a: byte) b -> if a = b then s + 1 else s) 0 v.Masks[0].Pixels direct
             Expect.isGreaterThan (float agree / float direct.Length) 0.97 "nearest-resized labels match the analytic ones"
         }
+        test "S4 raw AVSBench-object tree (s4_data/visual_frames, gt_masks) is read and resized on the fly" {
+            let root = tempDir "s4raw"
+            let rep = Synth.generate (tiny SynthKind.S4 8) root
+            let d = rep.Root
+            Directory.Move(Path.Combine(d, "s4_data_384", "visual_frames_384"), Path.Combine(d, "s4_data", "visual_frames"))
+            Directory.CreateDirectory(Path.Combine(d, "s4_data", "gt_masks")) |> ignore
+            Directory.Move(Path.Combine(d, "s4_data_384", "gt_masks_384", "train"), Path.Combine(d, "s4_data", "gt_masks", "train"))
+            for s in [ "val"; "test" ] do
+                Directory.Move(Path.Combine(d, "s4_data_384", "gt_masks_224", s), Path.Combine(d, "s4_data", "gt_masks", s))
+            for split in [ "train"; "test" ] do
+                let r = Avsbench.records DatasetKind.S4 root split |> Array.head
+                Expect.isTrue r.Raw "raw tree chosen when the 384 tree is absent"
+                Expect.stringContains r.Frames[0] "visual_frames" "raw frames"
+                let v = Avsbench.loadVideo { LoadOptions.Default with FrameSize = Some 64; EvalGtSize = 48 } r
+                Expect.equal v.Frames[0].Width 64 "frames resized to FrameSize"
+                Expect.equal v.Masks[0].Width (if split = "train" then 64 else 48) "masks resized (train: FrameSize, eval: EvalGtSize)"
+                Expect.isTrue (v.Masks[0].Pixels |> Array.forall (fun p -> p <= 1uy)) "0/1"
+            Expect.isTrue (DataCheck.run root 2).Ok "the check accepts the raw tree"
+        }
         test "vct data check exits non-zero and lists the problems; vct synth writes a dataset that passes" {
             let root = tempDir "cli"
             let code, out, err = CliTests.runVct [ "synth"; "--kind"; "s4"; "--out"; root; "--train"; "2"; "--val"; "1"; "--test"; "1"; "--size"; "40" ]
