@@ -1,0 +1,183 @@
+module Vct.Core.Tests.TrainingLossesTests
+
+open System
+open Expecto
+open TorchSharp
+open Vct.Core
+open Vct.Core.Decoder
+open Vct.Core.Training
+open Vct.Core.Tests.Golden
+
+let private golden name = new Golden.File("training", name)
+
+/// |actual - expected| <= 1e-5 * max(1, |expected|) for scalars.
+let private expectScalar (what: string) (expected: float) (actual: float) =
+    let tol = 1e-5 * max 1.0 (abs expected)
+    if not (abs (actual - expected) <= tol) then
+        failtest $"{what}: expected {expected:R}, got {actual:R} (|diff| {abs (actual - expected):g3} > {tol:g3})"
+
+let private longs (t: Tensor) = t.data<int64>().ToArray()
+
+/// The golden's random draws in call order.
+let private draws (g: Golden.File) =
+    [ for i in 0 .. int (g["rand_count"].item<int64>()) - 1 -> g[$"rand{i}"] ]
+
+/// A DecoderOutput over the golden predictions (leaves with gradients).
+let private decoderOutput (g: Golden.File) =
+    let leaf (t: Tensor) = t.detach().clone().requires_grad_(true)
+    let preds = [ for i in 0 .. 9 -> { Logits = leaf g[$"in.logits{i}"]; Masks = leaf g[$"in.masks{i}"] } ]
+    { Predictions = preds
+      AudioFeat = (if g.Has "in.audio_feat" then Some(leaf g["in.audio_feat"]) else None)
+      ProtoFeat = (if g.Has "in.proto_feat" then Some(leaf g["in.proto_feat"]) else None)
+      Assignment = torch.zeros(1L)
+      AttentionMasks = [] }
+
+let private targetsOf (g: Golden.File) (count: int) =
+    [| for i in 0 .. count - 1 -> FrameTarget.ofLabelMap 255L g[$"in.map{i}"] |]
+
+/// Runs our criterion on a golden case and compares every term, the matchings and the gradients.
+let private checkCriterion (file: string) (subset: Subset) =
+    use _ = torch.NewDisposeScope()
+    use g = golden file
+    let frames = longs g["in.sup_frames"]
+    let bt = g["in.num_frames"].item<int64>()
+    let targets = targetsOf g frames.Length
+    let supervision =
+        match subset with
+        | Subset.S4 -> Supervision.s4 bt 5L (longs g["in.categories"] |> Array.map int)
+        | Subset.MS3 -> Supervision.ms3 bt
+        | Subset.AVSS -> Supervision.avss (longs g["in.flags"] |> Array.map int)
+    Expect.sequenceEqual supervision.Frames frames "supervised frames"
+    let out = decoderOutput g
+    use crit = new Criterion((CriterionConfig.Released subset).WithNumPoints 196L)
+    if g.Has "in.logit_scale" then
+        expectScalar "logit_scale init" (g["in.logit_scale"].item<float32>() |> float) (crit.LogitScale.item<float32>() |> float)
+    let r = crit.Compute(out, targets, supervision, UniformSource.ofQueue (draws g))
+    // Matchings: main then aux 0..8, frame by frame.
+    let ours = r.Matches |> List.collect List.ofArray
+    Expect.equal ours.Length (int (g["match_count"].item<int64>())) "matching count"
+    ours |> List.iteri (fun i (q, t) ->
+        Expect.sequenceEqual q (longs g[$"match{i}.query"]) $"matching {i}: queries"
+        Expect.sequenceEqual t (longs g[$"match{i}.target"]) $"matching {i}: targets")
+    // Every term, unweighted and weighted, and the total.
+    let expectedNames =
+        [ for suffix in "" :: [ for i in 0 .. 8 -> $"_{i}" ] do
+            for b in [ "loss_ce"; "loss_mask"; "loss_dice" ] -> b + suffix
+          if subset <> Subset.MS3 then yield "loss_proto" ]
+        |> List.sort
+    Expect.equal (int (g["term_count"].item<int64>())) expectedNames.Length "official term count"
+    Expect.sequenceEqual (r.Raw |> Map.keys |> List.ofSeq |> List.sort) expectedNames "term names"
+    for name in expectedNames do
+        expectScalar $"raw {name}" (g[$"raw.{name}"].item<float32>() |> float) (r.Raw[name].item<float32>() |> float)
+        expectScalar $"weighted {name}" (g[$"weighted.{name}"].item<float32>() |> float) (r.Terms[name].item<float32>() |> float)
+    expectScalar "total" (g["total"].item<float32>() |> float) (r.Total.item<float32>() |> float)
+    // Gradients of the weighted sum.
+    r.Total.backward()
+    expectClose "grad logits (main)" g["grad.logits_main"] out.Last.Logits.grad
+    expectClose "grad masks (main)" g["grad.masks_main"] out.Last.Masks.grad
+    expectClose "grad logits (aux 0)" g["grad.logits0"] out.Predictions.Head.Logits.grad
+    expectClose "grad masks (aux 0)" g["grad.masks0"] out.Predictions.Head.Masks.grad
+    if g.Has "grad.logit_scale" then
+        expectClose "grad logit_scale" g["grad.logit_scale"] (crit.LogitScale.grad.reshape(1L))
+        expectClose "grad audio_feat" g["grad.audio_feat"] out.AudioFeat.Value.grad
+        expectClose "grad proto_feat" g["grad.proto_feat"] out.ProtoFeat.Value.grad
+    r
+
+[<Tests>]
+let tests =
+    testList "Training.Losses" [
+        test "FrameTarget.ofLabelMap: sorted labels without 255, one mask per label, background a target" {
+            use _ = torch.NewDisposeScope()
+            let map = torch.tensor([| 0L; 0L; 7L; 255L; 3L; 7L |]).view(2L, 3L)
+            use t = FrameTarget.ofLabelMap 255L map
+            Expect.sequenceEqual (longs t.Labels) [| 0L; 3L; 7L |] "labels"
+            Expect.sequenceEqual t.Masks.shape [| 3L; 2L; 3L |] "masks shape"
+            Expect.sequenceEqual (t.Masks.flatten().data<float32>().ToArray())
+                [| 1.0f; 1.0f; 0.0f; 0.0f; 0.0f; 0.0f
+                   0.0f; 0.0f; 0.0f; 0.0f; 1.0f; 0.0f
+                   0.0f; 0.0f; 1.0f; 0.0f; 0.0f; 1.0f |] "masks"
+            use empty = FrameTarget.ofLabelMap 255L (torch.full([| 2L; 2L |], (255L).ToScalar(), dtype = torch.int64))
+            Expect.equal empty.Labels.shape[0] 0L "all ignored: no target"
+            Expect.sequenceEqual empty.Masks.shape [| 0L; 2L; 2L |] "all ignored: empty masks"
+        }
+
+        test "Supervision: S4 first frames, MS3 all frames, AVSS flagged frames" {
+            Expect.sequenceEqual (Supervision.s4 15L 5L [| 1; 2; 3 |]).Frames [| 0L; 5L; 10L |] "S4"
+            Expect.sequenceEqual (Supervision.ms3 5L).Frames [| 0L .. 4L |] "MS3"
+            Expect.sequenceEqual (Supervision.avss [| 1; 0; 1; 1; 0 |]).Frames [| 0L; 2L; 3L |] "AVSS"
+            Expect.throwsT<ArgumentException> (fun () -> Supervision.s4 10L 5L [| 1 |] |> ignore) "one category per video"
+        }
+
+        test "Points.uncertain keeps the most uncertain candidates and appends the fill draw" {
+            use _ = torch.NewDisposeScope()
+            // logits = x - 0.5 along the width: uncertainty -|logit| is highest near x = 0.5.
+            let logits = torch.linspace(-0.5, 0.5, 8L).view(1L, 1L, 1L, 8L).expand(1L, 1L, 4L, 8L).contiguous()
+            let cand = torch.tensor([| 0.05f; 0.5f; 0.5f; 0.5f; 0.95f; 0.5f; 0.45f; 0.5f; 0.2f; 0.5f; 0.7f; 0.5f |]).view(1L, 6L, 2L)
+            let fill = torch.tensor([| 0.1f; 0.2f |]).view(1L, 1L, 2L)
+            let coords = Points.uncertain (UniformSource.ofQueue [ cand; fill ]) 3L 2.0 (2.0 / 3.0) logits
+            Expect.sequenceEqual coords.shape [| 1L; 3L; 2L |] "shape"
+            let xs = coords.select(2L, 0L).select(0L, 0L).contiguous().data<float32>().ToArray()
+            Expect.sequenceEqual (Array.sort xs.[0..1]) [| 0.45f; 0.5f |] "two most uncertain"
+            Expect.equal xs[2] 0.1f "fill point last"
+        }
+
+        test "official HungarianMatcher: cost matrices within 1e-5 and the same assignment (12544 points)" {
+            use _ = torch.NewDisposeScope()
+            use g = golden "matcher.pt"
+            let targets = targetsOf g 3
+            for i in 0 .. 2 do
+                Expect.sequenceEqual (longs targets[i].Labels) (longs g[$"in.labels{i}"]) $"frame {i} labels"
+            let uniform = UniformSource.ofQueue [ for i in 0 .. 2 -> g[$"rand{i}"] ]
+            let logits, masks = g["in.logits"], g["in.masks"]
+            let cfg = MatcherConfig.Released
+            for f in 0 .. 2 do
+                let coords = g[$"rand{f}"].squeeze(0L)
+                expectClose $"frame {f} cost" g[$"out.cost{f}"] (Matcher.costMatrix cfg logits[int64 f] masks[int64 f] targets[f] coords)
+            let m = Matcher.matchFrames cfg uniform logits masks targets
+            for f in 0 .. 2 do
+                Expect.sequenceEqual (fst m[f]) (longs g[$"out.query{f}"]) $"frame {f} queries"
+                Expect.sequenceEqual (snd m[f]) (longs g[$"out.target{f}"]) $"frame {f} targets"
+        }
+
+        test "official SetCriterion_S4_PAC: 31 terms, total, matchings and gradients (frame 0 of each video)" {
+            let r = checkCriterion "criterion_s4.pt" Subset.S4
+            Expect.equal r.Terms.Count 31 "10 x 3 + loss_proto"
+        }
+
+        test "official SetCriterion (MS3): 30 terms, no PAC, total, matchings and gradients" {
+            let r = checkCriterion "criterion_ms3.pt" Subset.MS3
+            Expect.equal r.Terms.Count 30 "10 x 3"
+        }
+
+        test "official SetCriterion_SS_PAC (AVSS): 31 terms over the flagged frames, multi-hot PAC, gradients" {
+            let r = checkCriterion "criterion_avss.pt" Subset.AVSS
+            Expect.equal r.Terms.Count 31 "10 x 3 + loss_proto"
+        }
+
+        test "Criterion with a generator on a Tiny-sized output: finite loss, gradients reach every prediction and logit_scale" {
+            use _ = torch.NewDisposeScope()
+            let gen = new torch.Generator(5UL)
+            let leaf (shape: int64[]) = torch.randn(shape, generator = gen).requires_grad_(true)
+            let preds = [ for _ in 0 .. 9 -> { Logits = leaf [| 10L; 20L; 3L |]; Masks = leaf [| 10L; 20L; 16L; 16L |] } ]
+            let norm (t: Tensor) = (t / t.norm(-1, keepdim = true)).detach().requires_grad_(true)
+            let out =
+                { Predictions = preds; AudioFeat = Some(norm (torch.randn([| 10L; 64L |], generator = gen)))
+                  ProtoFeat = Some(norm (torch.randn([| 10L; 23L; 64L |], generator = gen))); Assignment = torch.zeros(1L); AttentionMasks = [] }
+            // Video 0: rows 0..9 are object; video 1: rows 0..19.
+            let maps = [| for rows in [ 10L; 20L ] -> torch.arange((64L).ToScalar()).view(64L, 1L).lt(rows.ToScalar()).expand(64L, 64L).to_type(torch.int64) |]
+            let targets = maps |> Array.map (FrameTarget.ofLabelMap 255L)
+            use crit = new Criterion((CriterionConfig.Released Subset.S4).WithNumPoints 64L)
+            let r = crit.Compute(out, targets, Supervision.s4 10L 5L [| 3; 17 |], gen)
+            Expect.isTrue (Double.IsFinite(r.Total.item<float32>() |> float)) "finite total"
+            r.Total.backward()
+            for p in preds do
+                Expect.isTrue (p.Logits.grad.abs().sum().item<float32>() > 0.0f) "class gradient"
+                Expect.isTrue (p.Masks.grad.abs().sum().item<float32>() > 0.0f) "mask gradient"
+                // Frames 1-4 and 6-9 are not supervised in S4.
+                Expect.equal (p.Masks.grad[1L].abs().sum().item<float32>()) 0.0f "frame 1 unsupervised"
+            Expect.isTrue (crit.LogitScale.grad.abs().item<float32>() > 0.0f) "logit_scale gradient"
+            Expect.sequenceEqual (crit.parameters() |> Seq.map (fun p -> p.shape.Length) |> List.ofSeq) [ 0 ] "one scalar parameter"
+            Expect.contains (crit.state_dict().Keys |> List.ofSeq) "logit_scale" "official name logit_scale"
+            Expect.contains (crit.state_dict().Keys |> List.ofSeq) "empty_weight" "official name empty_weight"
+        }
+    ]
