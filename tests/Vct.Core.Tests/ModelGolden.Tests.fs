@@ -1,0 +1,178 @@
+/// Full-model goldens: checkpoints in the official `model_best.pth` format written by the official VCT model
+/// (tests/fixtures/make_model_fixtures.py, see tests/golden/model/PROVENANCE.md), loaded through the checkpoint
+/// reader, and our forward compared with the official one stage by stage.
+module Vct.Core.Tests.ModelGoldenTests
+
+open System
+open System.Diagnostics
+open System.IO
+open Expecto
+open TorchSharp
+open Vct.Core
+open Vct.Core.Checkpoint
+open Vct.Core.QueryGen
+
+/// The official config overrides of the committed small fixtures (make_model_fixtures.py SMALL_CFG and the
+/// rebuilt literal-width modules) as a VctConfig.
+let smallConfig (subset: Subset) : VctConfig =
+    let r = VctConfig.Released subset
+    let width = 64L
+    let queries = 8L
+    let classes, protos =
+        match subset with
+        | Subset.S4 -> 2L, Some 23L
+        | Subset.MS3 -> 2L, None
+        | Subset.AVSS -> 6L, Some 6L
+    { r with
+        Swin = { r.Swin with EmbedDim = 16L; Depths = [| 2; 2; 2; 2 |]; NumHeads = [| 1L; 2L; 4L; 8L |] }
+        PixelDecoder = { r.PixelDecoder with InChannels = [| 16L; 32L; 64L; 128L |]; ConvDim = width; MaskDim = width; EncLayers = 2 }
+        Decoder =
+            { r.Decoder with
+                HiddenDim = width; NumQueries = queries; DimFeedforward = 96L; NumClasses = classes
+                Query = { VcqConfig.For(96L, 96L, protos) with Channels = width; NumQueries = queries } }
+        AudioMlpHidden = 128L }
+
+/// The file keys the model does not have (reference §11.5); everything else must match exactly.
+let documentedLeftover (k: string) = k.StartsWith "criterion." || k.StartsWith "audio_backbone.embeddings."
+
+let loadOptions = { LoadOptions.Default with Remap = (fun k -> if documentedLeftover k then None else Some k); Strict = false }
+
+/// err <= rtol*|e| + 1e-5*max|e| elementwise; returns (ok, max abs error, max rel error, max |expected|).
+let closeness (rtol: float) (expected: torch.Tensor) (actual: torch.Tensor) =
+    use _ = torch.NewDisposeScope()
+    let e = expected.to_type(torch.float64)
+    let a = actual.detach().to_type(torch.float64)
+    let scale = e.abs().max().item<float>()
+    let atol = 1e-5 * max scale 1e-6
+    let err = (a - e).abs()
+    err.le(e.abs() * rtol + atol).all().item<bool>(), err.max().item<float>(), (err / (e.abs() + atol)).max().item<float>(), scale
+
+/// Compares every stage, in forward order, and fails once with the whole table (the first failing row is where
+/// the forward first departs from the official one).
+let compareAll (g: Golden.File) (rows: (string * float * torch.Tensor) list) =
+    let lines = ResizeArray<string>()
+    let mutable failed = []
+    for (name, rtol, ours) in rows do
+        // Thinned goldens hold x[:, ::c, ::s, ::s]; slice ours the same way.
+        let ours =
+            if g.Has("thin." + name) then
+                let st = g["thin." + name]
+                let c, s = st[0].item<int64>(), st[1].item<int64>()
+                ours.slice(1L, 0L, ours.shape[1], c).slice(2L, 0L, ours.shape[2], s).slice(3L, 0L, ours.shape[3], s)
+            else ours
+        let expected = g[name]
+        if ours.shape <> expected.shape then
+            failed <- name :: failed
+            lines.Add(sprintf "  %-28s SHAPE ours %A golden %A" name ours.shape expected.shape)
+        else
+            let ok, maxAbs, maxRel, scale = closeness rtol expected ours
+            if not ok then failed <- name :: failed
+            lines.Add(sprintf "  %-28s %s rtol %g: max abs %.3g, max rel %.3g (max |expected| %.3g)" name (if ok then "ok  " else "FAIL") rtol maxAbs maxRel scale)
+    let table = String.Join("\n", lines)
+    if not failed.IsEmpty then
+        failtest $"first differing stage: {List.last failed}\n{table}"
+    table
+
+/// Loads `folder/model_best.pth` into a fresh model of `cfg`, runs `folder/golden.pt`'s inputs and compares.
+let checkFolder (cfg: VctConfig) (folder: string) =
+    use _ = torch.NewDisposeScope()
+    use _ = torch.no_grad ()
+    use m = new VctModel(cfg)
+    let report = StateDict.loadFileInto loadOptions (Path.Combine(folder, "model_best.pth")) m
+    Expect.isEmpty report.Missing "keys missing from the checkpoint"
+    Expect.isEmpty report.Unexpected "unexpected checkpoint keys"
+    Expect.isEmpty report.ShapeMismatched "shape mismatches"
+    Expect.isEmpty report.DtypeMismatched "dtype mismatches"
+    Expect.all report.Dropped documentedLeftover "only the documented leftovers are dropped"
+    Expect.exists report.Dropped (fun k -> k.StartsWith "criterion.") "criterion.* reported as dropped"
+    Expect.exists report.Dropped (fun k -> k.StartsWith "audio_backbone.embeddings.") "audio_backbone.embeddings.* reported as dropped"
+    m.eval ()
+    use g = new Golden.File(folder, "golden.pt")
+    let flags = if cfg.Subset = Subset.AVSS then Some g["in.vid_temporal_mask_flag"] else None
+    let inputs =
+        { Images = g["in.images"].to_type(torch.float32)
+          PreMasks = Some(g["in.pre_masks"].to_type(torch.float32))
+          AudioLogMel = g["in.audio_log_mel"]
+          TemporalFlags = flags }
+    use out = m.Forward(inputs, keepIntermediates = true)
+    let inter = out.Intermediates.Value
+    let frames = inter.Features[0].shape[0]
+    // AVSS: the official semantic_inference_ss multiplies frame i by vid_temporal_mask_flag[i].
+    let scores =
+        match flags with
+        | Some f -> m.SemanticScores(out, f.narrow(0L, 0L, frames))
+        | None -> m.SemanticScores out
+    let preds = out.Decoder.Predictions |> Array.ofList
+    let last = preds.Length - 1
+    let rows =
+        [ for i, k in Array.indexed [| "res2"; "res3"; "res4"; "res5" |] -> "int." + k, 1e-4, inter.Features[i]
+          yield "int.audio_backbone", 1e-4, inter.AudioBackbone
+          yield "int.audio_features", 1e-4, inter.AudioFeatures
+          for i in 0..2 -> $"int.multi_scale.{i}", 1e-4, inter.MultiScale[i]
+          yield "int.mask_features", 1e-4, inter.MaskFeatures
+          for i in 0 .. last - 1 do
+              yield $"out.aux.{i}.pred_logits", 1e-3, preds[i].Logits
+              yield $"out.aux.{i}.pred_masks", 1e-3, preds[i].Masks
+          yield "out.pred_logits", 1e-3, preds[last].Logits
+          yield "out.pred_masks", 1e-3, preds[last].Masks
+          if g.Has "out.audio_feat" then
+              yield "out.audio_feat", 1e-3, out.Decoder.AudioFeat.Value
+              yield "out.proto_feat", 1e-3, out.Decoder.ProtoFeat.Value
+          yield "out.sem_seg", 1e-3, scores ]
+    let table = compareAll g rows
+    printfn "ModelGolden %A (%s):\n%s" cfg.Subset folder table
+
+let subsets = [ Subset.S4; Subset.MS3; Subset.AVSS ]
+let name (s: Subset) = (sprintf "%A" s).ToLowerInvariant()
+
+// ---- released size: regenerated with the official code on request ------------------------------------------
+
+let fullGoldenVar = "VCT_FULL_GOLDEN"
+
+let private officialSourceAvailable () =
+    let src = Environment.GetEnvironmentVariable "VCT_SRC"
+    let mirror = Environment.GetEnvironmentVariable "VCT_MIRROR"
+    (not (String.IsNullOrEmpty src) && File.Exists(Path.Combine(src, "models", "vct_model.py")))
+    || (not (String.IsNullOrEmpty mirror) && Directory.Exists mirror)
+    || File.Exists(Path.Combine(Path.GetTempPath(), "vct_src", "models", "vct_model.py"))
+    || Directory.Exists "/work/.mirror/spyflying+VCT_AVS/repo"
+
+let private pythonHasTorch () =
+    File.Exists "/usr/bin/python3"
+    && (try
+            use p = Process.Start(ProcessStartInfo("/usr/bin/python3", "-c \"import torch, yaml\"", RedirectStandardError = true, UseShellExecute = false))
+            p.WaitForExit(120000) && p.ExitCode = 0
+        with _ -> false)
+
+/// Runs the fixture script for the released size into `dir` (unless `dir/<subset>/golden.pt` exists already).
+let private regenerate (dir: string) (subset: Subset) =
+    if not (File.Exists(Path.Combine(dir, name subset, "golden.pt"))) then
+        let script = Path.GetFullPath(Path.Combine(Golden.root.Value, "..", "fixtures", "make_model_fixtures.py"))
+        let psi = ProcessStartInfo("/usr/bin/python3", $"\"{script}\" --size released --subsets {name subset} --out \"{dir}\"", UseShellExecute = false)
+        if String.IsNullOrEmpty(Environment.GetEnvironmentVariable "VCT_MIRROR") && Directory.Exists "/work/.mirror/spyflying+VCT_AVS/repo" then
+            psi.Environment["VCT_MIRROR"] <- "/work/.mirror/spyflying+VCT_AVS/repo"
+        use p = Process.Start psi
+        p.WaitForExit()
+        if p.ExitCode <> 0 then failtest $"make_model_fixtures.py --size released failed with exit code {p.ExitCode}"
+
+[<Tests>]
+let tests =
+    testList "ModelGolden" [
+        for s in subsets do
+            test $"small official model ({name s}): checkpoint loads exactly, forward matches (outputs 1e-3, intermediates 1e-4)" {
+                checkFolder (smallConfig s) (Path.Combine(Golden.root.Value, "model", name s))
+            }
+        for s in subsets do
+            test $"released-size official model ({name s}): regenerated with the official code, forward matches" {
+                if Environment.GetEnvironmentVariable fullGoldenVar <> "1" then
+                    skiptest $"released-size golden is off: set {fullGoldenVar}=1 (needs /usr/bin/python3 with torch and the official source via VCT_SRC/VCT_MIRROR; several minutes and ~2 GB of disk per subset; VCT_FULL_GOLDEN_DIR picks the folder)"
+                if not (officialSourceAvailable ()) then skiptest "official VCT source not found (set VCT_SRC or VCT_MIRROR)"
+                if not (pythonHasTorch ()) then skiptest "/usr/bin/python3 with torch and yaml is not available"
+                let dir =
+                    match Environment.GetEnvironmentVariable "VCT_FULL_GOLDEN_DIR" with
+                    | null | "" -> Path.Combine(Path.GetTempPath(), "vct_full_golden")
+                    | d -> d
+                regenerate dir s
+                checkFolder (VctConfig.Released s) (Path.Combine(dir, name s))
+            }
+    ]
