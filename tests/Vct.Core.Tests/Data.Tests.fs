@@ -39,6 +39,15 @@ let synth =
             Array.iter2 (fun (n, x: byte[]) (_, y: byte[]) -> Expect.isTrue (x.AsSpan().SequenceEqual(ReadOnlySpan y)) $"{n} identical") fa fb
             Expect.isFalse ((Array.map snd fa |> Array.concat).AsSpan().SequenceEqual(ReadOnlySpan(Array.map snd fc |> Array.concat))) "seed matters"
         }
+        test "same bytes across processes (vct synth in a child process vs the library here)" {
+            let a, b = tempDir "proc-a", tempDir "proc-b"
+            let code, _, err = CliTests.runVct [ "synth"; "--kind"; "avss"; "--out"; a; "--train"; "1"; "--val"; "1"; "--test"; "0"; "--size"; "40"; "--seed"; "12" ]
+            Expect.equal code 0 $"synth: {err}"
+            Synth.generate { SynthOptions.Default SynthKind.Avss with Seed = 12; Train = 1; Val = 1; Test = 0; Size = 40 } b |> ignore
+            let fa, fb = filesOf a, filesOf b
+            Expect.equal (Array.map fst fa) (Array.map fst fb) "same files"
+            Array.iter2 (fun (n, x: byte[]) (_, y: byte[]) -> Expect.isTrue (x.AsSpan().SequenceEqual(ReadOnlySpan y)) $"{n} identical") fa fb
+        }
         for kind in [ SynthKind.S4; SynthKind.Ms3; SynthKind.Avss ] do
             test $"{kind}: output passes the data check and loads back through the readers" {
                 let root = tempDir "synth"

@@ -31,7 +31,7 @@ type BatchLoader<'T>(records: VideoRecord[], opts: LoaderOptions, transform: Vid
     member _.Order(epoch: int) : int[] =
         let idx = Array.init records.Length id
         if opts.Shuffle then
-            let rng = Random(HashCode.Combine(opts.Seed, epoch, 0x5eed))
+            let rng = Random(DeterministicSeed.mix [ opts.Seed; epoch; 0x5eed ])
             for i in idx.Length - 1 .. -1 .. 1 do
                 let j = rng.Next(i + 1)
                 let t = idx[i]
@@ -56,7 +56,7 @@ type BatchLoader<'T>(records: VideoRecord[], opts: LoaderOptions, transform: Vid
                                 let out = Array.zeroCreate<'T> items.Length
                                 Parallel.For(0, items.Length, ParallelOptions(MaxDegreeOfParallelism = max 1 opts.Workers, CancellationToken = cts.Token), fun i ->
                                     let pos = b * opts.BatchSize + i
-                                    out[i] <- transform records[items[i]] (Random(HashCode.Combine(opts.Seed, epoch, pos)))) |> ignore
+                                    out[i] <- transform records[items[i]] (Random(DeterministicSeed.mix [ opts.Seed; epoch; pos ]))) |> ignore
                                 queue.Add(Choice1Of2 out, cts.Token)
                         with
                         | :? OperationCanceledException -> ()

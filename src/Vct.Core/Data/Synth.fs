@@ -5,6 +5,19 @@ open System.IO
 open System.Text
 open NWaves.Signals.Builders
 
+/// Seeds derived from several integers, identical in every process (System.HashCode is randomised per process).
+[<RequireQualifiedAccess>]
+module DeterministicSeed =
+    /// SplitMix64-style mix of the values into a non-negative int.
+    let mix (values: int list) : int =
+        let mutable h = 0x9E3779B97F4A7C15UL
+        for v in values do
+            h <- h ^^^ uint64 (uint32 v)
+            h <- (h ^^^ (h >>> 30)) * 0xBF58476D1CE4E5B9UL
+            h <- (h ^^^ (h >>> 27)) * 0x94D049BB133111EBUL
+            h <- h ^^^ (h >>> 31)
+        int (h &&& 0x7FFFFFFFUL)
+
 /// Which AVSBench subset the synthetic data imitates.
 [<RequireQualifiedAccess>]
 type SynthKind =
@@ -305,7 +318,7 @@ module Synth =
         | SynthKind.Avss -> csv.Append("vid,uid,s_min,s_sec,a_obj,split,label\n") |> ignore
         videos |> Array.iteri (fun vi v ->
             // Each video draws from its own generator so that videos do not depend on each other's pixel work.
-            let rng = Random(HashCode.Combine(o.Seed, vi, 7919))
+            let rng = Random(DeterministicSeed.mix [ o.Seed; vi; 7919 ])
             let bg =
                 let c () = float (rng.Next(60, 180))
                 (c (), c (), c ()), (c (), c (), c ())
