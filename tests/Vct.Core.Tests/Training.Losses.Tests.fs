@@ -16,7 +16,7 @@ let private expectScalar (what: string) (expected: float) (actual: float) =
     if not (abs (actual - expected) <= tol) then
         failtest $"{what}: expected {expected:R}, got {actual:R} (|diff| {abs (actual - expected):g3} > {tol:g3})"
 
-let private longs (t: Tensor) = t.data<int64>().ToArray()
+let private longs (t: Tensor) = if t.numel() = 0L then [||] else t.contiguous().data<int64>().ToArray()
 
 /// The golden's random draws in call order.
 let private draws (g: Golden.File) =
@@ -152,6 +152,57 @@ let tests =
         test "official SetCriterion_SS_PAC (AVSS): 31 terms over the flagged frames, multi-hot PAC, gradients" {
             let r = checkCriterion "criterion_avss.pt" Subset.AVSS
             Expect.equal r.Terms.Count 31 "10 x 3 + loss_proto"
+        }
+
+        test "a frame whose pixels are all ignored has no target: no match, every query is no-object" {
+            use _ = torch.NewDisposeScope()
+            let gen = new torch.Generator(9UL)
+            let logits = torch.randn([| 2L; 6L; 3L |], generator = gen)
+            let masks = torch.randn([| 2L; 6L; 8L; 8L |], generator = gen)
+            let full = FrameTarget.ofLabelMap 255L (torch.arange((32L * 32L).ToScalar()).view(32L, 32L).remainder((2L).ToScalar()))
+            let empty = FrameTarget.ofLabelMap 255L (torch.full([| 32L; 32L |], (255L).ToScalar(), dtype = torch.int64))
+            let targets = [| full; empty |]
+            let m = Matcher.matchFrames MatcherConfig.Released (UniformSource.ofGenerator torch.CPU gen) logits masks targets
+            Expect.equal (fst m[0]).Length 2 "frame 0: both classes matched"
+            Expect.equal (fst m[1]).Length 0 "frame 1: nothing to match"
+            let weight = torch.tensor([| 1.0f; 1.0f; 0.1f |])
+            let ce = Losses.classification weight logits m targets
+            // By hand: frame 1 contributes -log softmax[q, 2] with weight 0.1 for every query.
+            let logp = logits.log_softmax(-1L)
+            let mutable num, den = 0.0, 0.0
+            for f in 0 .. 1 do
+                let q, t = m[f]
+                let labels = longs targets[f].Labels
+                for i in 0 .. 5 do
+                    let k = Array.tryFindIndex ((=) (int64 i)) q
+                    let cls, w = match k with Some k -> labels[int t[k]], 1.0 | None -> 2L, 0.1
+                    num <- num - w * (logp[int64 f, int64 i, cls].item<float32>() |> float)
+                    den <- den + w
+            expectScalar "weighted CE" (num / den) (ce.item<float32>() |> float)
+            // Nothing matched anywhere: the mask losses are zero but still part of the graph.
+            let none = [| ([||]: int64[]), ([||]: int64[]); ([||]: int64[]), ([||]: int64[]) |]
+            let lm, ld = Losses.masks (UniformSource.ofGenerator torch.CPU gen) 16L 3.0 0.75 1.0 masks none targets
+            Expect.equal (lm.item<float32>(), ld.item<float32>()) (0.0f, 0.0f) "zero mask losses"
+        }
+
+        test "released sizes (100 queries, 96x96 masks, 384x384 targets, 12544 points, S4 batch of 2 videos) run" {
+            use _ = torch.NewDisposeScope()
+            let gen = new torch.Generator(3UL)
+            let leaf (shape: int64[]) = torch.randn(shape, generator = gen).requires_grad_(true)
+            let preds = [ for _ in 0 .. 9 -> { Logits = leaf [| 10L; 100L; 3L |]; Masks = leaf [| 10L; 100L; 96L; 96L |] } ]
+            let norm (t: Tensor) = (t / t.norm(-1, keepdim = true)).detach().requires_grad_(true)
+            let out =
+                { Predictions = preds; AudioFeat = Some(norm (torch.randn([| 10L; 256L |], generator = gen)))
+                  ProtoFeat = Some(norm (torch.randn([| 10L; 23L; 256L |], generator = gen))); Assignment = torch.zeros(1L); AttentionMasks = [] }
+            let maps = [| for r in [ 100L; 250L ] -> torch.arange((384L).ToScalar()).view(384L, 1L).lt(r.ToScalar()).expand(384L, 384L).to_type(torch.int64) |]
+            let targets = maps |> Array.map (FrameTarget.ofLabelMap 255L)
+            use crit = new Criterion(CriterionConfig.Released Subset.S4)
+            let sw = Diagnostics.Stopwatch.StartNew()
+            let r = crit.Compute(out, targets, Supervision.s4 10L 5L [| 1; 23 |], gen)
+            r.Total.backward()
+            Expect.equal r.Terms.Count 31 "31 terms"
+            Expect.isTrue (Double.IsFinite(r.Total.item<float32>() |> float)) "finite"
+            Expect.isLessThan sw.Elapsed.TotalSeconds 60.0 "criterion + backward well under a minute on a CPU"
         }
 
         test "Criterion with a generator on a Tiny-sized output: finite loss, gradients reach every prediction and logit_scale" {

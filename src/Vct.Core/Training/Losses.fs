@@ -38,6 +38,11 @@ module Supervision =
     let avss (gtFlags: int[]) =
         { Frames = [| for i in 0 .. gtFlags.Length - 1 do if gtFlags[i] = 1 then int64 i |]; Pac = PacTarget.FrameLabels }
 
+module private Tensors =
+    /// The values of an integer tensor (any shape, possibly empty) as int64[].
+    let longs (t: Tensor) =
+        if t.numel() = 0L then [||] else t.cpu().to_type(torch.int64).contiguous().data<int64>().ToArray()
+
 /// The loss functions of the official criteria (criterion.py, criterion_s4_pac.py, criterion_ss_pac.py) as
 /// plain functions over tensors.
 [<RequireQualifiedAccess>]
@@ -57,7 +62,7 @@ module Losses =
             let f, n, c1 = src.shape[0], src.shape[1], src.shape[2]
             let numClasses = c1 - 1L
             let targetClasses = Array.create (int (f * n)) numClasses
-            let labels = targets |> Array.map (fun t -> t.Labels.cpu().to_type(torch.int64).data<int64>().ToArray())
+            let labels = targets |> Array.map (fun t -> Tensors.longs t.Labels)
             for fi, q, t in pairs matches do
                 targetClasses[int (fi * n + q)] <- labels[int fi][int t]
             let target = torch.tensor(targetClasses, dtype = torch.int64, device = logits.device).view(f, n)
@@ -132,7 +137,7 @@ module Losses =
     let pacTargetsOfLabels (numPrototypes: int64) (targets: FrameTarget[]) : Tensor =
         let t = torch.zeros([| int64 targets.Length; numPrototypes |], dtype = torch.float32)
         for i in 0 .. targets.Length - 1 do
-            for l in targets[i].Labels.cpu().to_type(torch.int64).data<int64>().ToArray() do
+            for l in Tensors.longs targets[i].Labels do
                 if l < 0L || l >= numPrototypes then invalidArg (nameof targets) $"label {l} outside 0..{numPrototypes - 1L}"
                 t[int64 i, l] <- torch.tensor(1.0f)
         t

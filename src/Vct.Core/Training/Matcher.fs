@@ -145,7 +145,7 @@ module Matcher =
     /// Optimal (query indices, target indices) of one frame for a cost matrix [N, M]; query indices ascending.
     let assign (cost: Tensor) : int64[] * int64[] =
         let n, m = int cost.shape[0], int cost.shape[1]
-        let data = cost.detach().cpu().to_type(torch.float64).contiguous().data<float>().ToArray()
+        let data = if n * m = 0 then [||] else cost.detach().cpu().to_type(torch.float64).contiguous().data<float>().ToArray()
         let rows, cols = Hungarian.solve (Array2D.init n m (fun i j -> data[i * m + j]))
         Array.map int64 rows, Array.map int64 cols
 
