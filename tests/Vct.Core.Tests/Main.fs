@@ -16,7 +16,9 @@ let runAll (argv: string[]) =
                         do! TestPrinters.defaultPrinter.summary config s
                         counts <- Some(s.passed.Length, s.failed.Length + s.errored.Length, s.ignored.Length)
                     } }
-    let rc = Tests.runTestsInAssemblyWithCLIArgs [ CLIArguments.Printer printer ] argv
+    // NOTE: sequenced: LibTorch's global RNG (torch.manual_seed) and thread count are process-wide, so tests that
+    // seed it must not interleave; LibTorch already uses every core inside each test.
+    let rc = Tests.runTestsInAssemblyWithCLIArgs [ CLIArguments.Printer printer; CLIArguments.Sequenced ] argv
     match counts with
     | Some(p, f, s) -> printf "\n%d passed, %d failed, %d skipped\n" p f s
     | None -> printfn "0 passed, 1 failed, 0 skipped" // Expecto stopped before running (bad arguments)
