@@ -205,6 +205,28 @@ let tests =
             Expect.isLessThan sw.Elapsed.TotalSeconds 60.0 "criterion + backward well under a minute on a CPU"
         }
 
+        test "repeated steps in a dispose scope leave no live tensors behind" {
+            use _ = torch.NewDisposeScope()
+            let gen = new torch.Generator(4UL)
+            let leaf (shape: int64[]) = torch.randn(shape, generator = gen).requires_grad_(true)
+            let preds = [ for _ in 0 .. 9 -> { Logits = leaf [| 5L; 10L; 3L |]; Masks = leaf [| 5L; 10L; 8L; 8L |] } ]
+            let out = { Predictions = preds; AudioFeat = None; ProtoFeat = None; Assignment = torch.zeros(1L); AttentionMasks = [] }
+            let targets = [| for r in 1L .. 5L -> FrameTarget.ofLabelMap 255L (torch.arange((32L).ToScalar()).view(32L, 1L).lt((6L * r).ToScalar()).expand(32L, 32L).to_type(torch.int64)) |]
+            use crit = new Criterion((CriterionConfig.Released Subset.MS3).WithNumPoints 32L)
+            let step () =
+                use scope = torch.NewDisposeScope()
+                let r = crit.Compute(out, targets, Supervision.ms3 5L, gen)
+                r.Total.backward()
+                for p in preds do
+                    p.Logits.grad.zero_() |> ignore
+                    p.Masks.grad.zero_() |> ignore
+            step ()
+            let live () = TorchSharp.DisposeScopeManager.Statistics.ThreadTotalLiveCount
+            let before = live ()
+            for _ in 1 .. 5 do step ()
+            Expect.equal (live ()) before "live tensor count after 5 more steps"
+        }
+
         test "Criterion with a generator on a Tiny-sized output: finite loss, gradients reach every prediction and logit_scale" {
             use _ = torch.NewDisposeScope()
             let gen = new torch.Generator(5UL)

@@ -228,7 +228,8 @@ type Criterion(cfg: CriterionConfig) as this =
     member _.LogitScale = logit_scale
     member _.EmptyWeight = empty_weight
 
-    /// Losses of one step. `output` holds all BT frames; `targets` one per supervised frame
+    /// Losses of one step (call `Total.backward()`; dispose the result, or run the step in a dispose scope).
+    /// `output` holds all BT frames; `targets` one per supervised frame
     /// (`supervision.Frames`, in that order); `uniform` supplies the random point coordinates in the official
     /// order (for each prediction, main first then aux 0..8: one [1, P, 2] draw per frame for matching, then
     /// the candidate and fill draws of the mask loss).
@@ -238,6 +239,7 @@ type Criterion(cfg: CriterionConfig) as this =
         for t in targets do
             if t.Masks.shape[0] <> t.Labels.shape[0] then
                 invalidArg (nameof targets) $"a target has {t.Labels.shape[0]} labels but masks {Shape.show t.Masks}"
+        use scope = torch.NewDisposeScope()
         let mainPred = output.Last
         let device = mainPred.Logits.device
         let frames = torch.tensor(supervision.Frames, dtype = torch.int64, device = device)
@@ -254,8 +256,6 @@ type Criterion(cfg: CriterionConfig) as this =
             let lm, ld = Losses.masks uniform cfg.NumPoints cfg.OversampleRatio cfg.ImportanceSampleRatio numMasks masks m targets
             raw.Add("loss_mask" + suffix, lm)
             raw.Add("loss_dice" + suffix, ld)
-            logits.Dispose()
-            masks.Dispose()
         supervise "" mainPred
         if cfg.DeepSupervision then
             output.Predictions |> List.take (output.Predictions.Length - 1) |> List.iteri (fun i p -> supervise $"_{i}" p)
@@ -263,18 +263,20 @@ type Criterion(cfg: CriterionConfig) as this =
         | PacTarget.None, _, _ -> ()
         | pac, Some audio, Some proto ->
             let k = proto.shape[1]
-            use target =
+            let target =
                 match pac with
                 | PacTarget.Categories c -> Losses.pacTargetsOfCategories k c
                 | _ -> Losses.pacTargetsOfLabels k targets
-            use a = select audio
-            use p = select proto
-            raw.Add("loss_proto", Losses.prototype logit_scale a p target)
+            raw.Add("loss_proto", Losses.prototype logit_scale (select audio) (select proto) target)
         | _ -> invalidArg (nameof output) "the PAC loss needs AudioFeat and ProtoFeat (a model with prototypes)"
-        frames.Dispose()
         let terms = [ for name, t in raw -> name, t * cfg.WeightOf(name).ToScalar() ]
         let total = terms |> List.map snd |> List.reduce (fun a b -> a + b)
-        { Total = total; Terms = Map.ofList terms; Raw = Map.ofList (List.ofSeq raw); Matches = List.ofSeq matches }
+        // Only the results leave the scope; autograd keeps what backward needs.
+        let keep (t: Tensor) = t.MoveToOuterDisposeScope()
+        { Total = keep total
+          Terms = terms |> List.map (fun (n, t) -> n, keep t) |> Map.ofList
+          Raw = raw |> Seq.map (fun (n, t) -> n, keep t) |> Map.ofSeq
+          Matches = List.ofSeq matches }
 
     /// Compute with points drawn from `gen` (training).
     member this.Compute(output: DecoderOutput, targets: FrameTarget[], supervision: Supervision, gen: torch.Generator) =
