@@ -227,6 +227,41 @@ let tests =
             Expect.equal (live ()) before "live tensor count after 5 more steps"
         }
 
+        test "Tiny S4 model end to end: the criterion's gradient reaches the model, and an SGD step lowers the loss" {
+            use _ = torch.NewDisposeScope()
+            let cfg = VctConfig.Tiny(Subset.S4, 64L, 4L)
+            use model = new VctModel(cfg)
+            model.eval ()   // deterministic (no Gumbel noise, no stochastic depth); gradients still flow
+            let g = new torch.Generator(21UL)
+            let inputs =
+                { Images = torch.rand([| 5L; 3L; 64L; 64L |], generator = g) * (255.0f).ToScalar()
+                  PreMasks = None
+                  AudioLogMel = torch.randn([| 5L; 1L; 96L; 64L |], generator = g)
+                  TemporalFlags = None }
+            let map = torch.arange((64L).ToScalar()).view(1L, 64L).lt((24L).ToScalar()).expand(64L, 64L).to_type(torch.int64)
+            let targets = [| FrameTarget.ofLabelMap 255L map |]
+            use crit = new Criterion((CriterionConfig.Released Subset.S4).WithNumPoints 256L)
+            let sup = Supervision.s4 5L 5L [| 3 |]
+            let trainable = [ for p in model.parameters() do if p.requires_grad then p ] @ [ crit.LogitScale ]
+            let loss () =
+                use scope = torch.NewDisposeScope()
+                use out = model.Forward inputs
+                let r = crit.Compute(out.Decoder, targets, sup, new torch.Generator(1UL))
+                r.Total.backward()
+                r.Total.item<float32>() |> float
+            let before = loss ()
+            let reached = trainable |> List.filter (fun p -> not (isNull p.grad) && p.grad.abs().sum().item<float32>() > 0.0f)
+            Expect.isGreaterThan reached.Length (trainable.Length / 2) "most trainable tensors get a gradient"
+            do
+                use _ = torch.no_grad ()
+                for p in trainable do
+                    if not (isNull p.grad) then
+                        p.sub_(p.grad * (1e-3).ToScalar()) |> ignore
+                        p.grad.zero_() |> ignore
+            let after = loss ()
+            Expect.isLessThan after before "one small SGD step on the same points lowers the loss"
+        }
+
         test "Criterion with a generator on a Tiny-sized output: finite loss, gradients reach every prediction and logit_scale" {
             use _ = torch.NewDisposeScope()
             let gen = new torch.Generator(5UL)
