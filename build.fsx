@@ -53,9 +53,24 @@ let bench () =
     build ()
     dotnet ([ "run"; "--project"; "bench/Vct.Bench"; "-c"; configuration; "--no-build"; "--" ] @ List.ofArray extra)
 
-let notYet what =
-    eprintfn "The '%s' target is not implemented yet: see the feature status table in README.md." what
-    2
+/// The `vct` CLI built in Release, run from the repository root.
+let vct (arguments: string list) =
+    dotnet ([ "run"; "--project"; "src/Vct.Cli"; "-c"; configuration; "--no-build"; "--" ] @ arguments)
+
+/// The main job: the tiny preset on the built-in synthetic S4-like data (generated under data/ when missing),
+/// evaluated with true and shuffled audio; everything lands in runs/main/.
+let train () =
+    build ()
+    let args = if extra.Length > 0 then List.ofArray extra else [ "--preset"; "tiny"; "--name"; "main" ]
+    vct ([ "train" ] @ args)
+
+/// Evaluates the main job's best checkpoint on the synthetic validation split.
+let eval () =
+    build ()
+    let args =
+        if extra.Length > 0 then List.ofArray extra
+        else [ "--checkpoint"; "runs/main/model_best.safetensors"; "--data"; "data/synth-s4"; "--split"; "val"; "--out"; "runs/main/eval-val" ]
+    vct ([ "eval" ] @ args)
 
 let help () =
     printfn "usage: dotnet fsi build.fsx <build|test|notebooks|bench|train|eval|help> [-- extra args]"
@@ -68,8 +83,8 @@ let code =
         | "test" -> test ()
         | "notebooks" -> notebooks ()
         | "bench" -> bench ()
-        | "train" -> notYet "train"
-        | "eval" -> notYet "eval"
+        | "train" -> train ()
+        | "eval" -> eval ()
         | "help" | "--help" | "-h" -> help ()
         | other ->
             eprintfn "unknown target '%s'" other

@@ -5,6 +5,8 @@ var root = new RootCommand("vct: audio-visual segmentation with the Vision-Centr
 root.Subcommands.Add(InfoCommand.Create());
 root.Subcommands.Add(ModelCommands.Convert());
 root.Subcommands.Add(ModelCommands.Forward());
+root.Subcommands.Add(TrainCommand.Create());
+root.Subcommands.Add(EvalCommand.Create());
 root.Subcommands.Add(AudioCommand.Create());
 root.Subcommands.Add(ScoreCommand.Create());
 root.Subcommands.Add(SynthCommand.Create());

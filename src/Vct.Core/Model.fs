@@ -233,13 +233,18 @@ type VctModel(cfg: VctConfig, gen: torch.Generator) as this =
 
     /// Full forward pass. `keepIntermediates` returns backbone, pixel-decoder and audio tensors; `keepMasks` the
     /// decoder's per-layer attention masks; `noise` fixes PPQG's Gumbel noise in training.
-    member this.Forward(inputs: VctInputs, ?keepIntermediates: bool, ?keepMasks: bool, ?noise: Tensor) : VctOutput =
+    /// `audioMaps` [BT, 512, 6, 4] replaces the VGGish pass when given (it is frozen, so a trainer may compute
+    /// the maps of a clip once and reuse them: same numbers, less work).
+    member this.Forward(inputs: VctInputs, ?keepIntermediates: bool, ?keepMasks: bool, ?noise: Tensor, ?audioMaps: Tensor) : VctOutput =
         let keepIntermediates = defaultArg keepIntermediates false
         use scope = torch.NewDisposeScope()
         let images = VctMath.padTo cfg.SizeDivisibility (VctMath.normalise inputs.Images)
         let preMasks = inputs.PreMasks |> Option.map (fun m -> VctMath.padTo cfg.SizeDivisibility (VctMath.normalise m))
         let features = encoder.Forward(images, preMasks, missingMasks)
-        let audioMaps = this.AudioBackboneFeatures(inputs.AudioLogMel, inputs.TemporalFlags)
+        let audioMaps =
+            match audioMaps with
+            | Some m -> m.alias()
+            | None -> this.AudioBackboneFeatures(inputs.AudioLogMel, inputs.TemporalFlags)
         if audioMaps.shape[0] <> images.shape[0] then
             invalidArg "inputs" $"{images.shape[0]} frames but {audioMaps.shape[0]} audio examples (after the temporal flags)"
         let pix = sem_seg_head.PixelDecoder.call features

@@ -1,0 +1,99 @@
+using System.CommandLine;
+using System.Diagnostics;
+using Microsoft.FSharp.Core;
+using Vct.Core.Training;
+
+namespace Vct.Cli;
+
+/// <summary><c>vct train</c>: the training loop with a progress line, Ctrl-C handling and the run report.</summary>
+internal static class TrainCommand
+{
+    static FSharpOption<T> Opt<T>(T? v) where T : struct => v is T x ? FSharpOption<T>.Some(x) : FSharpOption<T>.None;
+    static FSharpOption<string> Opt(string? v) => string.IsNullOrWhiteSpace(v) ? FSharpOption<string>.None : FSharpOption<string>.Some(v);
+
+    public static Command Create()
+    {
+        var preset = new Option<string>("--preset") { Description = "tiny (CPU; built-in synthetic data unless --data) | s4 | ms3 | avss (released configurations)", DefaultValueFactory = _ => "tiny" };
+        var data = new Option<string?>("--data") { Description = "Dataset root in the official AVSBench layout (default for tiny: data/synth-s4, generated when missing)" };
+        var runs = new Option<string>("--runs") { Description = "Folder of runs", DefaultValueFactory = _ => "runs" };
+        var name = new Option<string?>("--name") { Description = "Run name (default: <preset>-<date>)" };
+        var iterations = new Option<int?>("--iterations") { Description = "Iterations (SOLVER.MAX_ITER)" };
+        var batch = new Option<int?>("--batch") { Description = "Videos per step (SOLVER.IMS_PER_BATCH)" };
+        var lr = new Option<double?>("--lr") { Description = "Base learning rate" };
+        var evalPeriod = new Option<int?>("--eval-period") { Description = "Evaluate every N iterations" };
+        var seed = new Option<int>("--seed") { Description = "Seed of data order, augmentation and sampling", DefaultValueFactory = _ => 8434882 };
+        var resume = new Option<bool>("--resume") { Description = "Continue the run from its checkpoint_last.safetensors" };
+        var workers = new Option<int>("--workers") { Description = "Data-loading workers", DefaultValueFactory = _ => Environment.ProcessorCount };
+        var swin = new Option<string?>("--swin-weights") { Description = "ImageNet Swin file for both Swin copies (released presets)" };
+        var vggish = new Option<string?>("--vggish-weights") { Description = "torchvggish vggish-10086976.pth" };
+        var device = CommonOptions.Device();
+        var threads = CommonOptions.Threads();
+        var cmd = new Command("train", "Train VCT: iteration based, periodic evaluation, best checkpoint by M_J, resumable; Ctrl-C saves and exits");
+        foreach (var o in new Option[] { preset, data, runs, name, iterations, batch, lr, evalPeriod, seed, resume, workers, swin, vggish, device, threads }) cmd.Options.Add(o);
+        cmd.SetAction(parse =>
+        {
+            var dev = CommonOptions.Apply(parse.GetValue(device)!, parse.GetValue(threads));
+            var p = parse.GetValue(preset)!.ToLowerInvariant();
+            var runName = parse.GetValue(name) ?? $"{p}-{DateTime.Now:yyyyMMdd-HHmmss}";
+            var options = new TrainJobOptions(
+                p, Opt(parse.GetValue(data)), parse.GetValue(runs)!, runName,
+                Opt(parse.GetValue(iterations)), Opt(parse.GetValue(batch)), Opt(parse.GetValue(lr)),
+                parse.GetValue(seed), parse.GetValue(resume), dev, parse.GetValue(workers), Opt(parse.GetValue(evalPeriod)),
+                Opt(parse.GetValue(swin)), Opt(parse.GetValue(vggish)));
+            using var cts = new CancellationTokenSource();
+            ConsoleCancelEventHandler onCancel = (_, e) =>
+            {
+                e.Cancel = true;
+                Console.Error.WriteLine("\nstopping after this step; a resumable checkpoint will be written (Ctrl-C again to abort)");
+                if (cts.IsCancellationRequested) Environment.Exit(130);
+                cts.Cancel();
+            };
+            Console.CancelKeyPress += onCancel;
+            var total = 0;
+            var sw = Stopwatch.StartNew();
+            var first = -1;
+            var interactive = !Console.IsErrorRedirected;
+            void Log(string s) => Console.Error.WriteLine(s);
+            void Event(TrainEvent e)
+            {
+                if (e is TrainEvent.Step s)
+                {
+                    if (first < 0) { first = s.iteration - 1; sw.Restart(); }
+                    var done = s.iteration - first;
+                    var rate = done / Math.Max(sw.Elapsed.TotalSeconds, 1e-9);
+                    var left = total > 0 ? (total - s.iteration) / Math.Max(rate, 1e-9) : 0;
+                    var line = $"it {s.iteration}/{total} loss {s.loss:F3} lr {s.lr:E2} {rate:F2} it/s ETA {TimeSpan.FromSeconds(left):hh\\:mm\\:ss}";
+                    if (interactive) Console.Error.Write("\r" + line.PadRight(90));
+                    else if (s.iteration % 50 == 0) Console.Error.WriteLine(line);
+                }
+                else if (e is TrainEvent.Eval ev)
+                {
+                    if (interactive) Console.Error.WriteLine();
+                    Console.Error.WriteLine($"eval at {ev.iteration}: M_J {ev.mj:F4} M_F {ev.mf:F4} ({ev.seconds:F1} s)");
+                }
+            }
+            var kind = p == "tiny" ? Vct.Core.Subset.S4 : Vct.Core.Subset.Parse(p);
+            total = TrainJob.config(p, kind, options).Iterations;
+            var (result, summary) = TrainJob.run(options,
+                FuncConvert.FromAction<string>(Log), FuncConvert.FromAction<TrainEvent>(Event), cts.Token).ToValueTuple();
+            Console.CancelKeyPress -= onCancel;
+            if (interactive) Console.Error.WriteLine();
+            Console.WriteLine(summary.ToJsonString(new System.Text.Json.JsonSerializerOptions { WriteIndented = true }));
+            Console.Error.WriteLine($"run directory: {result.RunDir}");
+            return result.Outcome switch
+            {
+                var o when o.IsCompleted => 0,
+                var o when o.IsInterrupted => 130,
+                TrainOutcome.Diverged d => Fail(d.diagnostic),
+                _ => 1,
+            };
+        });
+        return cmd;
+    }
+
+    static int Fail(string why)
+    {
+        Console.Error.WriteLine($"vct train: {why}");
+        return 3;
+    }
+}

@@ -1,0 +1,168 @@
+namespace Vct.Core.Training
+
+open System
+open System.IO
+open System.Text.Json
+open System.Text.Json.Nodes
+open System.Threading
+open TorchSharp
+open Vct.Core
+open Vct.Core.Data
+open Vct.Core.Evaluation
+
+/// Settings of a training run from the CLI or `build.fsx train`.
+type TrainJobOptions =
+    { /// "tiny" (CPU, synthetic data by default), "s4", "ms3" or "avss" (released configurations).
+      Preset: string
+      /// Dataset root in the official AVSBench layout; None = the built-in synthetic S4-like set under data/.
+      Data: string option
+      /// Where runs go; the run is RunsDir/Name.
+      RunsDir: string
+      Name: string
+      Iterations: int option
+      BatchVideos: int option
+      BaseLr: float option
+      Seed: int
+      Resume: bool
+      Device: torch.Device
+      Workers: int
+      EvalPeriod: int option
+      /// Initial Swin weights (original ImageNet-22K file or converted .pkl) for both Swin copies.
+      SwinWeights: string option
+      /// torchvggish `vggish-10086976.pth`.
+      VggishWeights: string option }
+
+/// The presets and the main job: train, evaluate (also with shuffled audio), write summary, plots and overlays.
+[<RequireQualifiedAccess>]
+module TrainJob =
+    /// Frame side, training videos and categories of the default synthetic set used by the `tiny` preset.
+    let tinyImageSize = 64
+    let tinySynth = { SynthOptions.Default SynthKind.S4 with Train = 240; Val = 24; Test = 24; Size = tinyImageSize }
+
+    /// The training configuration of a preset for `subset`.
+    let config (preset: string) (subset: Subset) (o: TrainJobOptions) : TrainConfig =
+        let released = CriterionConfig.Released subset
+        let cfg =
+            match preset with
+            | "tiny" ->
+                // NOTE: the tiny preset departs from the released schedule so that it learns in minutes on 2 CPU
+                // cores: a 64x64 crop, 1024 sampled points (masks are 16x16), a 5x higher base LR and 4 videos
+                // per step. Everything else (losses, matcher, AdamW groups, clipping, poly LR) is the released one.
+                { Model = VctConfig.Tiny(subset, int64 tinyImageSize, 23L)
+                  Criterion = released.WithNumPoints 1024L
+                  Optim = { OptimConfig.Released with BaseLr = 5e-4 }
+                  Iterations = 1500; BatchVideos = 4; EvalPeriod = 250; CheckpointPeriod = 250
+                  Seed = o.Seed; CropSize = tinyImageSize; ColorJitter = true; Workers = o.Workers }
+            | "s4" | "ms3" | "avss" ->
+                let its = match subset with Subset.MS3 -> 40000 | _ -> 45000
+                let evalPeriod = match subset with Subset.S4 -> 1000 | Subset.MS3 -> 500 | Subset.AVSS -> 2500
+                { Model = VctConfig.Released subset
+                  Criterion = released
+                  Optim = OptimConfig.Released
+                  Iterations = its; BatchVideos = (match subset with Subset.AVSS -> 8 | _ -> 2)
+                  EvalPeriod = evalPeriod; CheckpointPeriod = evalPeriod
+                  Seed = o.Seed; CropSize = 384; ColorJitter = true; Workers = o.Workers }
+            | other -> invalidArg (nameof preset) $"unknown preset '{other}': expected tiny, s4, ms3 or avss"
+        { cfg with
+            Iterations = defaultArg o.Iterations cfg.Iterations
+            BatchVideos = defaultArg o.BatchVideos cfg.BatchVideos
+            EvalPeriod = defaultArg o.EvalPeriod cfg.EvalPeriod
+            Optim = { cfg.Optim with BaseLr = defaultArg o.BaseLr cfg.Optim.BaseLr } }
+
+    let private kindOf (preset: string) (data: string option) =
+        match preset, data with
+        | "tiny", None -> DatasetKind.S4
+        | "tiny", Some _ -> DatasetKind.S4
+        | p, _ -> DatasetKind.Parse p
+
+    /// Writes the default synthetic set when `dir` has none; returns the report line.
+    let ensureSynthetic (dir: string) =
+        if File.Exists(Path.Combine(dir, "metadata.csv")) then $"using the synthetic S4-like set in {dir}"
+        else
+            let r = Synth.generate tinySynth dir
+            $"wrote the synthetic S4-like set to {dir}: {r}"
+
+    /// Evaluates a model on records with the true audio and with each video's audio swapped for another's.
+    let evaluateWithControl (model: VctModel) (records: VideoRecord[]) (workers: int) =
+        use audio = new TrainData.AudioCache(model)
+        let normal = Trainer.evaluate model audio records false workers
+        let shuffled = Trainer.evaluate model audio records true workers
+        normal, shuffled
+
+    /// Runs a whole job: data, training, evaluation, summary.json, plots and overlays in the run directory.
+    let run (o: TrainJobOptions) (log: string -> unit) (events: TrainEvent -> unit) (cancel: CancellationToken) : TrainResult * JsonObject =
+        Runtime.init () |> ignore
+        let kind = kindOf o.Preset o.Data
+        let subset = TrainData.subsetOf kind
+        let root =
+            match o.Data with
+            | Some d -> d
+            | None ->
+                let d = Path.Combine("data", "synth-s4")
+                log (ensureSynthetic d)
+                d
+        let cfg = config o.Preset subset o
+        let train = Avsbench.records kind root "train"
+        let valr = Avsbench.records kind root "val"
+        let runDir = Path.Combine(o.RunsDir, o.Name)
+        log $"training {o.Preset} ({subset}) for {cfg.Iterations} iterations of {cfg.BatchVideos} videos on {train.Length} videos; run {runDir}"
+        let init (m: VctModel) =
+            o.SwinWeights |> Option.iter (fun path ->
+                let swins = [ yield m.VisualEncoder.Backbone; match m.VisualEncoder.PreSamBackbone with Some p -> yield p | None -> () ]
+                for r in Backbone.SwinPretrained.loadImageNet path swins do log $"Swin weights from {path}: {r}")
+            o.VggishWeights |> Option.iter (fun path ->
+                let r = m.AudioBackbone.Load path
+                log $"VGGish weights from {path}: loaded {r.Loaded.Length}, ignored (unused FC) {r.Dropped.Length}")
+        let result = Trainer.run cfg train valr o.Device runDir o.Resume init events cancel
+        let summary = JsonObject()
+        summary["preset"] <- JsonValue.Create o.Preset
+        summary["subset"] <- JsonValue.Create(string subset)
+        summary["data"] <- JsonValue.Create root
+        summary["iterations"] <- JsonValue.Create result.Iterations
+        summary["wall_seconds"] <- JsonValue.Create result.WallSeconds
+        summary["outcome"] <- JsonValue.Create(sprintf "%A" result.Outcome)
+        summary["best_iteration"] <- JsonValue.Create result.BestIteration
+        let files = RunFiles runDir
+        if File.Exists files.Best then
+            let model, _ = ModelIO.load files.Best o.Device
+            use model = model
+            log "evaluating the best checkpoint on val with true and with shuffled audio"
+            let normal, shuffled = evaluateWithControl model valr o.Workers
+            summary["m_j"] <- JsonValue.Create normal.MJ
+            summary["m_f"] <- JsonValue.Create normal.MF
+            summary["m_j_audio_shuffled"] <- JsonValue.Create shuffled.MJ
+            summary["m_f_audio_shuffled"] <- JsonValue.Create shuffled.MF
+            let testr = try Avsbench.records kind root "test" with _ -> [||]
+            if testr.Length > 0 then
+                let tn, ts = evaluateWithControl model testr o.Workers
+                summary["test_m_j"] <- JsonValue.Create tn.MJ
+                summary["test_m_f"] <- JsonValue.Create tn.MF
+                summary["test_m_j_audio_shuffled"] <- JsonValue.Create ts.MJ
+                summary["test_m_f_audio_shuffled"] <- JsonValue.Create ts.MF
+            // Overlays of the first validation videos.
+            use _ = torch.no_grad ()
+            use audio = new TrainData.AudioCache(model)
+            let device = (Seq.head (model.parameters ())).device
+            let rows =
+                [ for r in valr |> Array.truncate 3 ->
+                      let v = Avsbench.loadVideo { LoadOptions.Default with FrameSize = None } r
+                      let frames = Batch.frames v.Frames
+                      let t = frames.shape[0]
+                      use out =
+                          model.Forward({ Images = frames.``to``(device); PreMasks = None
+                                          AudioLogMel = torch.zeros(t, 1L, 96L, 64L); TemporalFlags = None },
+                                        audioMaps = (audio.FrameMaps r).``to``(device))
+                      let gt = Batch.labels v.Masks
+                      let scores = VctMath.semanticInference out.InputSize (gt.shape[1], gt.shape[2]) out.Decoder.Last.Logits out.Decoder.Last.Masks
+                      let pred = if subset = Subset.AVSS then VctMath.labelMaps(scores).gt(0L.ToScalar()) else VctMath.binaryMasks scores
+                      let gtFrames = frames.index_select(0L, torch.tensor(r.MaskFrames |> Array.map int64))
+                      let predFrames = pred.cpu().index_select(0L, torch.tensor(r.MaskFrames |> Array.map int64))
+                      gtFrames, predFrames, gt.gt(0L.ToScalar()).logical_and(gt.ne(255L.ToScalar())) ]
+            Report.overlayPng (Path.Combine(runDir, "overlays.png")) rows
+        if File.Exists files.Metrics then
+            let m = Report.readLog files.Metrics
+            Report.writeHtml runDir m
+            Report.writePngs runDir m
+        let text = summary.ToJsonString(JsonSerializerOptions(WriteIndented = true))
+        File.WriteAllText(Path.Combine(runDir, "summary.json"), text)
+        result, summary

@@ -1,0 +1,314 @@
+namespace Vct.Core.Training
+
+open System
+open System.Collections.Concurrent
+open System.Collections.Generic
+open System.Diagnostics
+open System.IO
+open System.Text.Json
+open System.Text.Json.Nodes
+open System.Threading
+open TorchSharp
+open Vct.Core
+open Vct.Core.Data
+open Vct.Core.Evaluation
+open Vct.Core.Checkpoint
+
+/// Everything a training run needs besides the data.
+type TrainConfig =
+    { Model: VctConfig
+      Criterion: CriterionConfig
+      Optim: OptimConfig
+      /// SOLVER.MAX_ITER.
+      Iterations: int
+      /// Videos per step (SOLVER.IMS_PER_BATCH).
+      BatchVideos: int
+      /// Evaluate on the validation split every this many iterations (and at the end).
+      EvalPeriod: int
+      /// Write the resumable checkpoint every this many iterations (and at the end).
+      CheckpointPeriod: int
+      /// SEED: data order, augmentation, Gumbel noise, point sampling and drop path all derive from
+      /// (Seed, iteration), so a resumed run repeats an uninterrupted one.
+      Seed: int
+      /// Side of the training crops (INPUT.CROP.SIZE; 384 released).
+      CropSize: int
+      ColorJitter: bool
+      /// Data-loading workers.
+      Workers: int }
+
+/// One line of the metrics log.
+type TrainEvent =
+    | Step of iteration: int * loss: float * terms: Map<string, float> * lr: float * seconds: float
+    | Eval of iteration: int * mj: float * mf: float * seconds: float
+
+/// How a run ended.
+type TrainOutcome =
+    | Completed
+    | Interrupted of atIteration: int
+    | Diverged of atIteration: int * diagnostic: string
+
+/// The result of `Trainer.run`.
+type TrainResult =
+    { Outcome: TrainOutcome
+      Iterations: int
+      BestMJ: float
+      BestIteration: int
+      LastEval: MetricSummary option
+      WallSeconds: float
+      RunDir: string }
+
+/// Where a run keeps its files: checkpoint_last.safetensors (resumable), model_best.safetensors (+ .json),
+/// metrics.jsonl.
+type RunFiles(dir: string) =
+    member _.Dir = dir
+    member _.Last = Path.Combine(dir, "checkpoint_last.safetensors")
+    member _.Best = Path.Combine(dir, "model_best.safetensors")
+    member _.Final = Path.Combine(dir, "model_final.safetensors")
+    member _.Metrics = Path.Combine(dir, "metrics.jsonl")
+
+/// Helpers shared by training and evaluation over the AVSBench readers.
+[<RequireQualifiedAccess>]
+module TrainData =
+    let subsetOf (kind: DatasetKind) =
+        match kind with DatasetKind.S4 -> Subset.S4 | DatasetKind.Ms3 -> Subset.MS3 | DatasetKind.Avss -> Subset.AVSS
+
+    let metricSubsetOf (s: Subset) =
+        match s with Subset.S4 -> MetricSubset.S4 | Subset.MS3 -> MetricSubset.Ms3 | Subset.AVSS -> MetricSubset.Avss
+
+    /// VGGish maps of a record's audio, computed once per process and kept on the CPU ([T_a, 512, 6, 4]).
+    type AudioCache(model: VctModel) =
+        let cache = ConcurrentDictionary<string, Tensor>()
+        member _.Maps(r: VideoRecord) : Tensor =
+            cache.GetOrAdd(r.Id + "|" + r.Split, fun _ ->
+                use ex = Avsbench.audioExamples r
+                use _ = torch.no_grad ()
+                let device = (Seq.head (model.AudioBackbone.parameters ())).device
+                use maps = model.AudioBackbone.call (ex.``to``(device))
+                // Cached across steps: it must not belong to the caller's dispose scope.
+                maps.cpu().detach().clone().DetachFromDisposeScope())
+        /// The maps of the frames that take part: AVSS rows whose vid flag is 0 are dropped.
+        member this.FrameMaps(r: VideoRecord) : Tensor =
+            let maps = this.Maps r
+            if r.VidTemporalFlag.Length > 0 then
+                let keep = [| for i in 0 .. r.VidTemporalFlag.Length - 1 do if r.VidTemporalFlag[i] = 1 then yield int64 i |]
+                maps.index_select(0L, torch.tensor(keep))
+            else maps.alias()
+        interface IDisposable with
+            member _.Dispose() = for t in cache.Values do t.Dispose()
+
+/// The training loop (reference §6): iteration based, periodic evaluation with the official metrics, best
+/// checkpoint by M_J, resumable checkpoints written atomically, JSONL log, progress line, Ctrl-C handling,
+/// NaN/Inf detection. Every step runs in a dispose scope so memory stays flat.
+[<RequireQualifiedAccess>]
+module Trainer =
+    let private seedFor (seed: int) (iteration: int) = DeterministicSeed.mix [ seed; iteration; 0x7a11 ]
+
+    /// Evaluates `model` on decoded videos with the VCT metrics: scores at the GT's size; `shuffleAudio` pairs each
+    /// video with another video's audio (a control that shows whether the model listens).
+    let evaluate (model: VctModel) (audio: TrainData.AudioCache) (records: VideoRecord[]) (shuffleAudio: bool) (workers: int) : MetricSummary =
+        let subset = model.Config.Subset
+        let evaluator = Metrics.evaluator (TrainData.metricSubsetOf subset) MetricVariant.Vct (int model.Config.NumClasses)
+        use _ = torch.no_grad ()
+        model.eval ()
+        let device = (Seq.head (model.parameters ())).device
+        let loader = Pipeline.evalLoader workers { Data.LoadOptions.Default with FrameSize = None } records
+        let mutable index = 0
+        for batch in loader.Epoch 0 do
+            for v in batch do
+                use scope = torch.NewDisposeScope()
+                let source =
+                    if shuffleAudio && records.Length > 1 then records[(index + 1 + records.Length / 2) % records.Length]
+                    else v.Record
+                index <- index + 1
+                let frames = Batch.frames v.Frames
+                let maps = audio.FrameMaps source
+                let t = frames.shape[0]
+                // A shuffled clip of another length: repeat or cut to this video's frame count.
+                let maps = if maps.shape[0] = t then maps else maps.index_select(0L, torch.arange(t.ToScalar(), dtype = torch.int64).remainder(maps.shape[0].ToScalar()))
+                let inputs =
+                    { Images = frames.``to``(device); PreMasks = None
+                      AudioLogMel = torch.zeros(t, 1L, 96L, 64L, device = device); TemporalFlags = None }
+                use out = model.Forward(inputs, audioMaps = maps.``to``(device))
+                let gt = Batch.labels v.Masks
+                let gh, gw = gt.shape[1], gt.shape[2]
+                let last = out.Decoder.Last
+                let scores = VctMath.semanticInference out.InputSize (gh, gw) last.Logits last.Masks
+                // Frames with GT only (S4/MS3 val/test annotate every frame; AVSS by the gt flags).
+                let gtFrames = v.Record.MaskFrames
+                let scores = if int64 gtFrames.Length = t then scores else scores.index_select(0L, torch.tensor(gtFrames |> Array.map int64))
+                evaluator.Add(v.Record.Id, scores.cpu(), gt) |> ignore
+        evaluator.Summary()
+
+    /// Writes the resumable state: model, criterion, optimiser state and iteration, in one atomic safetensors file.
+    let saveState (path: string) (cfg: TrainConfig) (model: VctModel) (criterion: Criterion) (opt: Modules.AdamW) (iteration: int) (bestMJ: float) (bestIt: int) =
+        let meta = Dictionary<string, string>()
+        meta["format"] <- "pt"
+        meta["vct_config"] <- ConfigJson.toText cfg.Model
+        meta["iteration"] <- string iteration
+        meta["best_mj"] <- bestMJ.ToString("R", Globalization.CultureInfo.InvariantCulture)
+        meta["best_iteration"] <- string bestIt
+        let optBytes = Optim.stateBytes opt
+        use optTensor = torch.tensor(optBytes, dtype = torch.uint8)
+        let tensors =
+            [ for kv in model.state_dict () -> kv.Key, kv.Value
+              for kv in criterion.state_dict () -> "criterion." + kv.Key, kv.Value
+              yield "optimizer_state", optTensor ]
+        Safetensors.write path meta tensors
+
+    /// Restores what `saveState` wrote; returns (iteration, best M_J, best iteration).
+    let loadState (path: string) (model: VctModel) (criterion: Criterion) (opt: Modules.AdamW) : int * float * int =
+        use f = Safetensors.read path
+        let get (k: string) =
+            match f.Metadata.TryGetValue k with
+            | true, v -> v
+            | _ -> raise (InvalidDataException $"{path}: not a Vct training checkpoint (no '{k}' in its metadata)")
+        let modelPart = [ for kv in f.Tensors do if not (kv.Key.StartsWith "criterion.") && kv.Key <> "optimizer_state" then yield kv ]
+        StateDict.loadInto Checkpoint.LoadOptions.Default modelPart model |> ignore
+        let critPart = [ for kv in f.Tensors do if kv.Key.StartsWith "criterion." then yield KeyValuePair(kv.Key.Substring 10, kv.Value) ]
+        StateDict.loadInto Checkpoint.LoadOptions.Default critPart criterion |> ignore
+        let bytes = f.Tensors["optimizer_state"].data<byte>().ToArray()
+        Optim.loadStateBytes opt bytes
+        int (get "iteration"), Double.Parse(get "best_mj", Globalization.CultureInfo.InvariantCulture), int (get "best_iteration")
+
+    let private appendJson (path: string) (node: JsonObject) =
+        File.AppendAllText(path, node.ToJsonString() + "\n")
+
+    /// Runs training. `log` receives every event (the CLI draws the progress line from it); `cancel` stops
+    /// cleanly after the current step, saving a resumable checkpoint. With `resume`, continues from the run
+    /// directory's checkpoint_last.
+    /// `init` runs on the new model before training starts (pretrained weights); it is skipped when resuming.
+    let run (cfg: TrainConfig) (trainRecords: VideoRecord[]) (valRecords: VideoRecord[]) (device: torch.Device)
+            (runDir: string) (resume: bool) (init: VctModel -> unit) (log: TrainEvent -> unit) (cancel: CancellationToken) : TrainResult =
+        Runtime.init () |> ignore
+        if trainRecords.Length < cfg.BatchVideos then
+            invalidArg (nameof trainRecords) $"{trainRecords.Length} training videos for a batch of {cfg.BatchVideos}"
+        let files = RunFiles runDir
+        Directory.CreateDirectory runDir |> ignore
+        let sw = Stopwatch.StartNew()
+        let gen = new torch.Generator(uint64 cfg.Seed)
+        torch.manual_seed (int64 cfg.Seed) |> ignore
+        use model = new VctModel(cfg.Model, gen)
+        use criterion = new Criterion(cfg.Criterion)
+        if not resume then init model
+        model.``to``(device) |> ignore
+        criterion.``to``(device) |> ignore
+        let settings = Optim.settings cfg.Optim [ "", model :> torch.nn.Module; "criterion", criterion :> torch.nn.Module ]
+        let opt, baseLrs = Optim.adamW cfg.Optim settings
+        use _opt = opt
+        let trainable = settings |> List.map snd
+        let mutable start, bestMJ, bestIt = 0, -1.0, -1
+        if resume then
+            if not (File.Exists files.Last) then
+                raise (FileNotFoundException($"nothing to resume: {files.Last} does not exist", files.Last))
+            let it, b, bi = loadState files.Last model criterion opt
+            start <- it
+            bestMJ <- b
+            bestIt <- bi
+        elif File.Exists files.Metrics then
+            File.Delete files.Metrics
+        use audio = new TrainData.AudioCache(model)
+        let subset = cfg.Model.Subset
+        let loadOpts = { Data.LoadOptions.Default with FrameSize = Some cfg.CropSize }
+        let aug = { AugmentOptions.Default with CropSize = cfg.CropSize; ColorJitter = cfg.ColorJitter; SquashToSquare = (subset = Subset.AVSS) }
+        let loaderOpts = { LoaderOptions.Default with BatchSize = cfg.BatchVideos; Seed = cfg.Seed; Workers = cfg.Workers }
+        let loader = BatchLoader(trainRecords, loaderOpts, fun r rng -> r, Augment.video aug rng (Avsbench.loadVideo loadOpts r))
+        let perEpoch = loader.BatchesPerEpoch
+        let mutable lastEval = None
+        let mutable outcome = Completed
+        let mutable iteration = start
+        let evalNow () =
+            let t0 = sw.Elapsed.TotalSeconds
+            let summary = evaluate model audio valRecords false cfg.Workers
+            model.train ()
+            lastEval <- Some summary
+            log (Eval(iteration, summary.MJ, summary.MF, sw.Elapsed.TotalSeconds - t0))
+            appendJson files.Metrics (JsonObject(dict [ "type", JsonValue.Create "eval" :> JsonNode
+                                                        "iteration", JsonValue.Create iteration
+                                                        "m_j", JsonValue.Create summary.MJ
+                                                        "m_f", JsonValue.Create summary.MF ]))
+            if summary.MJ > bestMJ then
+                bestMJ <- summary.MJ
+                bestIt <- iteration
+                ModelIO.save files.Best model
+        model.train ()
+        let mutable epoch = start / perEpoch
+        let mutable skip = start % perEpoch
+        while iteration < cfg.Iterations && outcome = Completed do
+            use batches = (loader.Epoch(epoch, cancel)).GetEnumerator()
+            let mutable more = true
+            while more && iteration < cfg.Iterations && outcome = Completed do
+                if cancel.IsCancellationRequested then
+                    outcome <- Interrupted iteration
+                elif not (batches.MoveNext()) then more <- false
+                elif skip > 0 then skip <- skip - 1 // resuming inside an epoch: the same batches, already used
+                else
+                    let t0 = sw.Elapsed.TotalSeconds
+                    let stepSeed = seedFor cfg.Seed iteration
+                    torch.manual_seed (int64 stepSeed) |> ignore
+                    gen.manual_seed (int64 stepSeed) |> ignore
+                    use pointGen = new torch.Generator(uint64 (stepSeed + 1))
+                    Optim.setLr opt baseLrs (Optim.polyFactor cfg.Optim cfg.Iterations iteration)
+                    let lossValue, terms, diverged =
+                        use scope = torch.NewDisposeScope()
+                        let records, videos = Array.unzip batches.Current
+                        let frames = torch.cat([| for v in videos -> Batch.frames v.Frames |], 0L)
+                        let maps = torch.cat([| for r in records -> audio.FrameMaps r |], 0L)
+                        let t = frames.shape[0] / int64 videos.Length
+                        let inputs =
+                            { Images = frames.``to``(device); PreMasks = None
+                              AudioLogMel = torch.zeros(frames.shape[0], 1L, 96L, 64L, device = device); TemporalFlags = None }
+                        let out = model.Forward(inputs, audioMaps = maps.``to``(device))
+                        let labelsOf (v: AugmentedVideo) = (Batch.labels v.Masks).``to``(device)
+                        let targetOf (l: Tensor) (k: int64) = FrameTarget.ofLabelMap 255L (l.select(0L, k))
+                        let supervision, targets =
+                            match subset with
+                            | Subset.S4 ->
+                                Supervision.s4 frames.shape[0] t (records |> Array.map (fun r -> r.CategoryLabel)),
+                                [| for v in videos -> targetOf (labelsOf v) 0L |]
+                            | Subset.MS3 ->
+                                Supervision.ms3 frames.shape[0],
+                                [| for v in videos do
+                                       let l = labelsOf v
+                                       for k in 0L .. l.shape[0] - 1L -> targetOf l k |]
+                            | Subset.AVSS ->
+                                let flags = records |> Array.collect (fun r -> r.GtTemporalFlag)
+                                Supervision.avss flags,
+                                [| for v in videos do
+                                       let l = labelsOf v
+                                       for k in 0L .. l.shape[0] - 1L -> targetOf l k |]
+                        use losses = criterion.Compute(out.Decoder, targets, supervision, pointGen)
+                        let total = losses.Total.item<float32> () |> float
+                        if Double.IsFinite total then
+                            opt.zero_grad ()
+                            losses.Total.backward()
+                            cfg.Optim.ClipNorm |> Option.iter (fun c -> Optim.clipFullModel c trainable |> ignore)
+                            opt.step () |> ignore
+                            total, losses.Values, None
+                        else
+                            let bad = losses.Values |> Map.filter (fun _ v -> not (Double.IsFinite v)) |> Map.keys |> String.concat ", "
+                            total, losses.Values, Some $"loss is {total} at iteration {iteration} (non-finite terms: {bad}); the last good checkpoint is kept"
+                    match diverged with
+                    | Some why -> outcome <- Diverged(iteration, why)
+                    | None ->
+                        iteration <- iteration + 1
+                        let secs = sw.Elapsed.TotalSeconds - t0
+                        let lr = (Seq.head opt.ParamGroups).LearningRate
+                        log (Step(iteration, lossValue, terms, lr, secs))
+                        let node = JsonObject(dict [ "type", JsonValue.Create "step" :> JsonNode
+                                                     "iteration", JsonValue.Create iteration
+                                                     "loss", JsonValue.Create lossValue
+                                                     "lr", JsonValue.Create lr
+                                                     "seconds", JsonValue.Create secs ])
+                        for kv in terms do node[kv.Key] <- JsonValue.Create kv.Value
+                        appendJson files.Metrics node
+                        if iteration % cfg.EvalPeriod = 0 || iteration = cfg.Iterations then evalNow ()
+                        if iteration % cfg.CheckpointPeriod = 0 || iteration = cfg.Iterations then
+                            saveState files.Last cfg model criterion opt iteration bestMJ bestIt
+            epoch <- epoch + 1
+        match outcome with
+        | Interrupted _ -> saveState files.Last cfg model criterion opt iteration bestMJ bestIt
+        | Completed -> ModelIO.save files.Final model
+        | Diverged _ -> ()
+        gen.Dispose()
+        { Outcome = outcome; Iterations = iteration; BestMJ = bestMJ; BestIteration = bestIt
+          LastEval = lastEval; WallSeconds = sw.Elapsed.TotalSeconds; RunDir = runDir }
