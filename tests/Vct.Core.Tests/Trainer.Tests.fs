@@ -1,0 +1,115 @@
+module Vct.Core.Tests.TrainerTests
+
+open System
+open System.IO
+open System.Threading
+open Expecto
+open TorchSharp
+open Vct.Core
+open Vct.Core.Data
+open Vct.Core.Training
+
+/// A small synthetic S4-like set (32x32 frames), written once per test process.
+let private data =
+    lazy
+        (let dir = Path.Combine(Path.GetTempPath(), $"vct-trainer-data-{Environment.ProcessId}")
+         Synth.generate { SynthOptions.Default SynthKind.S4 with Train = 8; Val = 2; Test = 2; Size = 32; EvalSize = 32 } dir |> ignore
+         dir)
+
+let private config iterations =
+    { Model = VctConfig.Tiny(Subset.S4, 32L, 23L)
+      Criterion = (CriterionConfig.Released Subset.S4).WithNumPoints 64L
+      Optim = { OptimConfig.Released with BaseLr = 5e-4 }
+      Iterations = iterations; BatchVideos = 2; EvalPeriod = 1000; CheckpointPeriod = 1000
+      Seed = 11; CropSize = 32; ColorJitter = true; Workers = 2 }
+
+let private runTo (dir: string) (iterations: int) (resume: bool) (stopAt: int option) =
+    let root = data.Value
+    let train = Avsbench.records DatasetKind.S4 root "train"
+    let valr = Avsbench.records DatasetKind.S4 root "val"
+    use cts = new CancellationTokenSource()
+    let losses = Collections.Generic.List<int * float>()
+    let log e =
+        match e with
+        | Step(i, l, _, _, _) ->
+            losses.Add(i, l)
+            if Some i = stopAt then cts.Cancel()
+        | _ -> ()
+    let r = Trainer.run (config iterations) train valr torch.CPU dir resume ignore log cts.Token
+    r, List.ofSeq losses
+
+[<Tests>]
+let tests =
+    testList "Trainer" [
+        test "a 30-step run interrupted at 15 and resumed gives the losses of the uninterrupted run" {
+            let a = Path.Combine(Path.GetTempPath(), $"vct-run-a-{Guid.NewGuid():N}")
+            let b = Path.Combine(Path.GetTempPath(), $"vct-run-b-{Guid.NewGuid():N}")
+            try
+                let full, lossesFull = runTo a 30 false None
+                Expect.equal full.Outcome Completed "completes"
+                Expect.equal lossesFull.Length 30 "30 steps"
+                let first, lossesFirst = runTo b 30 false (Some 15)
+                Expect.equal first.Outcome (Interrupted 15) "stops cleanly at 15"
+                Expect.isTrue (File.Exists(Path.Combine(b, "checkpoint_last.safetensors"))) "resumable checkpoint written"
+                let second, lossesSecond = runTo b 30 true None
+                Expect.equal second.Outcome Completed "resumed run completes"
+                Expect.equal (lossesFirst @ lossesSecond |> List.map fst) [ 1 .. 30 ] "steps 1..15 then 16..30"
+                for (i, l), (_, l2) in List.zip lossesFull (lossesFirst @ lossesSecond) do
+                    Expect.floatClose Accuracy.veryHigh l2 l $"loss of step {i}"
+                let metrics = File.ReadAllLines(Path.Combine(b, "metrics.jsonl"))
+                Expect.equal (metrics |> Array.filter (fun l -> l.Contains "\"step\"") |> Array.length) 30 "one JSONL line per step across both runs"
+            finally
+                for d in [ a; b ] do if Directory.Exists d then Directory.Delete(d, true)
+        }
+
+        test "the loss falls over 40 steps and an evaluation writes the best checkpoint" {
+            let dir = Path.Combine(Path.GetTempPath(), $"vct-run-c-{Guid.NewGuid():N}")
+            try
+                let root = data.Value
+                let train = Avsbench.records DatasetKind.S4 root "train"
+                let valr = Avsbench.records DatasetKind.S4 root "val"
+                let losses = Collections.Generic.List<float>()
+                let evals = Collections.Generic.List<float>()
+                let log e =
+                    match e with
+                    | Step(_, l, _, _, _) -> losses.Add l
+                    | Eval(_, mj, _, _) -> evals.Add mj
+                let r = Trainer.run { config 40 with EvalPeriod = 40 } train valr torch.CPU dir false ignore log CancellationToken.None
+                Expect.equal r.Outcome Completed "completes"
+                let early = Seq.take 5 losses |> Seq.average
+                let late = Seq.skip 35 losses |> Seq.average
+                Expect.isLessThan late early "loss falls"
+                Expect.equal evals.Count 1 "one evaluation at the end"
+                Expect.isTrue (evals[0] >= 0.0 && evals[0] <= 1.0) "M_J in [0, 1]"
+                Expect.isTrue (File.Exists(Path.Combine(dir, "model_best.safetensors"))) "best checkpoint"
+                let m, report = ModelIO.load (Path.Combine(dir, "model_best.safetensors")) torch.CPU
+                m.Dispose()
+                Expect.isTrue report.IsExact "the best checkpoint loads exactly"
+            finally
+                if Directory.Exists dir then Directory.Delete(dir, true)
+        }
+
+        test "a checkpoint write that fails part-way leaves the last good checkpoint intact" {
+            let dir = Path.Combine(Path.GetTempPath(), $"vct-ckpt-{Guid.NewGuid():N}")
+            Directory.CreateDirectory dir |> ignore
+            try
+                let path = Path.Combine(dir, "checkpoint_last.safetensors")
+                Checkpoint.Safetensors.write path (Collections.Generic.Dictionary()) [ "a", torch.ones(1000L) ]
+                let good = File.ReadAllBytes path
+                let broken = torch.ones(10L)
+                broken.Dispose() // reading its data throws mid-write
+                Expect.throws (fun () ->
+                    Checkpoint.Safetensors.write path (Collections.Generic.Dictionary()) [ "a", torch.zeros(1000L); "b", broken ]) "the write fails"
+                Expect.equal (File.ReadAllBytes path) good "old checkpoint unchanged"
+                Expect.isEmpty (Directory.GetFiles(dir, "*.tmp")) "no temporary file left"
+            finally
+                Directory.Delete(dir, true)
+        }
+
+        test "resuming without a checkpoint is a clear error naming the file" {
+            let dir = Path.Combine(Path.GetTempPath(), $"vct-run-none-{Guid.NewGuid():N}")
+            let e = Expect.throwsC (fun () -> runTo dir 5 true None |> ignore) id
+            Expect.stringContains e.Message "checkpoint_last.safetensors" "names the file"
+            if Directory.Exists dir then Directory.Delete(dir, true)
+        }
+    ]
