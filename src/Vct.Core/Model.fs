@@ -177,7 +177,7 @@ module VctMath =
     let foreground (scores: Tensor) : Tensor = Scope.run (fun () -> scores.softmax(1L).select(1L, 1L))
 
     /// S4/MS3 binary masks: foreground probability > 0.5 (ties are background). [BT, 2, H, W] -> bool [BT, H, W]
-    let binaryMasks (scores: Tensor) : Tensor = Scope.run (fun () -> (foreground scores).gt(0.5.ToScalar()))
+    let binaryMasks (scores: Tensor) : Tensor = Scope.run (fun () -> (foreground scores).gt(0.5.AsScalar))
 
     /// AVSS label maps: arg-max over the class scores. [BT, C, H, W] -> int64 [BT, H, W]
     let labelMaps (scores: Tensor) : Tensor = scores.argmax(1L)
@@ -228,7 +228,7 @@ type VctModel(cfg: VctConfig, gen: torch.Generator) as this =
         | None -> maps
         | Some f ->
             use maps = maps
-            use keep = f.``to``(maps.device).gt(0.5.ToScalar()).nonzero().squeeze(1L)
+            use keep = f.``to``(maps.device).gt(0.5.AsScalar).nonzero().squeeze(1L)
             maps.index_select(0L, keep)
 
     /// Full forward pass. `keepIntermediates` returns backbone, pixel-decoder and audio tensors; `keepMasks` the

@@ -104,7 +104,7 @@ module LogMel =
                     torch.tensor(m, dtype = wave.dtype, device = wave.device)                // [257, 64]
                 let fr = wave.unfold(-1L, int64 VggishParams.WindowLength, int64 VggishParams.HopLength) * window  // [.., F, 400]
                 let mag = torch.fft.rfft(fr, int64 VggishParams.FftLength, -1L).abs()       // [.., F, 257]
-                mag.matmul(mel).add(VggishParams.LogOffset.ToScalar()).log())                          // [.., F, 64]
+                mag.matmul(mel).add(VggishParams.LogOffset.AsScalar).log())                          // [.., F, 64]
 
     /// Frames a log-mel into examples: [F, 64] -> [n, 1, 96, 64] (incomplete tail dropped; n may be 0).
     let toExamples (logMel: Tensor) : Tensor =

@@ -27,8 +27,8 @@ module VggishPca =
         Scope.run (fun () ->
             let centred = embeddings.t() - means.reshape(-1L, 1L)                     // [128, N]
             let pca = eigenVectors.mm(centred).t()                                   // [N, 128]
-            let clipped = pca.clamp((-2.0).ToScalar(), (2.0).ToScalar())
-            clipped.add((2.0).ToScalar()).mul((255.0 / 4.0).ToScalar()).round())
+            let clipped = pca.clamp((-2.0).AsScalar, (2.0).AsScalar)
+            clipped.add((2.0).AsScalar).mul((255.0 / 4.0).AsScalar).round())
 
 /// The VGGish network as the official `audio_backbone` (reference: torchvggish `vggish.py`, VGG/VGGish):
 /// `features` = conv3x3 stack with max-pooling; input [N, 1, 96, 64] -> [N, 512, 6, 4]. The FC `embeddings`

@@ -82,8 +82,8 @@ module DropPath =
                     match gen with
                     | Some g -> torch.rand(shape, dtype = x.dtype, device = x.device, generator = g)
                     | None -> torch.rand(shape, dtype = x.dtype, device = x.device)
-                let mask = (u + keep.ToScalar()).floor_()
-                x.div(keep.ToScalar()) * mask)
+                let mask = (u + keep.AsScalar).floor_()
+                x.div(keep.AsScalar) * mask)
 
 /// Two-layer MLP with GELU (reference: swinb.py, Mlp). x: [.., C] -> [.., C]
 type SwinMlp(dim: int64, hidden: int64, drop: float) as this =
@@ -133,7 +133,7 @@ type WindowAttention(dim: int64, windowSize: int64, numHeads: int64, qkvBias: bo
             let b_, m, c = x.shape[0], x.shape[1], x.shape[2]
             if m <> n || c <> dim then invalidArg (nameof x) $"expected [B*nW, {n}, {dim}], got {Shape.show x}"
             let qkv = qkv.call(x).reshape(b_, n, 3L, numHeads, c / numHeads).permute(2L, 0L, 3L, 1L, 4L)  // [3, B_, h, N, d]
-            let q = qkv[0L] * scale.ToScalar()
+            let q = qkv[0L] * scale.AsScalar
             let k = qkv[1L]
             let v = qkv[2L]
             // NOTE: the bias and the mask are added in place and the logits freed right after the softmax: same

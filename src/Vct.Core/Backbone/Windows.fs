@@ -42,12 +42,12 @@ module Windows =
     ///   -> int64 [ws*ws, ws*ws], values in [0, (2 ws - 1)^2)
     let relativePositionIndex (ws: int64) : Tensor =
         Scope.run (fun () ->
-            let r = torch.arange(ws.ToScalar(), dtype = torch.int64)
+            let r = torch.arange(ws.AsScalar, dtype = torch.int64)
             let ys = r.repeat_interleave(ws)                          // [ws*ws] row of each token
             let xs = r.repeat(ws)                                     // [ws*ws] column of each token
-            let dy = ys.unsqueeze(1) - ys.unsqueeze(0) + (ws - 1L).ToScalar()   // [N, N]
-            let dx = xs.unsqueeze(1) - xs.unsqueeze(0) + (ws - 1L).ToScalar()
-            dy * (2L * ws - 1L).ToScalar() + dx)
+            let dy = ys.unsqueeze(1) - ys.unsqueeze(0) + (ws - 1L).AsScalar   // [N, N]
+            let dx = xs.unsqueeze(1) - xs.unsqueeze(0) + (ws - 1L).AsScalar
+            dy * (2L * ws - 1L).AsScalar + dx)
 
     /// Region label (0..8) of each position of the padded map for the shifted-window mask: rows and columns are
     /// split into [0, P - ws), [P - ws, P - shift), [P - shift, P); label = 3 * rowPart + colPart.
@@ -59,7 +59,7 @@ module Windows =
             let cols = Array.init (int wp) (fun j -> float32 (part wp (int64 j)))
             let r = torch.tensor(rows, device = device).view(1L, hp, 1L, 1L)
             let c = torch.tensor(cols, device = device).view(1L, 1L, wp, 1L)
-            r * 3.0f.ToScalar() + c)                                  // [1, Hp, Wp, 1]
+            r * 3.0f.AsScalar + c)                                  // [1, Hp, Wp, 1]
 
     /// Additive attention mask of the shifted windows: 0 where two tokens of a window come from the same region
     /// of the (cyclically shifted) padded map, -100 (the reference value, not -inf) where they do not.
@@ -71,4 +71,4 @@ module Windows =
             let ids = partition ws (regionIds hp wp ws shift device)  // [nW, ws, ws, 1]
             let ids = ids.view(-1L, ws * ws)                          // [nW, N]
             let diff = ids.unsqueeze(1) - ids.unsqueeze(2)            // [nW, N, N]
-            torch.zeros_like(diff).masked_fill(diff.ne(0.0f.ToScalar()), (-100.0f).ToScalar()))
+            torch.zeros_like(diff).masked_fill(diff.ne(0.0f.AsScalar), (-100.0f).AsScalar))

@@ -44,6 +44,18 @@ type BatchLoader<'T>(records: VideoRecord[], opts: LoaderOptions, transform: Vid
         let token = defaultArg cancel CancellationToken.None
         let order = this.Order epoch
         let nBatches = if opts.DropLast then order.Length / opts.BatchSize else (order.Length + opts.BatchSize - 1) / opts.BatchSize
+        if opts.Workers <= 0 then
+            // Synchronous mode: each batch is made on the caller's thread when it is asked for (same seeds, same
+            // batches). Used by the trainer: see Trainer's NOTE on TorchSharp's finaliser race.
+            seq {
+                for b in 0 .. nBatches - 1 do
+                    token.ThrowIfCancellationRequested()
+                    let items = order[b * opts.BatchSize .. min order.Length ((b + 1) * opts.BatchSize) - 1]
+                    yield items |> Array.mapi (fun i item ->
+                        let pos = b * opts.BatchSize + i
+                        transform records[item] (Random(DeterministicSeed.mix [ opts.Seed; epoch; pos ])))
+            }
+        else
         seq {
             use cts = CancellationTokenSource.CreateLinkedTokenSource token
             use queue = new BlockingCollection<Choice<'T[], exn>>(max 1 opts.Prefetch)

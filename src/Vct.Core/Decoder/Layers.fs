@@ -38,7 +38,7 @@ type MultiheadAttention(embedDim: int64, numHeads: int64) as this =
             let bi = in_proj_bias.chunk(3L, 0L)
             let heads (x: Tensor) (len: int64) = x.reshape(len, b * numHeads, headDim).transpose(0L, 1L) // [B*h, M, d]
             // NOTE: q is scaled before the product, as torch 1.13's _scaled_dot_product_attention does.
-            let q = heads (functional.linear(query, w[0], bi[0])) l * (1.0 / sqrt (float headDim)).ToScalar()
+            let q = heads (functional.linear(query, w[0], bi[0])) l * (1.0 / sqrt (float headDim)).AsScalar
             let k = heads (functional.linear(key, w[1], bi[1])) s
             let v = heads (functional.linear(value, w[2], bi[2])) s
             let logits = q.bmm(k.transpose(1L, 2L))                                   // [B*h, L, S]
@@ -47,7 +47,7 @@ type MultiheadAttention(embedDim: int64, numHeads: int64) as this =
                 | Some m ->
                     if m.shape <> [| b * numHeads; l; s |] then
                         invalidArg "attnMask" $"attention mask must be [{b * numHeads}, {l}, {s}], got {Shape.show m}"
-                    logits.masked_fill(m, Double.NegativeInfinity.ToScalar())
+                    logits.masked_fill(m, Double.NegativeInfinity.AsScalar)
                 | None -> logits
             let attn = logits.softmax(-1L)
             let out = attn.bmm(v).transpose(0L, 1L).reshape(l * b, embedDim)        // [L*B, C]

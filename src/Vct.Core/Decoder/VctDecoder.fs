@@ -67,7 +67,7 @@ module PredictionHeads =
     let attentionMask (numHeads: int64) (h: int64, w: int64) (masks: Tensor) : Tensor =
         Scope.run (fun () ->
             let resized = functional.interpolate(masks.detach(), [| h; w |], mode = torch.InterpolationMode.Bilinear, align_corners = false)
-            let blocked = resized.sigmoid().flatten(2L).lt(0.5.ToScalar())                      // [BT, N, hw]
+            let blocked = resized.sigmoid().flatten(2L).lt(0.5.AsScalar)                      // [BT, N, hw]
             blocked.unsqueeze(1L).expand(-1L, numHeads, -1L, -1L).flatten(0L, 1L).contiguous())
 
     /// Rows blocked everywhere are opened completely (the official reset before each visual layer).

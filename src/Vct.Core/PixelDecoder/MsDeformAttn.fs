@@ -32,7 +32,7 @@ module MsDeformAttnCore =
             invalidArg (nameof weights) $"weights {Shape.show weights} do not match locations {Shape.show locations}"
         Scope.run (fun () ->
             let starts = levelStartIndex shapes
-            let grids = locations * 2.0f.ToScalar() - 1.0f.ToScalar()                     // [N, Lq, M, L, P, 2]
+            let grids = locations * 2.0f.AsScalar - 1.0f.AsScalar                     // [N, Lq, M, L, P, 2]
             let sampled =
                 shapes |> Array.mapi (fun lvl (h, w) ->
                     // [N, HW, M, D] -> [N, HW, M*D] -> [N, M*D, HW] -> [N*M, D, H, W]
@@ -121,7 +121,7 @@ type MSDeformAttn(dModel: int64, nLevels: int64, nHeads: int64, nPoints: int64) 
             let value = value_proj.call input
             let value =
                 match paddingMask with
-                | Some mk -> value.masked_fill(mk.unsqueeze(-1L), 0.0f.ToScalar())
+                | Some mk -> value.masked_fill(mk.unsqueeze(-1L), 0.0f.AsScalar)
                 | None -> value
             let value = value.view(n, s, nHeads, dModel / nHeads)
             let loc, weights = this.Locations(query, referencePoints, shapes)

@@ -22,11 +22,11 @@ module PositionEmbedding =
             let yEmbed, xEmbed =
                 if normalize then
                     let eps = 1e-6
-                    yEmbed / (yEmbed.narrow(1L, h - 1L, 1L) + eps.ToScalar()) * scale.ToScalar(),
-                    xEmbed / (xEmbed.narrow(2L, w - 1L, 1L) + eps.ToScalar()) * scale.ToScalar()
+                    yEmbed / (yEmbed.narrow(1L, h - 1L, 1L) + eps.AsScalar) * scale.AsScalar,
+                    xEmbed / (xEmbed.narrow(2L, w - 1L, 1L) + eps.AsScalar) * scale.AsScalar
                 else yEmbed, xEmbed
-            let dimT = torch.arange(numPosFeats.ToScalar(), dtype = torch.float32, device = device)
-            let exponent = (dimT.floor_divide(2.0f.ToScalar()) * 2.0f.ToScalar()).div((float32 numPosFeats).ToScalar())
+            let dimT = torch.arange(numPosFeats.AsScalar, dtype = torch.float32, device = device)
+            let exponent = (dimT.floor_divide(2.0f.AsScalar) * 2.0f.AsScalar).div((float32 numPosFeats).AsScalar)
             let dimT = torch.pow(torch.tensor(float32 temperature, device = device), exponent)                      // [F]
             let embed (e: Tensor) =
                 let p = e.unsqueeze(-1L) / dimT                                        // [B, H, W, F]

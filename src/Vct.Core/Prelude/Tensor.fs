@@ -29,3 +29,32 @@ module Shape =
     let requireRank (name: string) (rank: int) (t: Tensor) =
         if int t.Dimensions <> rank then
             invalidArg name $"{name} must have {rank} dimensions, got {show t}"
+
+/// Scalars that live for the whole process.
+/// NOTE: TorchSharp's `Scalar` is not tracked by dispose scopes and its P/Invokes pass only its handle, so a
+/// temporary `x.ToScalar()` can be finalised by the GC while the native call still uses it (seen as
+/// "Scalar.h: Expected false to be true" after a few hundred training steps). Constants are therefore taken
+/// from this cache, which keeps one Scalar per distinct value alive forever (a bounded set in practice).
+[<RequireQualifiedAccess>]
+module Scalars =
+    let private cache = System.Collections.Concurrent.ConcurrentDictionary<struct (int * int64), Scalar>()
+    /// A double Scalar.
+    let ofFloat (x: float) = cache.GetOrAdd(struct (0, System.BitConverter.DoubleToInt64Bits x), fun _ -> x.ToScalar())
+    /// An int64 Scalar.
+    let ofInt64 (x: int64) = cache.GetOrAdd(struct (1, x), fun _ -> x.ToScalar())
+    /// A float32 Scalar.
+    let ofSingle (x: float32) = cache.GetOrAdd(struct (2, int64 (System.BitConverter.SingleToInt32Bits x)), fun _ -> x.ToScalar())
+    /// An int32 Scalar.
+    let ofInt32 (x: int) = cache.GetOrAdd(struct (3, int64 x), fun _ -> x.ToScalar())
+
+/// `x.AsScalar`: a process-lifetime Scalar (see `Scalars`); use it instead of `x.ToScalar()`.
+[<AutoOpen>]
+module ScalarExtensions =
+    type System.Double with
+        member x.AsScalar = Scalars.ofFloat x
+    type System.Int64 with
+        member x.AsScalar = Scalars.ofInt64 x
+    type System.Single with
+        member x.AsScalar = Scalars.ofSingle x
+    type System.Int32 with
+        member x.AsScalar = Scalars.ofInt32 x

@@ -38,12 +38,12 @@ module Grouping =
     let gumbelNoise (shape: int64[]) (dtype: torch.ScalarType) (device: torch.Device) (gen: torch.Generator) =
         Scope.run (fun () ->
             let u = torch.rand(shape, dtype = dtype, device = device, generator = gen)
-            u.clamp(min = (1e-10).ToScalar(), max = (1.0 - 1e-7).ToScalar()).log().neg().log().neg())
+            u.clamp(min = (1e-10).AsScalar, max = (1.0 - 1e-7).AsScalar).log().neg().log().neg())
 
     /// Gumbel-softmax along `dim` with the given noise: softmax((logits + noise) / tau), hard or soft.
     let gumbelSoftmaxWith (tau: float) (hard: bool) (dim: int64) (noise: Tensor) (logits: Tensor) =
         Scope.run (fun () ->
-            let y = (logits + noise).div(tau.ToScalar())
+            let y = (logits + noise).div(tau.AsScalar)
             if hard then hardSoftmax dim y else y.softmax(dim))
 
 /// What one assignment computed, for inspection: `Hard` is the (straight-through) assignment before
@@ -80,7 +80,7 @@ type AssignAttention(cfg: AssignConfig, gen: torch.Generator) as this =
         let q = heads (q_proj.call query)                                    // [B, h, N, C/h]
         let k = heads (k_proj.call key)                                      // [B, h, S, C/h]
         let v = heads (v_proj.call key)                                      // [B, h, S, C/h]
-        let logits = q.matmul(k.transpose(-2L, -1L)) * scale.ToScalar()      // [B, h, N, S]
+        let logits = q.matmul(k.transpose(-2L, -1L)) * scale.AsScalar      // [B, h, N, S]
         let attn =
             if cfg.Gumbel && this.training then
                 let g =
@@ -90,7 +90,7 @@ type AssignAttention(cfg: AssignConfig, gen: torch.Generator) as this =
                 Grouping.gumbelSoftmaxWith cfg.GumbelTau cfg.Hard -2L g logits
             elif cfg.Hard then Grouping.hardSoftmax -2L logits
             else logits.softmax(-2L)
-        let normalised = attn / (attn.sum(-1L, keepdim = true) + cfg.AssignEps.ToScalar())
+        let normalised = attn / (attn.sum(-1L, keepdim = true) + cfg.AssignEps.AsScalar)
         let out = normalised.matmul(v).transpose(1L, 2L).reshape(b, n, c)     // [B, N, C]
         let result = proj.call out
         result.MoveToOuterDisposeScope(),

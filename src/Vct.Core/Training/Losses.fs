@@ -72,16 +72,16 @@ module Losses =
     let sigmoidCe (numMasks: float) (pointLogits: Tensor) (pointLabels: Tensor) : Tensor =
         Scope.run (fun () ->
             functional.binary_cross_entropy_with_logits(pointLogits, pointLabels, reduction = Reduction.None)
-                .mean([| 1L |]).sum() / numMasks.ToScalar())
+                .mean([| 1L |]).sum() / numMasks.AsScalar)
 
     /// Σ_masks [1 - (2 Σ σ(x) t + 1) / (Σ σ(x) + Σ t + 1)] / numMasks. pointLogits, pointLabels [K, P] -> scalar
     let dice (numMasks: float) (pointLogits: Tensor) (pointLabels: Tensor) : Tensor =
         Scope.run (fun () ->
             let p = pointLogits.sigmoid().flatten(1L)
-            let numerator = (p * pointLabels).sum(-1L) * 2.0f.ToScalar()
+            let numerator = (p * pointLabels).sum(-1L) * 2.0f.AsScalar
             let denominator = p.sum(-1L) + pointLabels.sum(-1L)
-            let loss = 1.0f.ToScalar() - (numerator + 1.0f.ToScalar()) / (denominator + 1.0f.ToScalar())
-            loss.sum() / numMasks.ToScalar())
+            let loss = 1.0f.AsScalar - (numerator + 1.0f.AsScalar) / (denominator + 1.0f.AsScalar)
+            loss.sum() / numMasks.AsScalar)
 
     /// The matched target masks, zero-padded to the largest height and width (nested_tensor_from_tensor_list).
     /// -> [K, 1, H, W] in `dtype`
@@ -113,7 +113,7 @@ module Losses =
         let coords = Points.uncertain uniform numPoints oversample importance src
         let lossMask, lossDice =
             if k = 0L then
-                let zero = masks.sum() * 0.0f.ToScalar()
+                let zero = masks.sum() * 0.0f.AsScalar
                 zero, zero.clone()
             else
                 let labels =
@@ -269,7 +269,7 @@ type Criterion(cfg: CriterionConfig) as this =
                 | _ -> Losses.pacTargetsOfLabels k targets
             raw.Add("loss_proto", Losses.prototype logit_scale (select audio) (select proto) target)
         | _ -> invalidArg (nameof output) "the PAC loss needs AudioFeat and ProtoFeat (a model with prototypes)"
-        let terms = [ for name, t in raw -> name, t * cfg.WeightOf(name).ToScalar() ]
+        let terms = [ for name, t in raw -> name, t * cfg.WeightOf(name).AsScalar ]
         let total = terms |> List.map snd |> List.reduce (fun a b -> a + b)
         // Only the results leave the scope; autograd keeps what backward needs.
         let keep (t: Tensor) = t.MoveToOuterDisposeScope()

@@ -46,12 +46,12 @@ module TrainJob =
             match preset with
             | "tiny" ->
                 // NOTE: the tiny preset departs from the released schedule so that it learns in minutes on 2 CPU
-                // cores: a 64x64 crop, 1024 sampled points (masks are 16x16), a 5x higher base LR and 4 videos
+                // cores: a 64x64 crop, 1024 sampled points (masks are 16x16), a 5x higher base LR and 16 videos
                 // per step. Everything else (losses, matcher, AdamW groups, clipping, poly LR) is the released one.
                 { Model = VctConfig.Tiny(subset, int64 tinyImageSize, 23L)
                   Criterion = released.WithNumPoints 1024L
                   Optim = { OptimConfig.Released with BaseLr = 5e-4 }
-                  Iterations = 1500; BatchVideos = 4; EvalPeriod = 250; CheckpointPeriod = 250
+                  Iterations = 1500; BatchVideos = 16; EvalPeriod = 250; CheckpointPeriod = 250
                   Seed = o.Seed; CropSize = tinyImageSize; ColorJitter = true; Workers = o.Workers }
             | "s4" | "ms3" | "avss" ->
                 let its = match subset with Subset.MS3 -> 40000 | _ -> 45000
@@ -80,7 +80,8 @@ module TrainJob =
         if File.Exists(Path.Combine(dir, "metadata.csv")) then $"using the synthetic S4-like set in {dir}"
         else
             let r = Synth.generate tinySynth dir
-            $"wrote the synthetic S4-like set to {dir}: {r}"
+            let names = String.Join(", ", r.CategoryNames)
+            $"wrote the synthetic S4-like set to {dir}: {r.Videos.Length} videos ({tinySynth.Train}/{tinySynth.Val}/{tinySynth.Test}), {tinySynth.Size}x{tinySynth.Size} frames, categories {names}"
 
     /// Evaluates a model on records with the true audio and with each video's audio swapped for another's.
     let evaluateWithControl (model: VctModel) (records: VideoRecord[]) (workers: int) =
@@ -110,9 +111,19 @@ module TrainJob =
             o.SwinWeights |> Option.iter (fun path ->
                 let swins = [ yield m.VisualEncoder.Backbone; match m.VisualEncoder.PreSamBackbone with Some p -> yield p | None -> () ]
                 for r in Backbone.SwinPretrained.loadImageNet path swins do log $"Swin weights from {path}: {r}")
-            o.VggishWeights |> Option.iter (fun path ->
+            match o.VggishWeights with
+            | Some path ->
                 let r = m.AudioBackbone.Load path
-                log $"VGGish weights from {path}: loaded {r.Loaded.Length}, ignored (unused FC) {r.Dropped.Length}")
+                log $"VGGish weights from {path}: loaded {r.Loaded.Length}, ignored (unused FC) {r.Dropped.Length}"
+            | None ->
+                // NOTE: without the AudioSet weights VGGish stays frozen (as in VCT) but random. PyTorch's default
+                // conv init shrinks the activation variance ~6x per layer (1e-5 after six layers), which leaves the
+                // audio MLP almost nothing to read; He initialisation keeps the features' scale.
+                use _ = torch.no_grad ()
+                for struct (name, p) in m.AudioBackbone.named_parameters () do
+                    if name.EndsWith "weight" then torch.nn.init.kaiming_normal_(p, nonlinearity = torch.nn.init.NonlinearityType.ReLU) |> ignore
+                    else p.zero_() |> ignore
+                log "VGGish: no weights given (--vggish-weights); using a frozen He-initialised VGGish"
         let result = Trainer.run cfg train valr o.Device runDir o.Resume init events cancel
         let summary = JsonObject()
         summary["preset"] <- JsonValue.Create o.Preset
@@ -154,10 +165,10 @@ module TrainJob =
                                         audioMaps = (audio.FrameMaps r).``to``(device))
                       let gt = Batch.labels v.Masks
                       let scores = VctMath.semanticInference out.InputSize (gt.shape[1], gt.shape[2]) out.Decoder.Last.Logits out.Decoder.Last.Masks
-                      let pred = if subset = Subset.AVSS then VctMath.labelMaps(scores).gt(0L.ToScalar()) else VctMath.binaryMasks scores
+                      let pred = if subset = Subset.AVSS then VctMath.labelMaps(scores).gt(0L.AsScalar) else VctMath.binaryMasks scores
                       let gtFrames = frames.index_select(0L, torch.tensor(r.MaskFrames |> Array.map int64))
                       let predFrames = pred.cpu().index_select(0L, torch.tensor(r.MaskFrames |> Array.map int64))
-                      gtFrames, predFrames, gt.gt(0L.ToScalar()).logical_and(gt.ne(255L.ToScalar())) ]
+                      gtFrames, predFrames, gt.gt(0L.AsScalar).logical_and(gt.ne(255L.AsScalar)) ]
             Report.overlayPng (Path.Combine(runDir, "overlays.png")) rows
         if File.Exists files.Metrics then
             let m = Report.readLog files.Metrics

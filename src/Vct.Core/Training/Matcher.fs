@@ -28,7 +28,7 @@ module FrameTarget =
         use scope = torch.NewDisposeScope()
         let map = labelMap.to_type(torch.int64)
         let values = map.flatten().unique(sorted = true) |> fun struct (v, _, _) -> v
-        let labels = values.masked_select(values.ne(ignore.ToScalar()))
+        let labels = values.masked_select(values.ne(ignore.AsScalar))
         let masks =
             if labels.shape[0] = 0L then torch.zeros([| 0L; map.shape[0]; map.shape[1] |], dtype = torch.float32, device = map.device)
             else map.unsqueeze(0L).eq(labels.view(-1L, 1L, 1L)).to_type(torch.float32)
@@ -62,7 +62,7 @@ module Points =
     /// grid_sample(2p - 1), zeros padding, align_corners = false. -> [N, C, P]
     let sample (input: Tensor) (coords: Tensor) : Tensor =
         Scope.run (fun () ->
-            let grid = (coords * 2.0f.ToScalar() - 1.0f.ToScalar()).unsqueeze(2L)        // [N, P, 1, 2]
+            let grid = (coords * 2.0f.AsScalar - 1.0f.AsScalar).unsqueeze(2L)        // [N, P, 1, 2]
             functional.grid_sample(input, grid, mode = torch.GridSampleMode.Bilinear,
                                    padding_mode = torch.GridSamplePaddingMode.Zeros, align_corners = false)
                 .squeeze(3L))
@@ -109,15 +109,15 @@ module Matcher =
             let pos = functional.binary_cross_entropy_with_logits(logits, torch.ones_like(logits), reduction = Reduction.None)
             let neg = functional.binary_cross_entropy_with_logits(logits, torch.zeros_like(logits), reduction = Reduction.None)
             let one = torch.ones_like(targets)
-            (pos.matmul(targets.t()) + neg.matmul((one - targets).t())) / (float p).ToScalar())
+            (pos.matmul(targets.t()) + neg.matmul((one - targets).t())) / (float p).AsScalar)
 
     /// 1 - (2 sum sigma(x) t + 1) / (sum sigma(x) + sum t + 1) for every pair. logits [N, P], targets [M, P] -> [N, M]
     let diceCost (logits: Tensor) (targets: Tensor) : Tensor =
         Scope.run (fun () ->
             let p = logits.sigmoid()
-            let numerator = p.matmul(targets.t()) * 2.0f.ToScalar()
+            let numerator = p.matmul(targets.t()) * 2.0f.AsScalar
             let denominator = p.sum(-1L).unsqueeze(1L) + targets.sum(-1L).unsqueeze(0L)
-            1.0f.ToScalar() - (numerator + 1.0f.ToScalar()) / (denominator + 1.0f.ToScalar()))
+            1.0f.AsScalar - (numerator + 1.0f.AsScalar) / (denominator + 1.0f.AsScalar))
 
     /// The weighted cost matrix of one frame [N, M] (float32):
     ///   CostMask * BCE + CostClass * (-softmax(logits)[:, label]) + CostDice * dice,
@@ -140,7 +140,7 @@ module Matcher =
                 let outPts = (Points.sample (masks.unsqueeze(1L)) (pts.unsqueeze(0L).expand(n, -1L, -1L))).squeeze(1L).float()
                 let costMask = sigmoidCeCost outPts tgtPts
                 let costDice = diceCost outPts tgtPts
-                costMask * cfg.CostMask.ToScalar() + costClass.float() * cfg.CostClass.ToScalar() + costDice * cfg.CostDice.ToScalar())
+                costMask * cfg.CostMask.AsScalar + costClass.float() * cfg.CostClass.AsScalar + costDice * cfg.CostDice.AsScalar)
 
     /// Optimal (query indices, target indices) of one frame for a cost matrix [N, M]; query indices ascending.
     let assign (cost: Tensor) : int64[] * int64[] =

@@ -120,7 +120,7 @@ module Report =
             let img = torch.nn.functional.interpolate(frames.to_type(torch.float32), [| int64 cell; int64 cell |], mode = torch.InterpolationMode.Bilinear, align_corners = false)
             let p, g = resize pred, resize gt
             for t in 0L .. frames.shape[0] - 1L do
-                let rgb = img[t].permute(1L, 2L, 0L).clamp(0.0.ToScalar(), 255.0.ToScalar()).contiguous().data<float32>().ToArray()
+                let rgb = img[t].permute(1L, 2L, 0L).clamp(0.0.AsScalar, 255.0.AsScalar).contiguous().data<float32>().ToArray()
                 let pm = p[t].contiguous().data<float32>().ToArray()
                 let gm = g[t].contiguous().data<float32>().ToArray()
                 for (col, mask, tint) in [ 0, pm, (255.0f, 0.0f, 0.0f); 1, gm, (0.0f, 200.0f, 0.0f) ] do

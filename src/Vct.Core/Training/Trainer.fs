@@ -111,7 +111,9 @@ module Trainer =
         use _ = torch.no_grad ()
         model.eval ()
         let device = (Seq.head (model.parameters ())).device
-        let loader = Pipeline.evalLoader workers { Data.LoadOptions.Default with FrameSize = None } records
+        ignore workers // decoded on this thread: see the NOTE in `run`
+        let loader = BatchLoader(records, { LoaderOptions.Default with BatchSize = 1; Shuffle = false; Workers = 0; DropLast = false },
+                                 fun r _ -> Avsbench.loadVideo { Data.LoadOptions.Default with FrameSize = None } r)
         let mutable index = 0
         for batch in loader.Epoch 0 do
             for v in batch do
@@ -124,7 +126,7 @@ module Trainer =
                 let maps = audio.FrameMaps source
                 let t = frames.shape[0]
                 // A shuffled clip of another length: repeat or cut to this video's frame count.
-                let maps = if maps.shape[0] = t then maps else maps.index_select(0L, torch.arange(t.ToScalar(), dtype = torch.int64).remainder(maps.shape[0].ToScalar()))
+                let maps = if maps.shape[0] = t then maps else maps.index_select(0L, torch.arange(t.AsScalar, dtype = torch.int64).remainder(maps.shape[0].AsScalar))
                 let inputs =
                     { Images = frames.``to``(device); PreMasks = None
                       AudioLogMel = torch.zeros(t, 1L, 96L, 64L, device = device); TemporalFlags = None }
@@ -210,7 +212,13 @@ module Trainer =
         let subset = cfg.Model.Subset
         let loadOpts = { Data.LoadOptions.Default with FrameSize = Some cfg.CropSize }
         let aug = { AugmentOptions.Default with CropSize = cfg.CropSize; ColorJitter = cfg.ColorJitter; SquashToSquare = (subset = Subset.AVSS) }
-        let loaderOpts = { LoaderOptions.Default with BatchSize = cfg.BatchVideos; Seed = cfg.Seed; Workers = cfg.Workers }
+        // NOTE: batches are decoded on this thread (Workers = 0). TorchSharp 0.107 passes only the handles of the
+        // Scalars it creates internally (e.g. the alpha of every add) to native code, so a GC that another thread
+        // triggers during a native call can finalise such a Scalar while LibTorch still reads it ("Scalar.h:
+        // Expected false to be true", seen after a few hundred steps with background decoding). With no other
+        // thread allocating, no GC starts during a native call. At the tiny preset's sizes decoding costs a few
+        // percent of a step; `cfg.Workers` is kept for when TorchSharp fixes this.
+        let loaderOpts = { LoaderOptions.Default with BatchSize = cfg.BatchVideos; Seed = cfg.Seed; Workers = 0 }
         let loader = BatchLoader(trainRecords, loaderOpts, fun r rng -> r, Augment.video aug rng (Avsbench.loadVideo loadOpts r))
         let perEpoch = loader.BatchesPerEpoch
         let mutable lastEval = None
