@@ -112,4 +112,25 @@ let tests =
             Expect.stringContains e.Message "checkpoint_last.safetensors" "names the file"
             if Directory.Exists dir then Directory.Delete(dir, true)
         }
+    
+        test "vct eval writes per-video CSV and a summary with M_J, M_F and the audio-shuffled control" {
+            let dir = Path.Combine(Path.GetTempPath(), $"vct-eval-{Guid.NewGuid():N}")
+            Directory.CreateDirectory dir |> ignore
+            try
+                let ckpt = Path.Combine(dir, "m.safetensors")
+                let m = new VctModel(VctConfig.Tiny(Subset.S4, 32L, 23L))
+                ModelIO.save ckpt m
+                m.Dispose()
+                let out = Path.Combine(dir, "eval")
+                let code, stdout, err = CliTests.runVct [ "eval"; "--checkpoint"; ckpt; "--data"; data.Value; "--split"; "val"; "--out"; out; "--audio-shuffled" ]
+                Expect.equal code 0 $"vct eval failed: {stdout}\n{err}"
+                use doc = Text.Json.JsonDocument.Parse(File.ReadAllText(Path.Combine(out, "summary.json")))
+                for k in [ "m_j"; "m_f"; "m_j_audio_shuffled"; "m_f_audio_shuffled" ] do
+                    let v = doc.RootElement.GetProperty(k).GetDouble()
+                    Expect.isTrue (v >= 0.0 && v <= 1.0) $"{k} in [0, 1]"
+                let rows = File.ReadAllLines(Path.Combine(out, "per_video.csv"))
+                Expect.equal rows.Length 3 "header + 2 validation videos"
+            finally
+                Directory.Delete(dir, true)
+        }
     ]

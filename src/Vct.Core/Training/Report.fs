@@ -58,7 +58,11 @@ module Report =
             |> Chart.withYAxisStyle "validation score"
             |> Chart.withTitle "Validation M_J and M_F"
         let save (chart: GenericChart) (name: string) =
-            let html = chart |> GenericChart.toEmbeddedHTML
+            // plotly.js inlined (read from Plotly.NET's resources): the page works offline.
+            let html =
+                chart
+                |> Chart.withDisplayOptions (DisplayOptions.init (PlotlyJSReference = PlotlyJSReference.Full))
+                |> GenericChart.toEmbeddedHTML
             File.WriteAllText(Path.Combine(dir, name), html)
         save lossChart "loss.html"
         save metricChart "metrics.html"
