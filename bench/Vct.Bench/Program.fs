@@ -3,7 +3,8 @@
 module Vct.Bench.Program
 
 let suites : (string * (int -> unit)) list =
-    [ "checkpoint", CheckpointBench.run ]
+    [ "checkpoint", CheckpointBench.run
+      "model", ModelBench.run ]
 
 [<EntryPoint>]
 let main argv =

@@ -1,0 +1,112 @@
+/// Model forward latency and peak memory on the CPU: the full 5-frame S4 forward at 384 with and without the
+/// pre-SAM branch, one Swin-B, the pixel decoder and the transformer decoder, ours against the official model
+/// run by the shared official-ref tool (`time_official.py`, Debian's torch with OpenBLAS) in the same run.
+module Vct.Bench.ModelBench
+
+open System
+open System.IO
+open System.Text.Json
+open TorchSharp
+open Vct.Core
+open Vct.Bench.Harness
+
+/// Resets the process's peak-RSS counter (Linux: "5" to clear_refs) so VmHWM measures from here.
+let private resetPeak () = try File.WriteAllText("/proc/self/clear_refs", "5"); true with _ -> false
+
+let private peakMiB () =
+    try
+        File.ReadAllLines "/proc/self/status"
+        |> Array.pick (fun l -> if l.StartsWith "VmHWM:" then Some(float (l.Split(' ', StringSplitOptions.RemoveEmptyEntries)[1]) / 1024.0) else None)
+    with _ -> nan
+
+/// (median seconds, peak MiB during the timed runs) of `f`.
+let private measure (warmup: int) (runs: int) (f: unit -> unit) =
+    for _ in 1 .. warmup do f ()
+    GC.Collect()
+    let ok = resetPeak ()
+    let times = time 0 runs f
+    median times, (if ok then peakMiB () else nan)
+
+let private officialRef () =
+    match Environment.GetEnvironmentVariable "VCT_OFFICIAL_REF" with
+    | null | "" -> Path.GetFullPath(Path.Combine(repoRoot, "..", "shared", "tools", "official-ref"))
+    | p -> p
+
+let run (repeats: int) =
+    torch.set_num_threads 2
+    let frames = 5L
+    let inputs (preSam: bool) =
+        torch.manual_seed 0L |> ignore
+        { Images = torch.rand(frames, 3L, 384L, 384L) * 255.0.AsScalar
+          PreMasks = (if preSam then Some(torch.rand(frames, 3L, 384L, 384L) * 255.0.AsScalar) else None)
+          AudioLogMel = torch.randn(frames, 1L, 96L, 64L)
+          TemporalFlags = None }
+    let results = Collections.Generic.Dictionary<string, float * float>()
+    use _ = torch.no_grad ()
+    for preSam in [ true; false ] do
+        printfn "model: ours, full forward, pre-SAM %b" preSam
+        use m = new VctModel((VctConfig.Released Subset.S4).WithUsePreSam preSam)
+        m.eval ()
+        let x = inputs preSam
+        results[if preSam then "full_presam" else "full_nopresam"] <-
+            measure 1 (max 2 (repeats - 1)) (fun () -> use _ = torch.NewDisposeScope() in (m.Forward x :> IDisposable).Dispose())
+        if preSam then
+            // The parts, on the same model and inputs.
+            use scope = torch.NewDisposeScope()
+            let images = VctMath.padTo 32L (VctMath.normalise x.Images)
+            let pre = VctMath.normalise x.PreMasks.Value
+            printfn "model: ours, parts"
+            results["backbone"] <- measure 1 repeats (fun () -> use _ = torch.NewDisposeScope() in m.VisualEncoder.Backbone.call images |> ignore)
+            let features = m.VisualEncoder.Forward(images, Some pre)
+            results["pixel_decoder"] <- measure 1 repeats (fun () -> use _ = torch.NewDisposeScope() in m.Head.PixelDecoder.call features |> ignore)
+            let pix = m.Head.PixelDecoder.call features
+            let audio = m.Head.AudioTransformation.call (m.AudioBackboneFeatures(x.AudioLogMel, None))
+            results["transformer_decoder"] <-
+                measure 1 repeats (fun () ->
+                    use _ = torch.NewDisposeScope()
+                    (m.Head.Predictor.Forward(audio, pix.MultiScaleFeatures, pix.MaskFeatures) :> IDisposable).Dispose())
+    // The official model, each case in a fresh process, same threads.
+    let dir = Path.Combine(Path.GetTempPath(), $"vct-bench-model-{Environment.ProcessId}")
+    Directory.CreateDirectory dir |> ignore
+    let official =
+        try
+            let script = Path.Combine(officialRef (), "time_official.py")
+            if not (File.Exists script) then failwithf "official timing script not found: %s (set VCT_OFFICIAL_REF)" script
+            let json = Path.Combine(dir, "timing.json")
+            let psi = Diagnostics.ProcessStartInfo("/usr/bin/python3")
+            for a in [ script; "--fresh"; "--no-repeat"; "--threads"; "2"; "--json"; json; "--md"; Path.Combine(dir, "timing.md")
+                       "--warmup"; "1"; "--runs"; string repeats; "--warmup-full"; "1"; "--runs-full"; string (max 2 (repeats - 1)) ] do
+                psi.ArgumentList.Add a
+            printfn "model: official (time_official.py)..."
+            use p = Diagnostics.Process.Start psi
+            p.WaitForExit()
+            if p.ExitCode <> 0 then failwithf "time_official.py failed (%d)" p.ExitCode
+            use doc = JsonDocument.Parse(File.ReadAllText json)
+            [ for r in doc.RootElement.EnumerateArray() ->
+                  r.GetProperty("case").GetString(), (r.GetProperty("median_s").GetDouble(), r.GetProperty("peak_rss_mb_process").GetDouble()) ]
+            |> Map.ofList
+        finally
+            try Directory.Delete(dir, true) with _ -> ()
+    let rows =
+        [ for case, label in [ "full_presam", "full S4 forward, 5 frames at 384, pre-SAM on"
+                               "full_nopresam", "full S4 forward, 5 frames at 384, pre-SAM off"
+                               "backbone", "one Swin-B, 5 frames at 384"
+                               "pixel_decoder", "pixel decoder (5 frames)"
+                               "transformer_decoder", "VCT transformer decoder (5 frames)" ] ->
+              let (s, mem) = results[case]
+              let os, omem = defaultArg (official.TryFind case) (nan, nan)
+              $"| {label} | {s:F2} | {os:F2} | {s / os:F2} | {mem:F0} | {omem:F0} |" ]
+    let md =
+        String.concat "\n"
+            [ "## Model forward, CPU (model issue, vision issue)"
+              ""
+              "Measured " + DateTime.UtcNow.ToString("yyyy-MM-dd") + " on " + machine () + "; 2 LibTorch threads on both sides; official: the shared"
+              "official-ref tool (`time_official.py`: official VCT code, Debian torch 1.13, OpenBLAS, each case in a fresh"
+              "process) in the same run. Medians; random weights, eval mode, no gradients. Peak memory: ours is the .NET"
+              "process's VmHWM during the timed runs (model already built), the official figure the child's peak RSS."
+              ""
+              "| case | ours (s) | official (s) | ours / official | ours peak (MiB) | official peak (MiB) |"
+              "| --- | ---: | ---: | ---: | ---: | ---: |"
+              yield! rows ]
+    writeSection "model" md
+    printfn "%s" md
