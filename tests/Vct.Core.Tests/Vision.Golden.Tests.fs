@@ -9,66 +9,23 @@ open Vct.Core
 open Vct.Core.Backbone
 open Vct.Core.PixelDecoder
 
-/// tests/golden, found by walking up from the test binary.
-let goldenRoot =
-    lazy
-        (let rec up (dir: DirectoryInfo) =
-            if isNull dir then failwith "tests/golden not found above the test binary"
-            let candidate = Path.Combine(dir.FullName, "tests", "golden")
-            if Directory.Exists(Path.Combine(candidate, "vision")) then candidate else up dir.Parent
-         up (DirectoryInfo AppContext.BaseDirectory))
+/// tests/golden (shared helpers in Golden.fs).
+let goldenRoot = Golden.root
 
 /// Same shape and identical values.
 let same (a: Tensor) (b: Tensor) = a.shape = b.shape && a.eq(b).all().item<bool>()
 
 let visionFile (name: string) = Path.Combine(goldenRoot.Value, "vision", name)
 
-/// A golden file: flat dict name -> tensor (torch.save'd by the official harness or by make_vision_fixtures.py).
+/// A golden file under tests/golden/vision: flat dict name -> tensor.
 type Golden(name: string) =
-    let file = Vct.Core.Checkpoint.StateDict.load (visionFile name)
-    let d = file.StateDict
-    member _.Item(key: string) : Tensor =
-        if d.ContainsKey key then d[key] else failwith $"{name} has no tensor {key}"
-    member _.Has(key: string) = d.ContainsKey key
-    /// The `w.<prefix>*` entries with `w.<prefix>` removed.
-    member _.Weights(?prefix: string) =
-        let p = "w." + defaultArg prefix ""
-        let r = Dictionary<string, Tensor>()
-        for kv in d do
-            if kv.Key.StartsWith(p, StringComparison.Ordinal) then r[kv.Key.Substring p.Length] <- kv.Value
-        r
-    interface IDisposable with
-        member _.Dispose() = (file :> IDisposable).Dispose()
+    inherit Golden.File("vision", name)
 
-/// Copies golden weights into a module: every golden key must exist with the same shape, and every module key
-/// must be covered except those `mayMiss` accepts.
-let loadWeights (weights: Dictionary<string, Tensor>) (mayMiss: string -> bool) (m: torch.nn.Module) =
-    use _ = torch.no_grad ()
-    let sd = m.state_dict()
-    for kv in weights do
-        match sd.TryGetValue kv.Key with
-        | true, t ->
-            Expect.sequenceEqual t.shape kv.Value.shape $"shape of {kv.Key}"
-            t.copy_(kv.Value) |> ignore
-        | _ -> failtest $"module has no key {kv.Key}"
-    for k in sd.Keys do
-        if not (weights.ContainsKey k) && not (mayMiss k) then failtest $"golden has no weight for {k}"
+/// Copies golden weights into a module (Golden.loadWeights).
+let loadWeights weights mayMiss m = Golden.loadWeights weights mayMiss m
 
-/// |actual − expected| <= atol + rtol·|expected| elementwise (rtol 1e-4, atol 1e-5 · max|expected| by default),
-/// with the worst errors in the message.
-let expectClose (what: string) (expected: Tensor) (actual: Tensor) =
-    Expect.sequenceEqual actual.shape expected.shape $"{what}: shape"
-    use _ = torch.NewDisposeScope()
-    let e = expected.to_type(torch.float64)
-    let a = actual.detach().to_type(torch.float64)
-    let scale = e.abs().max().item<float>()
-    let atol = 1e-5 * max scale 1e-6
-    let err = (a - e).abs()
-    let bound = e.abs() * 1e-4 + atol
-    let ok = err.le(bound).all().item<bool>()
-    let maxAbs = err.max().item<float>()
-    let maxRel = (err / (e.abs() + atol)).max().item<float>()
-    if not ok then failtest $"{what}: max abs error {maxAbs:g3}, max rel error {maxRel:g3} (max |expected| {scale:g3})"
+/// Elementwise closeness at rtol 1e-4 (Golden.expectClose).
+let expectClose what expected actual = Golden.expectClose what expected actual
 
 let swinConfigOfCompSwin =
     { SwinConfig.SwinB384 with
