@@ -8,7 +8,7 @@ import subprocess
 import sys
 import time
 
-sys.path.insert(0, os.environ.get("VCT_OFFICIAL_REF", "/work/shared/tools/official-ref"))
+sys.path.insert(0, os.environ.get("VCT_OFFICIAL_REF", os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "..", "shared", "tools", "official-ref"))))
 import vct_env  # noqa: E402
 
 CASES = ["swin1", "swin5", "presam1", "presam5", "pixdec5"]

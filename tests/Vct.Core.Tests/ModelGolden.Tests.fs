@@ -147,13 +147,16 @@ let name (s: Subset) = (sprintf "%A" s).ToLowerInvariant()
 
 let fullGoldenVar = "VCT_FULL_GOLDEN"
 
+/// A fetched mirror of the official repository beside the checkout (../.mirror), when there is one.
+let private defaultMirror = Path.GetFullPath(Path.Combine(Golden.root.Value, "..", "..", "..", ".mirror", "spyflying+VCT_AVS", "repo"))
+
 let private officialSourceAvailable () =
     let src = Environment.GetEnvironmentVariable "VCT_SRC"
     let mirror = Environment.GetEnvironmentVariable "VCT_MIRROR"
     (not (String.IsNullOrEmpty src) && File.Exists(Path.Combine(src, "models", "vct_model.py")))
     || (not (String.IsNullOrEmpty mirror) && Directory.Exists mirror)
     || File.Exists(Path.Combine(Path.GetTempPath(), "vct_src", "models", "vct_model.py"))
-    || Directory.Exists "/work/.mirror/spyflying+VCT_AVS/repo"
+    || Directory.Exists defaultMirror
 
 let private pythonHasTorch () =
     File.Exists "/usr/bin/python3"
@@ -167,8 +170,8 @@ let private regenerate (dir: string) (subset: Subset) =
     if not (File.Exists(Path.Combine(dir, name subset, "golden.pt"))) then
         let script = Path.GetFullPath(Path.Combine(Golden.root.Value, "..", "fixtures", "make_model_fixtures.py"))
         let psi = ProcessStartInfo("/usr/bin/python3", $"\"{script}\" --size released --subsets {name subset} --out \"{dir}\"", UseShellExecute = false)
-        if String.IsNullOrEmpty(Environment.GetEnvironmentVariable "VCT_MIRROR") && Directory.Exists "/work/.mirror/spyflying+VCT_AVS/repo" then
-            psi.Environment["VCT_MIRROR"] <- "/work/.mirror/spyflying+VCT_AVS/repo"
+        if String.IsNullOrEmpty(Environment.GetEnvironmentVariable "VCT_MIRROR") && Directory.Exists defaultMirror then
+            psi.Environment["VCT_MIRROR"] <- defaultMirror
         use p = Process.Start psi
         p.WaitForExit()
         if p.ExitCode <> 0 then failtest $"make_model_fixtures.py --size released failed with exit code {p.ExitCode}"
