@@ -57,6 +57,10 @@ let run (repeats: int) =
             let pre = VctMath.normalise x.PreMasks.Value
             printfn "model: ours, parts"
             results["backbone"] <- measure 1 repeats (fun () -> use _ = torch.NewDisposeScope() in m.VisualEncoder.Backbone.call images |> ignore)
+            for n in [ 1L; 5L ] do
+                let xi, pi = images.narrow(0L, 0L, n), pre.narrow(0L, 0L, n)
+                results[$"swin_{n}"] <- measure 1 repeats (fun () -> use _ = torch.NewDisposeScope() in m.VisualEncoder.Backbone.call xi |> ignore)
+                results[$"presam_{n}"] <- measure 1 repeats (fun () -> use _ = torch.NewDisposeScope() in m.VisualEncoder.Forward(xi, Some pi) |> ignore)
             let features = m.VisualEncoder.Forward(images, Some pre)
             results["pixel_decoder"] <- measure 1 repeats (fun () -> use _ = torch.NewDisposeScope() in m.Head.PixelDecoder.call features |> ignore)
             let pix = m.Head.PixelDecoder.call features
@@ -87,6 +91,15 @@ let run (repeats: int) =
             |> Map.ofList
         finally
             try Directory.Delete(dir, true) with _ -> ()
+    printfn "model: official Swin-B 1/5 frames, with and without pre-SAM (swin_official.py)..."
+    let swinOfficial = pythonJson "swin_official.py" [ string repeats ]
+    let swinRows =
+        [ for case, label in [ "swin_1", "Swin-B, 1 frame at 384"; "swin_5", "Swin-B, 5 frames at 384"
+                               "presam_1", "Swin-B + pre-SAM branch (2 Swin-B + scale modules + fusion), 1 frame"
+                               "presam_5", "Swin-B + pre-SAM branch, 5 frames" ] ->
+              let (s, _) = results[case]
+              let os = swinOfficial.GetProperty(case).GetDouble()
+              $"| {label} | {s:F2} | {os:F2} | {s / os:F2} |" ]
     let rows =
         [ for case, label in [ "full_presam", "full S4 forward, 5 frames at 384, pre-SAM on"
                                "full_nopresam", "full S4 forward, 5 frames at 384, pre-SAM off"
@@ -107,6 +120,12 @@ let run (repeats: int) =
               ""
               "| case | ours (s) | official (s) | ours / official | ours peak (MiB) | official peak (MiB) |"
               "| --- | ---: | ---: | ---: | ---: | ---: |"
-              yield! rows ]
+              yield! rows
+              ""
+              "Backbone alone and with the pre-SAM branch (official side: `bench/python/swin_official.py`, same harness, same run):"
+              ""
+              "| case | ours (s) | official (s) | ours / official |"
+              "| --- | ---: | ---: | ---: |"
+              yield! swinRows ]
     writeSection "model" md
     printfn "%s" md
