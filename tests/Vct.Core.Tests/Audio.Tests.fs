@@ -514,18 +514,8 @@ let networks =
         }
     ]
 
-/// Runs the built `vct` CLI (Release) with `args`; returns exit code, stdout, stderr.
-let runVct (args: string list) =
-    let dll = Path.Combine(repoRoot.Value, "src", "Vct.Cli", "bin", "Release", "net10.0", "vct.dll")
-    if not (File.Exists dll) then failtestf "the CLI is not built: %s" dll
-    let psi = Diagnostics.ProcessStartInfo("dotnet", RedirectStandardOutput = true, RedirectStandardError = true)
-    psi.ArgumentList.Add dll
-    for a in args do psi.ArgumentList.Add a
-    use p = Diagnostics.Process.Start psi
-    let out = p.StandardOutput.ReadToEndAsync()
-    let err = p.StandardError.ReadToEndAsync()
-    p.WaitForExit()
-    p.ExitCode, out.Result, err.Result
+/// Runs the built `vct` CLI (the shared helper in Cli.Tests.fs).
+let runVct (args: string list) = CliTests.runVct args
 
 [<Tests>]
 let cli =
