@@ -26,10 +26,11 @@ internal static class TrainCommand
         var workers = new Option<int>("--workers") { Description = "Data-loading workers", DefaultValueFactory = _ => Environment.ProcessorCount };
         var swin = new Option<string?>("--swin-weights") { Description = "ImageNet Swin file for both Swin copies (released presets)" };
         var vggish = new Option<string?>("--vggish-weights") { Description = "torchvggish vggish-10086976.pth" };
+        var missing = new Option<string>("--missing-masks") { Description = "pre-SAM models on data without mask images: refuse | blank | skip", DefaultValueFactory = _ => "refuse" };
         var device = CommonOptions.Device();
         var threads = CommonOptions.Threads();
         var cmd = new Command("train", "Train VCT: iteration based, periodic evaluation, best checkpoint by M_J, resumable; Ctrl-C saves and exits");
-        foreach (var o in new Option[] { preset, data, runs, name, iterations, batch, lr, evalPeriod, seed, resume, workers, swin, vggish, device, threads }) cmd.Options.Add(o);
+        foreach (var o in new Option[] { preset, data, runs, name, iterations, batch, lr, evalPeriod, seed, resume, workers, swin, vggish, missing, device, threads }) cmd.Options.Add(o);
         cmd.SetAction(parse =>
         {
             var dev = CommonOptions.Apply(parse.GetValue(device)!, parse.GetValue(threads));
@@ -39,7 +40,14 @@ internal static class TrainCommand
                 p, Opt(parse.GetValue(data)), parse.GetValue(runs)!, runName,
                 Opt(parse.GetValue(iterations)), Opt(parse.GetValue(batch)), Opt(parse.GetValue(lr)),
                 parse.GetValue(seed), parse.GetValue(resume), dev, parse.GetValue(workers), Opt(parse.GetValue(evalPeriod)),
-                Opt(parse.GetValue(swin)), Opt(parse.GetValue(vggish)));
+                Opt(parse.GetValue(swin)), Opt(parse.GetValue(vggish)),
+                parse.GetValue(missing)!.ToLowerInvariant() switch
+                {
+                    "refuse" => Vct.Core.Backbone.MissingMasks.Refuse,
+                    "blank" => Vct.Core.Backbone.MissingMasks.BlankMaskImage,
+                    "skip" => Vct.Core.Backbone.MissingMasks.SkipBranch,
+                    var other => throw new ArgumentException($"--missing-masks must be refuse, blank or skip, got '{other}'"),
+                });
             using var cts = new CancellationTokenSource();
             ConsoleCancelEventHandler onCancel = (_, e) =>
             {

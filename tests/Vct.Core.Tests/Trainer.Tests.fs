@@ -21,7 +21,7 @@ let private config iterations =
       Criterion = (CriterionConfig.Released Subset.S4).WithNumPoints 64L
       Optim = { OptimConfig.Released with BaseLr = 5e-4 }
       Iterations = iterations; BatchVideos = 2; EvalPeriod = 1000; CheckpointPeriod = 1000
-      Seed = 11; CropSize = 32; ColorJitter = true; Workers = 2 }
+      Seed = 11; CropSize = 32; ColorJitter = true; Workers = 2; MissingMasks = Backbone.MissingMasks.Refuse }
 
 let private runTo (dir: string) (iterations: int) (resume: bool) (stopAt: int option) =
     let root = data.Value
@@ -132,5 +132,31 @@ let tests =
                 Expect.equal rows.Length 3 "header + 2 validation videos"
             finally
                 Directory.Delete(dir, true)
+        }
+    
+        test "vct train --preset s4 runs the released configuration end to end on a tree in the official layout" {
+            // Released S4 (Swin-B 384, pre-SAM on) for 2 iterations of 1 video on a 4-video synthetic tree at 384
+            // (no mask images in it: first refused, then run with the documented blank-mask fallback).
+            let dir = Path.Combine(Path.GetTempPath(), $"vct-s4-e2e-{Guid.NewGuid():N}")
+            try
+                let root = Path.Combine(dir, "data")
+                Synth.generate { SynthOptions.Default SynthKind.S4 with Train = 2; Val = 1; Test = 1; Size = 384 } root |> ignore
+                let common = [ "train"; "--preset"; "s4"; "--data"; root; "--runs"; Path.Combine(dir, "runs"); "--iterations"; "2"
+                               "--batch"; "1"; "--eval-period"; "2"; "--device"; "cpu" ]
+                let code0, out0, err0 = CliTests.runVct (common @ [ "--name"; "refused" ])
+                Expect.notEqual code0 0 "refuses without mask images"
+                Expect.stringContains (out0 + err0) "Maskige" "says what is missing and how to choose a fallback"
+                let code, out, err = CliTests.runVct (common @ [ "--name"; "e2e"; "--missing-masks"; "blank" ])
+                Expect.equal code 0 $"vct train failed: {out}\n{err}"
+                let run = Path.Combine(dir, "runs", "e2e")
+                use doc = Text.Json.JsonDocument.Parse(File.ReadAllText(Path.Combine(run, "summary.json")))
+                Expect.equal (doc.RootElement.GetProperty("iterations").GetInt32()) 2 "2 iterations"
+                for k in [ "m_j"; "m_f"; "m_j_audio_shuffled"; "m_f_audio_shuffled"; "wall_seconds" ] do
+                    Expect.isTrue (doc.RootElement.TryGetProperty(k) |> fst) $"summary has {k}"
+                Expect.equal (ModelIO.readConfig (Path.Combine(run, "model_best.safetensors"))) (VctConfig.Released Subset.S4) "released S4 config"
+                for f in [ "checkpoint_last.safetensors"; "metrics.jsonl"; "loss.html"; "metrics.png"; "overlays.png" ] do
+                    Expect.isTrue (File.Exists(Path.Combine(run, f))) $"writes {f}"
+            finally
+                if Directory.Exists dir then Directory.Delete(dir, true)
         }
     ]

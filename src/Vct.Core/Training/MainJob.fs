@@ -30,7 +30,9 @@ type TrainJobOptions =
       /// Initial Swin weights (original ImageNet-22K file or converted .pkl) for both Swin copies.
       SwinWeights: string option
       /// torchvggish `vggish-10086976.pth`.
-      VggishWeights: string option }
+      VggishWeights: string option
+      /// For pre-SAM models on data without mask images: Refuse (default), BlankMaskImage or SkipBranch.
+      MissingMasks: Backbone.MissingMasks }
 
 /// The presets and the main job: train, evaluate (also with shuffled audio), write summary, plots and overlays.
 [<RequireQualifiedAccess>]
@@ -52,7 +54,8 @@ module TrainJob =
                   Criterion = released.WithNumPoints 1024L
                   Optim = { OptimConfig.Released with BaseLr = 5e-4 }
                   Iterations = 1500; BatchVideos = 16; EvalPeriod = 250; CheckpointPeriod = 250
-                  Seed = o.Seed; CropSize = tinyImageSize; ColorJitter = true; Workers = o.Workers }
+                  Seed = o.Seed; CropSize = tinyImageSize; ColorJitter = true; Workers = o.Workers
+                  MissingMasks = o.MissingMasks }
             | "s4" | "ms3" | "avss" ->
                 let its = match subset with Subset.MS3 -> 40000 | _ -> 45000
                 let evalPeriod = match subset with Subset.S4 -> 1000 | Subset.MS3 -> 500 | Subset.AVSS -> 2500
@@ -61,7 +64,8 @@ module TrainJob =
                   Optim = OptimConfig.Released
                   Iterations = its; BatchVideos = (match subset with Subset.AVSS -> 8 | _ -> 2)
                   EvalPeriod = evalPeriod; CheckpointPeriod = evalPeriod
-                  Seed = o.Seed; CropSize = 384; ColorJitter = true; Workers = o.Workers }
+                  Seed = o.Seed; CropSize = 384; ColorJitter = true; Workers = o.Workers
+                  MissingMasks = o.MissingMasks }
             | other -> invalidArg (nameof preset) $"unknown preset '{other}': expected tiny, s4, ms3 or avss"
         { cfg with
             Iterations = defaultArg o.Iterations cfg.Iterations
@@ -137,6 +141,7 @@ module TrainJob =
         if File.Exists files.Best then
             let model, _ = ModelIO.load files.Best o.Device
             use model = model
+            model.MissingMasks <- o.MissingMasks
             log "evaluating the best checkpoint on val with true and with shuffled audio"
             let normal, shuffled = evaluateWithControl model valr o.Workers
             summary["m_j"] <- JsonValue.Create normal.MJ

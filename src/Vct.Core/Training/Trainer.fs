@@ -34,7 +34,9 @@ type TrainConfig =
       CropSize: int
       ColorJitter: bool
       /// Data-loading workers.
-      Workers: int }
+      Workers: int
+      /// What a pre-SAM model does when the data has no mask images (released presets: refuse).
+      MissingMasks: Backbone.MissingMasks }
 
 /// One line of the metrics log.
 type TrainEvent =
@@ -113,7 +115,7 @@ module Trainer =
         let device = (Seq.head (model.parameters ())).device
         ignore workers // decoded on this thread: see the NOTE in `run`
         let loader = BatchLoader(records, { LoaderOptions.Default with BatchSize = 1; Shuffle = false; Workers = 0; DropLast = false },
-                                 fun r _ -> Avsbench.loadVideo { Data.LoadOptions.Default with FrameSize = None } r)
+                                 fun r _ -> Avsbench.loadVideo { Data.LoadOptions.Default with FrameSize = None; PreSam = model.Config.UsePreSam && r.PreMasks.Length > 0 } r)
         let mutable index = 0
         for batch in loader.Epoch 0 do
             for v in batch do
@@ -128,7 +130,8 @@ module Trainer =
                 // A shuffled clip of another length: repeat or cut to this video's frame count.
                 let maps = if maps.shape[0] = t then maps else maps.index_select(0L, torch.arange(t.AsScalar, dtype = torch.int64).remainder(maps.shape[0].AsScalar))
                 let inputs =
-                    { Images = frames.``to``(device); PreMasks = None
+                    { Images = frames.``to``(device)
+                      PreMasks = (if v.PreMasks.Length > 0 then Some((Batch.frames v.PreMasks).``to``(device)) else None)
                       AudioLogMel = torch.zeros(t, 1L, 96L, 64L, device = device); TemporalFlags = None }
                 use out = model.Forward(inputs, audioMaps = maps.``to``(device))
                 let gt = Batch.labels v.Masks
@@ -210,7 +213,10 @@ module Trainer =
             File.Delete files.Metrics
         use audio = new TrainData.AudioCache(model)
         let subset = cfg.Model.Subset
-        let loadOpts = { Data.LoadOptions.Default with FrameSize = Some cfg.CropSize }
+        // Pre-SAM mask images are read when the model has the branch and the tree has them; without them the model
+        // refuses (MissingMasks.Refuse) unless the run chose a documented fallback.
+        model.MissingMasks <- cfg.MissingMasks
+        let loadOpts = { Data.LoadOptions.Default with FrameSize = Some cfg.CropSize; PreSam = cfg.Model.UsePreSam && trainRecords[0].PreMasks.Length > 0 }
         let aug = { AugmentOptions.Default with CropSize = cfg.CropSize; ColorJitter = cfg.ColorJitter; SquashToSquare = (subset = Subset.AVSS) }
         // NOTE: batches are decoded on this thread (Workers = 0). TorchSharp 0.107 passes only the handles of the
         // Scalars it creates internally (e.g. the alpha of every add) to native code, so a GC that another thread
@@ -265,10 +271,14 @@ module Trainer =
                         // them; only the random streams differ. S4 steps get about 5x cheaper.
                         let pick (r: VideoRecord) = torch.tensor(r.MaskFrames |> Array.map int64)
                         let frames = torch.cat([| for r, v in Array.zip records videos -> (Batch.frames v.Frames).index_select(0L, pick r) |], 0L)
+                        let preMasks =
+                            if videos |> Array.forall (fun v -> v.PreMasks.Length > 0) then
+                                Some(torch.cat([| for r, v in Array.zip records videos -> (Batch.frames v.PreMasks).index_select(0L, pick r) |], 0L).``to``(device))
+                            else None
                         let maps = torch.cat([| for r in records -> (audio.FrameMaps r).index_select(0L, pick r) |], 0L)
                         let n = frames.shape[0]
                         let inputs =
-                            { Images = frames.``to``(device); PreMasks = None
+                            { Images = frames.``to``(device); PreMasks = preMasks
                               AudioLogMel = torch.zeros(n, 1L, 96L, 64L, device = device); TemporalFlags = None }
                         let out = model.Forward(inputs, audioMaps = maps.``to``(device))
                         // One label map per annotated frame, in frame order.
