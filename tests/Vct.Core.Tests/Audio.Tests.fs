@@ -10,14 +10,8 @@ open TorchSharp
 open Vct.Core
 open Vct.Core.Audio
 
-/// The repository root: the first folder above the test program that holds Vct.sln.
-let repoRoot =
-    lazy
-        (let rec up (d: DirectoryInfo) =
-            if isNull d then failwith "Vct.sln not found above the test program"
-            elif File.Exists(Path.Combine(d.FullName, "Vct.sln")) then d.FullName
-            else up d.Parent
-         up (DirectoryInfo AppContext.BaseDirectory))
+/// The repository root (Golden.repoRoot).
+let repoRoot = Golden.repoRoot
 
 let goldenDir = lazy (Path.Combine(repoRoot.Value, "tests", "golden", "audio"))
 let golden (parts: string list) = Path.Combine(Array.ofList (goldenDir.Value :: parts))

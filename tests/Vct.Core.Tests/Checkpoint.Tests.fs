@@ -72,14 +72,8 @@ let private expectSame (what: string) (specs: TensorSpec list) (loaded: OrderedD
 // ---------------------------------------------------------------------------------------------------
 // Files
 
-/// tests/golden/checkpoints, found by walking up from the test binary.
-let private goldenDir =
-    lazy
-        (let rec up (dir: DirectoryInfo) =
-            if isNull dir then failwith "tests/golden/checkpoints not found above the test binary"
-            let candidate = Path.Combine(dir.FullName, "tests", "golden", "checkpoints")
-            if Directory.Exists candidate then candidate else up dir.Parent
-         up (DirectoryInfo AppContext.BaseDirectory))
+/// tests/golden/checkpoints.
+let private goldenDir = lazy (Path.Combine(Golden.root.Value, "checkpoints"))
 
 let private golden (name: string) = Path.Combine(goldenDir.Value, name)
 

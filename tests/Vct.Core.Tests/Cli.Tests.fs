@@ -6,27 +6,17 @@ open System.IO
 open System.Text.Json
 open Expecto
 
-/// The repository root: the first folder above the test program that holds Vct.sln.
-let repoRoot =
-    lazy
-        (let rec up (d: DirectoryInfo) =
-            if isNull d then failwith "Vct.sln not found above the test program"
-            elif File.Exists(Path.Combine(d.FullName, "Vct.sln")) then d.FullName
-            else up d.Parent
-         up (DirectoryInfo AppContext.BaseDirectory))
+/// The repository root (Golden.repoRoot).
+let repoRoot = Golden.repoRoot
 
 /// Runs the built `vct` CLI (Release) with `args`; returns exit code, stdout, stderr.
 let runVct (args: string list) =
     let dll = Path.Combine(repoRoot.Value, "src", "Vct.Cli", "bin", "Release", "net10.0", "vct.dll")
     if not (File.Exists dll) then failtestf "the CLI is not built: %s (run `dotnet fsi build.fsx build`)" dll
-    let psi = ProcessStartInfo("dotnet", RedirectStandardOutput = true, RedirectStandardError = true)
+    let psi = ProcessStartInfo("dotnet")
     psi.ArgumentList.Add dll
     for a in args do psi.ArgumentList.Add a
-    use p = Process.Start psi
-    let out = p.StandardOutput.ReadToEndAsync()
-    let err = p.StandardError.ReadToEndAsync()
-    p.WaitForExit()
-    p.ExitCode, out.Result, err.Result
+    Golden.runProcess psi
 
 [<Tests>]
 let tests =

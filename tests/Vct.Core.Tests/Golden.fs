@@ -8,14 +8,28 @@ open Expecto
 open TorchSharp
 open Vct.Core
 
-/// tests/golden, found by walking up from the test binary.
-let root =
+/// The repository root: the first folder above the test program that holds Vct.sln.
+let repoRoot =
     lazy
-        (let rec up (dir: DirectoryInfo) =
-            if isNull dir then failwith "tests/golden not found above the test binary"
-            let candidate = Path.Combine(dir.FullName, "tests", "golden")
-            if Directory.Exists candidate then candidate else up dir.Parent
+        (let rec up (d: DirectoryInfo) =
+            if isNull d then failwith "Vct.sln not found above the test program"
+            elif File.Exists(Path.Combine(d.FullName, "Vct.sln")) then d.FullName
+            else up d.Parent
          up (DirectoryInfo AppContext.BaseDirectory))
+
+/// tests/golden of the repository.
+let root = lazy (Path.Combine(repoRoot.Value, "tests", "golden"))
+
+/// Starts `psi` with stdout and stderr redirected, waits; returns exit code, stdout, stderr.
+let runProcess (psi: Diagnostics.ProcessStartInfo) =
+    psi.RedirectStandardOutput <- true
+    psi.RedirectStandardError <- true
+    psi.UseShellExecute <- false
+    use p = Diagnostics.Process.Start psi
+    let out = p.StandardOutput.ReadToEndAsync()
+    let err = p.StandardError.ReadToEndAsync()
+    p.WaitForExit()
+    p.ExitCode, out.Result, err.Result
 
 /// A golden file under tests/golden/<folder>: a flat dict name -> tensor.
 type File(folder: string, name: string) =

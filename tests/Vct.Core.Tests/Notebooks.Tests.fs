@@ -6,15 +6,8 @@ open System.IO
 open System.Text.Json.Nodes
 open Expecto
 
-/// The repository root: the first folder above the test assembly that holds Vct.sln.
-let private repoRoot =
-    lazy
-        (let start = Path.GetDirectoryName(typeof<Vct.Core.RuntimeReport>.Assembly.Location)
-         let rec up (dir: DirectoryInfo) =
-             if isNull dir then failwithf "no folder above %s contains Vct.sln" start
-             elif File.Exists(Path.Combine(dir.FullName, "Vct.sln")) then dir.FullName
-             else up dir.Parent
-         up (DirectoryInfo start))
+/// The repository root (Golden.repoRoot).
+let private repoRoot = Golden.repoRoot
 
 /// Runs `bash notebooks/run-notebooks.sh args` in the repository root; returns the exit code and the output
 /// (stdout and stderr together).

@@ -15,14 +15,8 @@ let runChild (mode: string) (env: (string * string) list) =
     if Path.GetFileNameWithoutExtension(exe) = "dotnet" then psi.ArgumentList.Add dll
     psi.ArgumentList.Add "--child"
     psi.ArgumentList.Add mode
-    psi.RedirectStandardOutput <- true
-    psi.RedirectStandardError <- true
     for (k, v) in env do psi.Environment[k] <- v
-    let p = Process.Start psi
-    let out = p.StandardOutput.ReadToEndAsync()
-    let err = p.StandardError.ReadToEndAsync()
-    p.WaitForExit()
-    p.ExitCode, out.Result, err.Result
+    Golden.runProcess psi
 
 [<Tests>]
 let tests =
