@@ -4,7 +4,8 @@ module Vct.Bench.Program
 
 let suites : (string * (int -> unit)) list =
     [ "checkpoint", CheckpointBench.run
-      "model", ModelBench.run ]
+      "model", ModelBench.run
+      "audio", AudioBench.run ]
 
 [<EntryPoint>]
 let main argv =

@@ -140,7 +140,8 @@ module Examples =
     /// Log-mel [F, 64] of a 16 kHz signal (float64 in, computed in `dtype`, returned as float32).
     let logMel16k (dtype: torch.ScalarType) (samples: float[]) : Tensor =
         Scope.run (fun () ->
-            let x = torch.tensor(samples, dtype = torch.float64).``to``(dtype)
+            // from_array shares the array's memory (no copy); the tensor is only read and dies in this scope.
+            let x = torch.from_array(samples).``to``(dtype)
             (LogMel.ofWaveform x).``to``(torch.float32))
 
     /// Waveform -> examples for a subset: mono, resample, (short-clip rule), log-mel, framing, subset rule.

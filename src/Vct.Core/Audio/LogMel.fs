@@ -89,6 +89,16 @@ module LogMel =
         if frames < VggishParams.ExampleFrames then 0
         else 1 + (frames - VggishParams.ExampleFrames) / VggishParams.ExampleHop
 
+    /// The Hann window [400] and the mel matrix [257, 64] per dtype and device, built once and kept for the
+    /// process (outside every dispose scope): rebuilding them cost about a third of a 10 s clip's log-mel.
+    let private constantCache = Collections.Concurrent.ConcurrentDictionary<struct (torch.ScalarType * string), struct (Tensor * Tensor)>()
+
+    let private constants (dtype: torch.ScalarType) (device: torch.Device) =
+        constantCache.GetOrAdd(struct (dtype, device.ToString()), fun _ ->
+            let w = torch.tensor(periodicHann VggishParams.WindowLength, dtype = dtype, device = device).DetachFromDisposeScope()
+            let m = torch.tensor(vggishMelMatrix.Value, dtype = dtype, device = device).DetachFromDisposeScope()
+            struct (w, m))
+
     /// Log-mel of 16 kHz waveforms: [.., N] -> [.., F, 64], natural log of (|rfft_512(frame * hann)| @ mel + 0.01).
     /// Computed in `wave.dtype` (float64: ~1e-12 from the numpy reference; float32: ~1e-4, up to 2e-4 on pure tones).
     let ofWaveform (wave: Tensor) : Tensor =
@@ -98,13 +108,14 @@ module LogMel =
             let frames = frameCount (int n)
             if frames = 0 then torch.zeros(Array.append lead [| 0L; int64 VggishParams.NumMelBins |], dtype = wave.dtype, device = wave.device)
             else
-                let window = torch.tensor(periodicHann VggishParams.WindowLength, dtype = wave.dtype, device = wave.device)
-                let mel =
-                    let m = vggishMelMatrix.Value
-                    torch.tensor(m, dtype = wave.dtype, device = wave.device)                // [257, 64]
+                let struct (window, mel) = constants wave.dtype wave.device                   // [400], [257, 64]
                 let fr = wave.unfold(-1L, int64 VggishParams.WindowLength, int64 VggishParams.HopLength) * window  // [.., F, 400]
-                let mag = torch.fft.rfft(fr, int64 VggishParams.FftLength, -1L).abs()       // [.., F, 257]
-                mag.matmul(mel).add(VggishParams.LogOffset.AsScalar).log())                          // [.., F, 64]
+                // |z| as the 2-norm of (re, im): same values as abs() to 1e-16, in less than half the time.
+                let spec = torch.fft.rfft(fr, int64 VggishParams.FftLength, -1L)               // [.., F, 257] complex
+                let mag = torch.linalg.vector_norm(torch.view_as_real(spec), 2, [| -1L |])   // [.., F, 257]
+                let m = mag.matmul(mel)                                                        // [.., F, 64]
+                if wave.requires_grad then m.add(VggishParams.LogOffset.AsScalar).log()
+                else m.add_(VggishParams.LogOffset.AsScalar).log_())
 
     /// Frames a log-mel into examples: [F, 64] -> [n, 1, 96, 64] (incomplete tail dropped; n may be 0).
     let toExamples (logMel: Tensor) : Tensor =

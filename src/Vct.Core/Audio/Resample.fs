@@ -75,7 +75,7 @@ module Resample =
           IndexStep: int
           TimeIncrement: float }
 
-    let private plan (f: SincFilter) (srIn: int) (srOut: int) =
+    let private buildPlan (f: SincFilter) (srIn: int) (srOut: int) =
         let ratio = float srOut / float srIn
         let baseWin = tableOf f
         let win = if ratio < 1.0 then baseWin |> Array.map (fun v -> ratio * v) else baseWin
@@ -87,6 +87,13 @@ module Resample =
           Scale = scale
           IndexStep = int (scale * float f.NumTable)
           TimeIncrement = 1.0 / ratio }
+
+    let private plans = Collections.Concurrent.ConcurrentDictionary<struct (SincFilter * int * int), Plan>()
+
+    /// The plan of a rate pair, built once per process (its tables are a few MB and took longer to allocate and
+    /// fill than a 10 s clip takes to resample).
+    let private plan (f: SincFilter) (srIn: int) (srOut: int) =
+        plans.GetOrAdd(struct (f, srIn, srOut), fun _ -> buildPlan f srIn srOut)
 
     /// Filter-table position of one output: input index n, then (offset, eta) of the left and right wings.
     let inline private position (p: Plan) (t: int) =
@@ -138,91 +145,131 @@ module Resample =
                     y[t] <- kernelAt p x t) |> ignore
             y
 
-    /// Largest polyphase weight matrix (entries) the fast path builds; beyond it `direct` is used.
-    let private maxPolyphaseEntries = 16_000_000L
+    /// Largest polyphase tap table (entries) the fast path builds; beyond it `direct` is used.
+    let private maxPolyphaseEntries = 8_000_000L
 
-    /// Polyphase form: with g = gcd(srIn, srOut), every q = srOut/g outputs the input advances p = srIn/g
-    /// samples and the table offsets repeat. With X the zero-padded input viewed as [rows, p], the outputs are
-    /// Σ_a X[a : a+M] @ W_a (float64 GEMMs) where W holds, per phase, three columns: Σ win over both wings, and
-    /// the left and right Σ delta, so that y[t] = base + eta_L(t) * dL + eta_R(t) * dR with each output's own
-    /// interpolation factors (eta drifts with t because resampy computes t * (1/ratio) in float64). Outputs
-    /// whose table offsets or input index differ from their phase's (the float64 position fell on the other
-    /// side of an integer) are recomputed with the exact loop.
+    /// Per-phase taps of `fast` for one rate pair. Phase r's taps are Tw/Td[r * Width .. r * Width + KL[r] + KR[r]):
+    /// KL[r] left taps (reversed, so in input order x[n-KL+1 .. n]) then KR[r] right taps (x[n+1 .. n+KR]); both
+    /// wings are padded with zero taps (on their outer side) to a multiple of two SIMD vectors.
+    type private Polyphase =
+        { Plan: Plan
+          OffL: int[]
+          OffR: int[]
+          KL: int[]
+          KR: int[]
+          Width: int
+          Tw: float[]
+          Td: float[] }
+
+    let private polyphases = Collections.Concurrent.ConcurrentDictionary<struct (SincFilter * int * int), Polyphase option>()
+
+    /// The taps of a rate pair (None when the table would exceed maxPolyphaseEntries), built once per process.
+    let private polyphase (f: SincFilter) (srIn: int) (srOut: int) =
+        polyphases.GetOrAdd(struct (f, srIn, srOut), fun _ ->
+            let g = int (Numerics.BigInteger.GreatestCommonDivisor(Numerics.BigInteger srIn, Numerics.BigInteger srOut))
+            let pl = plan f srIn srOut
+            let nwin = pl.Win.Length
+            let phases = srOut / g
+            let pos = Array.init phases (position pl)
+            let wings =
+                pos |> Array.map (fun (struct (_, offL, _, offR, _)) ->
+                    (nwin - offL) / pl.IndexStep, (nwin - offR) / pl.IndexStep)
+            let block = 2 * Numerics.Vector<float>.Count
+            let padded k = (k + block - 1) / block * block
+            let width = wings |> Array.map (fun (l, r) -> padded l + padded r) |> Array.max
+            if int64 phases * int64 width > maxPolyphaseEntries then None
+            else
+                let tw = Array.zeroCreate<float> (phases * width)
+                let td = Array.zeroCreate<float> (phases * width)
+                for r in 0 .. phases - 1 do
+                    let struct (_, offL, _, offR, _) = pos[r]
+                    let kL, kR = wings[r]
+                    let pL = padded kL
+                    let b = r * width
+                    for i in 0 .. kL - 1 do
+                        let j = offL + i * pl.IndexStep
+                        tw[b + pL - 1 - i] <- pl.Win[j]
+                        td[b + pL - 1 - i] <- pl.Delta[j]
+                    for k in 0 .. kR - 1 do
+                        let j = offR + k * pl.IndexStep
+                        tw[b + pL + k] <- pl.Win[j]
+                        td[b + pL + k] <- pl.Delta[j]
+                Some { Plan = pl
+                       OffL = pos |> Array.map (fun (struct (_, o, _, _, _)) -> o)
+                       OffR = pos |> Array.map (fun (struct (_, _, _, o, _)) -> o)
+                       KL = wings |> Array.map (fst >> padded)
+                       KR = wings |> Array.map (snd >> padded)
+                       Width = width; Tw = tw; Td = td })
+
+    /// Outputs [t0, t1) of `fast` (see there): per output two SIMD passes (left wing, right wing) accumulating
+    /// Σ win·x and Σ delta·x with fused multiply-adds, two accumulators each to hide their latency. The loads are
+    /// unchecked: the condition before them keeps every index inside x and inside the phase's taps.
+    [<Runtime.CompilerServices.MethodImpl(Runtime.CompilerServices.MethodImplOptions.AggressiveOptimization)>]
+    let private polyphaseRange (pp: Polyphase) (x: float[]) (y: float[]) (t0: int) (t1: int) =
+        let pl, offLs, offRs, kLs, kRs, width, tw, td = pp.Plan, pp.OffL, pp.OffR, pp.KL, pp.KR, pp.Width, pp.Tw, pp.Td
+        let lanes = Numerics.Vector<float>.Count
+        let phases = offLs.Length
+        let mutable r = t0 % phases
+        for t in t0 .. t1 - 1 do
+            let struct (n, offL, etaL, offR, etaR) = position pl t
+            let kL, kR = kLs[r], kRs[r]
+            if offL <> offLs[r] || offR <> offRs[r] || n + 1 < kL || n + 1 + kR > x.Length then
+                y[t] <- kernelAt pl x t
+            else
+                let b = r * width
+                let s = n + 1 - kL
+                let mutable w0 = Numerics.Vector<float>.Zero
+                let mutable w1 = Numerics.Vector<float>.Zero
+                let mutable d0 = Numerics.Vector<float>.Zero
+                let mutable d1 = Numerics.Vector<float>.Zero
+                let mutable j = 0
+                while j < kL do
+                    let x0 = Numerics.Vector.LoadUnsafe(&x[s], unativeint j)
+                    let x1 = Numerics.Vector.LoadUnsafe(&x[s], unativeint (j + lanes))
+                    w0 <- Numerics.Vector.FusedMultiplyAdd(Numerics.Vector.LoadUnsafe(&tw[b], unativeint (j)), x0, w0)
+                    d0 <- Numerics.Vector.FusedMultiplyAdd(Numerics.Vector.LoadUnsafe(&td[b], unativeint (j)), x0, d0)
+                    w1 <- Numerics.Vector.FusedMultiplyAdd(Numerics.Vector.LoadUnsafe(&tw[b], unativeint (j + lanes)), x1, w1)
+                    d1 <- Numerics.Vector.FusedMultiplyAdd(Numerics.Vector.LoadUnsafe(&td[b], unativeint (j + lanes)), x1, d1)
+                    j <- j + 2 * lanes
+                let sdl = Numerics.Vector.Sum(d0 + d1)
+                d0 <- Numerics.Vector<float>.Zero
+                d1 <- Numerics.Vector<float>.Zero
+                let stop = kL + kR
+                while j < stop do
+                    let x0 = Numerics.Vector.LoadUnsafe(&x[s], unativeint j)
+                    let x1 = Numerics.Vector.LoadUnsafe(&x[s], unativeint (j + lanes))
+                    w0 <- Numerics.Vector.FusedMultiplyAdd(Numerics.Vector.LoadUnsafe(&tw[b], unativeint (j)), x0, w0)
+                    d0 <- Numerics.Vector.FusedMultiplyAdd(Numerics.Vector.LoadUnsafe(&td[b], unativeint (j)), x0, d0)
+                    w1 <- Numerics.Vector.FusedMultiplyAdd(Numerics.Vector.LoadUnsafe(&tw[b], unativeint (j + lanes)), x1, w1)
+                    d1 <- Numerics.Vector.FusedMultiplyAdd(Numerics.Vector.LoadUnsafe(&td[b], unativeint (j + lanes)), x1, d1)
+                    j <- j + 2 * lanes
+                y[t] <- Numerics.Vector.Sum(w0 + w1) + etaL * sdl + etaR * Numerics.Vector.Sum(d0 + d1)
+            r <- r + 1
+            if r = phases then r <- 0
+
+    /// Polyphase form of resampy's loop. With g = gcd(srIn, srOut) the table offsets of the outputs repeat
+    /// every q = srOut / g outputs, so each phase's taps (win and delta of both wings, gathered at the table
+    /// stride) are laid out once, contiguously and in input order; an output is then
+    ///   y = Σ win·x + eta_L Σ delta_L·x + eta_R Σ delta_R·x
+    /// over the contiguous inputs x[n-kL+1 .. n+kR], with SIMD dot products. n, eta_L and eta_R are each
+    /// output's own, computed exactly as resampy does (t * (1/ratio) in float64, so eta drifts with t). The
+    /// products are resampy's (win + eta·delta)·x regrouped, so results agree up to float64 rounding. Outputs
+    /// whose table offsets leave their phase's (the float64 position fell on the other side of an integer) and
+    /// outputs whose window is cut by either end of the signal use the exact loop. Rate pairs with very many
+    /// phases (q * taps > 8M, e.g. 44099 Hz) use `direct`.
     let fast (f: SincFilter) (srIn: int) (srOut: int) (x: float[]) : float[] =
         checkRates srIn srOut
         if srIn = srOut then Array.copy x
         else
             let nOut = outputLength srIn srOut x.Length
             if nOut < 1 then invalidArg (nameof x) $"{x.Length} samples are too few to resample from {srIn} to {srOut} Hz"
-            let g = int (Numerics.BigInteger.GreatestCommonDivisor(Numerics.BigInteger srIn, Numerics.BigInteger srOut))
-            // NOTE: a period of q < 32 outputs (48 kHz: q = 1) would make many skinny GEMMs; k periods are
-            // grouped into one super-period of k*q outputs (the phases are then k*q distinct outputs).
-            let k = max 1 ((32 + srOut / g - 1) / (srOut / g))
-            let pIn, q = k * (srIn / g), k * (srOut / g)
-            let pl = plan f srIn srOut
-            let nwin = pl.Win.Length
-            let phases = min q nOut
-            let pos = Array.init phases (position pl)
-            let wings =
-                pos |> Array.map (fun (struct (_, offL, _, offR, _)) ->
-                    (nwin - offL) / pl.IndexStep, (nwin - offR) / pl.IndexStep)
-            let kl = wings |> Array.map fst |> Array.max
-            let kr = wings |> Array.map snd |> Array.max
-            let nMax = pos |> Array.map (fun (struct (n, _, _, _, _)) -> n) |> Array.max
-            let dmin = 1 - kl                         // n_0 = 0
-            let dmax = nMax + kr
-            let lw = dmax - dmin + 1
-            let a = (lw + pIn - 1) / pIn              // GEMMs
-            let cols = 3 * q
-            if int64 (a * pIn) * int64 cols > maxPolyphaseEntries then direct f srIn srOut x
-            else
-                // [A*p, 3q], row = d - dmin; columns [0, q): win (both wings), [q, 2q): left delta, [2q, 3q): right delta.
-                let w = Array.zeroCreate<float> (a * pIn * cols)
-                for r in 0 .. phases - 1 do
-                    let struct (n, offL, _, offR, _) = pos[r]
-                    let iW, kW = wings[r]
-                    for i in 0 .. iW - 1 do
-                        let j = offL + i * pl.IndexStep
-                        let row = (n - i - dmin) * cols
-                        w[row + r] <- w[row + r] + pl.Win[j]
-                        w[row + q + r] <- w[row + q + r] + pl.Delta[j]
-                    for k in 0 .. kW - 1 do
-                        let j = offR + k * pl.IndexStep
-                        let row = (n + 1 + k - dmin) * cols
-                        w[row + r] <- w[row + r] + pl.Win[j]
-                        w[row + 2 * q + r] <- w[row + 2 * q + r] + pl.Delta[j]
-                let m = (nOut + q - 1) / q
-                let rows = m + a - 1
-                let padL = -dmin
-                // Per-output interpolation factors, and the outputs that leave their phase's offsets.
-                let etaL = Array.zeroCreate<float> (m * q)
-                let etaR = Array.zeroCreate<float> (m * q)
-                let odd = Collections.Concurrent.ConcurrentBag<int>()
-                Parallel.For(0, nOut, fun t ->
-                    let struct (n, offL, eL, offR, eR) = position pl t
-                    etaL[t] <- eL
-                    etaR[t] <- eR
-                    let struct (n0, offL0, _, offR0, _) = pos[t % q]
-                    if n <> n0 + (t / q) * pIn || offL <> offL0 || offR <> offR0 then odd.Add t) |> ignore
-                let y =
-                    Scope.runValue (fun () ->
-                        let xp = torch.zeros([| int64 rows * int64 pIn |], dtype = torch.float64)
-                        let avail = min x.Length (rows * pIn - padL)
-                        xp.narrow(0L, int64 padL, int64 avail).copy_(torch.tensor(x.AsSpan(0, avail).ToArray(), dtype = torch.float64)) |> ignore
-                        let xv = xp.view(int64 rows, int64 pIn)                                   // [rows, p]
-                        let wt = torch.tensor(w, ReadOnlySpan<int64>([| int64 (a * pIn); int64 cols |]), dtype = torch.float64)
-                        let acc = torch.zeros([| int64 m; int64 cols |], dtype = torch.float64)  // [M, 3q]
-                        for i in 0 .. a - 1 do
-                            acc.addmm_(xv.narrow(0L, int64 i, int64 m), wt.narrow(0L, int64 (i * pIn), int64 pIn)) |> ignore
-                        let el = torch.tensor(etaL, dtype = torch.float64).view(int64 m, int64 q)
-                        let er = torch.tensor(etaR, dtype = torch.float64).view(int64 m, int64 q)
-                        let out =
-                            acc.narrow(1L, 0L, int64 q)
-                            + el * acc.narrow(1L, int64 q, int64 q)
-                            + er * acc.narrow(1L, int64 (2 * q), int64 q)                          // [M, q]
-                        out.reshape(-1L).narrow(0L, 0L, int64 nOut).data<float>().ToArray())
-                for t in odd do
-                    y[t] <- kernelAt pl x t
+            match polyphase f srIn srOut with
+            | None -> direct f srIn srOut x
+            | Some pp ->
+                let y = Array.zeroCreate<float> nOut
+                let chunk = 4096
+                Parallel.For(0, (nOut + chunk - 1) / chunk, fun c ->
+                    polyphaseRange pp x y (c * chunk) (min nOut ((c + 1) * chunk))) |> ignore
                 y
 
     /// resampy `kaiser_best` resampling (the official front end's), fast path.
