@@ -52,8 +52,12 @@ internal static class TrainCommand
             ConsoleCancelEventHandler onCancel = (_, e) =>
             {
                 e.Cancel = true;
+                if (cts.IsCancellationRequested)
+                {
+                    Console.Error.WriteLine("\naborting without a checkpoint");
+                    Environment.Exit(130);
+                }
                 Console.Error.WriteLine("\nstopping after this step; a resumable checkpoint will be written (Ctrl-C again to abort)");
-                if (cts.IsCancellationRequested) Environment.Exit(130);
                 cts.Cancel();
             };
             Console.CancelKeyPress += onCancel;

@@ -248,7 +248,11 @@ module Trainer =
         let mutable epoch = start / perEpoch
         let mutable skip = start % perEpoch
         while iteration < cfg.Iterations && outcome = Completed do
-            use batches = (loader.Epoch(epoch, cancel)).GetEnumerator()
+            // NOTE: the loader gets no token: the loop polls `cancel` before every batch, and a token passed down
+            // would make MoveNext throw OperationCanceledException when Ctrl-C lands between that poll and the
+            // loader's own check, ending the run with an exception instead of a checkpoint. Disposing the
+            // enumerator stops background workers.
+            use batches = (loader.Epoch epoch).GetEnumerator()
             let mutable more = true
             while more && iteration < cfg.Iterations && outcome = Completed do
                 if cancel.IsCancellationRequested then
