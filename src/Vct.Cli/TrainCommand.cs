@@ -26,11 +26,12 @@ internal static class TrainCommand
         var workers = new Option<int>("--workers") { Description = "Data-loading workers", DefaultValueFactory = _ => Environment.ProcessorCount };
         var swin = new Option<string?>("--swin-weights") { Description = "ImageNet Swin file for both Swin copies (released presets)" };
         var vggish = new Option<string?>("--vggish-weights") { Description = "torchvggish vggish-10086976.pth" };
+        var amp = new Option<bool>("--amp") { Description = "Mixed precision on CUDA: float16 autocast for forward and losses, dynamic loss scaling (refused on the CPU)" };
         var missing = new Option<string>("--missing-masks") { Description = "pre-SAM models on data without mask images: refuse | blank | skip", DefaultValueFactory = _ => "refuse" };
         var device = CommonOptions.Device();
         var threads = CommonOptions.Threads();
         var cmd = new Command("train", "Train VCT: iteration based, periodic evaluation, best checkpoint by M_J, resumable; Ctrl-C saves and exits");
-        foreach (var o in new Option[] { preset, data, runs, name, iterations, batch, lr, evalPeriod, seed, resume, workers, swin, vggish, missing, device, threads }) cmd.Options.Add(o);
+        foreach (var o in new Option[] { preset, data, runs, name, iterations, batch, lr, evalPeriod, seed, resume, workers, swin, vggish, missing, amp, device, threads }) cmd.Options.Add(o);
         cmd.SetAction(parse =>
         {
             var dev = CommonOptions.Apply(parse.GetValue(device)!, parse.GetValue(threads));
@@ -47,13 +48,18 @@ internal static class TrainCommand
                     "blank" => Vct.Core.Backbone.MissingMasks.BlankMaskImage,
                     "skip" => Vct.Core.Backbone.MissingMasks.SkipBranch,
                     var other => throw new ArgumentException($"--missing-masks must be refuse, blank or skip, got '{other}'"),
-                });
+                },
+                parse.GetValue(amp));
             using var cts = new CancellationTokenSource();
             ConsoleCancelEventHandler onCancel = (_, e) =>
             {
                 e.Cancel = true;
+                if (cts.IsCancellationRequested)
+                {
+                    Console.Error.WriteLine("\naborting without a checkpoint");
+                    Environment.Exit(130);
+                }
                 Console.Error.WriteLine("\nstopping after this step; a resumable checkpoint will be written (Ctrl-C again to abort)");
-                if (cts.IsCancellationRequested) Environment.Exit(130);
                 cts.Cancel();
             };
             Console.CancelKeyPress += onCancel;

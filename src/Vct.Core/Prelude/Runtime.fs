@@ -58,7 +58,7 @@ module Runtime =
         else "linux-x64"
 
     /// Paths of the shared objects mapped into this process whose file name starts with `prefix`.
-    let private mapped (prefix: string) =
+    let mapped (prefix: string) =
         try
             File.ReadAllLines "/proc/self/maps"
             |> Array.choose (fun line ->

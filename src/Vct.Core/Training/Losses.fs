@@ -204,8 +204,13 @@ type LossResult =
       Terms: Map<string, Tensor>
       Raw: Map<string, Tensor>
       Matches: (int64[] * int64[])[] list }
-    /// Plain numbers of the weighted terms (for logs).
-    member r.Values = r.Terms |> Map.map (fun _ t -> t.item<float32>() |> float)
+    /// Plain numbers of the weighted terms (for logs), whatever their dtype (float16 under autocast).
+    member r.Values =
+        r.Terms |> Map.map (fun _ t ->
+            if t.dtype = torch.float32 then float (t.item<float32> ())
+            else
+                use f = t.to_type(torch.float32)
+                float (f.item<float32> ()))
     interface IDisposable with
         member r.Dispose() =
             r.Total.Dispose()

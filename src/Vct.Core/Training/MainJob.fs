@@ -32,7 +32,9 @@ type TrainJobOptions =
       /// torchvggish `vggish-10086976.pth`.
       VggishWeights: string option
       /// For pre-SAM models on data without mask images: Refuse (default), BlankMaskImage or SkipBranch.
-      MissingMasks: Backbone.MissingMasks }
+      MissingMasks: Backbone.MissingMasks
+      /// Mixed precision (float16 autocast + dynamic loss scaling); CUDA only, refused on other devices.
+      Amp: bool }
 
 /// The presets and the main job: train, evaluate (also with shuffled audio), write summary, plots and overlays.
 [<RequireQualifiedAccess>]
@@ -55,7 +57,7 @@ module TrainJob =
                   Optim = { OptimConfig.Released with BaseLr = 5e-4 }
                   Iterations = 1500; BatchVideos = 16; EvalPeriod = 250; CheckpointPeriod = 250
                   Seed = o.Seed; CropSize = tinyImageSize; ColorJitter = true; Workers = o.Workers
-                  MissingMasks = o.MissingMasks }
+                  MissingMasks = o.MissingMasks; Amp = o.Amp }
             | "s4" | "ms3" | "avss" ->
                 let its = match subset with Subset.MS3 -> 40000 | _ -> 45000
                 let evalPeriod = match subset with Subset.S4 -> 1000 | Subset.MS3 -> 500 | Subset.AVSS -> 2500
@@ -65,7 +67,7 @@ module TrainJob =
                   Iterations = its; BatchVideos = (match subset with Subset.AVSS -> 8 | _ -> 2)
                   EvalPeriod = evalPeriod; CheckpointPeriod = evalPeriod
                   Seed = o.Seed; CropSize = 384; ColorJitter = true; Workers = o.Workers
-                  MissingMasks = o.MissingMasks }
+                  MissingMasks = o.MissingMasks; Amp = o.Amp }
             | other -> invalidArg (nameof preset) $"unknown preset '{other}': expected tiny, s4, ms3 or avss"
         { cfg with
             Iterations = defaultArg o.Iterations cfg.Iterations
@@ -97,6 +99,8 @@ module TrainJob =
     /// Runs a whole job: data, training, evaluation, summary.json, plots and overlays in the run directory.
     let run (o: TrainJobOptions) (log: string -> unit) (events: TrainEvent -> unit) (cancel: CancellationToken) : TrainResult * JsonObject =
         Runtime.init () |> ignore
+        // Refused before any data is generated or read.
+        if o.Amp then Amp.require o.Device
         let kind = kindOf o.Preset o.Data
         let subset = TrainData.subsetOf kind
         let root =
@@ -110,7 +114,8 @@ module TrainJob =
         let train = Avsbench.records kind root "train"
         let valr = Avsbench.records kind root "val"
         let runDir = Path.Combine(o.RunsDir, o.Name)
-        log $"training {o.Preset} ({subset}) for {cfg.Iterations} iterations of {cfg.BatchVideos} videos on {train.Length} videos; run {runDir}"
+        let precision = if cfg.Amp then "mixed precision (float16 autocast, loss scaling)" else "float32"
+        log $"training {o.Preset} ({subset}) for {cfg.Iterations} iterations of {cfg.BatchVideos} videos on {train.Length} videos in {precision}; run {runDir}"
         let init (m: VctModel) =
             o.SwinWeights |> Option.iter (fun path ->
                 let swins = [ yield m.VisualEncoder.Backbone; match m.VisualEncoder.PreSamBackbone with Some p -> yield p | None -> () ]
@@ -137,6 +142,7 @@ module TrainJob =
         summary["wall_seconds"] <- JsonValue.Create result.WallSeconds
         summary["outcome"] <- JsonValue.Create(sprintf "%A" result.Outcome)
         summary["best_iteration"] <- JsonValue.Create result.BestIteration
+        summary["amp"] <- JsonValue.Create o.Amp
         let files = RunFiles runDir
         if File.Exists files.Best then
             let model, _ = ModelIO.load files.Best o.Device

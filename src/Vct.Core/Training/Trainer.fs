@@ -36,7 +36,11 @@ type TrainConfig =
       /// Data-loading workers.
       Workers: int
       /// What a pre-SAM model does when the data has no mask images (released presets: refuse).
-      MissingMasks: Backbone.MissingMasks }
+      MissingMasks: Backbone.MissingMasks
+      /// Mixed precision (CUDA only; refused elsewhere): forward and losses under LibTorch's float16 autocast,
+      /// backward of the loss times a dynamic scale (GradScalerOptions.Default), gradients unscaled before
+      /// clipping, steps with inf/NaN gradients skipped. Parameters and optimiser state stay float32.
+      Amp: bool }
 
 /// One line of the metrics log.
 type TrainEvent =
@@ -144,14 +148,19 @@ module Trainer =
                 evaluator.Add(v.Record.Id, scores.cpu(), gt) |> ignore
         evaluator.Summary()
 
-    /// Writes the resumable state: model, criterion, optimiser state and iteration, in one atomic safetensors file.
-    let saveState (path: string) (cfg: TrainConfig) (model: VctModel) (criterion: Criterion) (opt: Modules.AdamW) (iteration: int) (bestMJ: float) (bestIt: int) =
+    /// Writes the resumable state: model, criterion, optimiser state, iteration and the loss scaler's state (mixed
+    /// precision), in one atomic safetensors file.
+    let saveState (path: string) (cfg: TrainConfig) (model: VctModel) (criterion: Criterion) (opt: Modules.AdamW) (scaler: GradScaler option)
+                  (iteration: int) (bestMJ: float) (bestIt: int) =
         let meta = Dictionary<string, string>()
         meta["format"] <- "pt"
         meta["vct_config"] <- ConfigJson.toText cfg.Model
         meta["iteration"] <- string iteration
         meta["best_mj"] <- bestMJ.ToString("R", Globalization.CultureInfo.InvariantCulture)
         meta["best_iteration"] <- string bestIt
+        scaler |> Option.iter (fun s ->
+            meta["amp_scale"] <- s.Scale.ToString("R", Globalization.CultureInfo.InvariantCulture)
+            meta["amp_growth_tracker"] <- string s.GrowthTracker)
         let optBytes = Optim.stateBytes opt
         use optTensor = torch.tensor(optBytes, dtype = torch.uint8)
         let tensors =
@@ -175,6 +184,16 @@ module Trainer =
         Optim.loadStateBytes opt bytes
         int (get "iteration"), Double.Parse(get "best_mj", Globalization.CultureInfo.InvariantCulture), int (get "best_iteration")
 
+    /// Restores the loss scaler's state from a `saveState` checkpoint; false when it has none (a float32 run's
+    /// checkpoint: the scaler then starts afresh).
+    let loadScalerState (path: string) (scaler: GradScaler) : bool =
+        use f = Safetensors.read path
+        match f.Metadata.TryGetValue "amp_scale", f.Metadata.TryGetValue "amp_growth_tracker" with
+        | (true, s), (true, t) ->
+            scaler.Restore(Double.Parse(s, Globalization.CultureInfo.InvariantCulture), int t)
+            true
+        | _ -> false
+
     let private appendJson (path: string) (node: JsonObject) =
         File.AppendAllText(path, node.ToJsonString() + "\n")
 
@@ -185,6 +204,7 @@ module Trainer =
     let run (cfg: TrainConfig) (trainRecords: VideoRecord[]) (valRecords: VideoRecord[]) (device: torch.Device)
             (runDir: string) (resume: bool) (init: VctModel -> unit) (log: TrainEvent -> unit) (cancel: CancellationToken) : TrainResult =
         Runtime.init () |> ignore
+        if cfg.Amp then Amp.require device
         if trainRecords.Length < cfg.BatchVideos then
             invalidArg (nameof trainRecords) $"{trainRecords.Length} training videos for a batch of {cfg.BatchVideos}"
         let files = RunFiles runDir
@@ -201,11 +221,15 @@ module Trainer =
         let opt, baseLrs = Optim.adamW cfg.Optim settings
         use _opt = opt
         let trainable = settings |> List.map snd
+        // Mixed precision: forward and losses under float16 autocast on the device, dynamic loss scaling.
+        let autocast = if cfg.Amp then Some(device.``type``, Amp.dtype) else None
+        let scaler = if cfg.Amp then Some(GradScaler()) else None
         let mutable start, bestMJ, bestIt = 0, -1.0, -1
         if resume then
             if not (File.Exists files.Last) then
                 raise (FileNotFoundException($"nothing to resume: {files.Last} does not exist", files.Last))
             let it, b, bi = loadState files.Last model criterion opt
+            scaler |> Option.iter (fun s -> loadScalerState files.Last s |> ignore)
             start <- it
             bestMJ <- b
             bestIt <- bi
@@ -248,7 +272,11 @@ module Trainer =
         let mutable epoch = start / perEpoch
         let mutable skip = start % perEpoch
         while iteration < cfg.Iterations && outcome = Completed do
-            use batches = (loader.Epoch(epoch, cancel)).GetEnumerator()
+            // NOTE: the loader gets no token: the loop polls `cancel` before every batch, and a token passed down
+            // would make MoveNext throw OperationCanceledException when Ctrl-C lands between that poll and the
+            // loader's own check, ending the run with an exception instead of a checkpoint. Disposing the
+            // enumerator stops background workers.
+            use batches = (loader.Epoch epoch).GetEnumerator()
             let mutable more = true
             while more && iteration < cfg.Iterations && outcome = Completed do
                 if cancel.IsCancellationRequested then
@@ -262,7 +290,7 @@ module Trainer =
                     gen.manual_seed (int64 stepSeed) |> ignore
                     use pointGen = new torch.Generator(uint64 (stepSeed + 1))
                     Optim.setLr opt baseLrs (Optim.polyFactor cfg.Optim cfg.Iterations iteration)
-                    let lossValue, terms, diverged =
+                    let lossValue, terms, diverged, ampStep =
                         use scope = torch.NewDisposeScope()
                         let records, videos = Array.unzip batches.Current
                         // NOTE: only the annotated frames are run (S4 train: frame 0 of each video). VCT has no
@@ -280,7 +308,6 @@ module Trainer =
                         let inputs =
                             { Images = frames.``to``(device); PreMasks = preMasks
                               AudioLogMel = torch.zeros(n, 1L, 96L, 64L, device = device); TemporalFlags = None }
-                        let out = model.Forward(inputs, audioMaps = maps.``to``(device))
                         // One label map per annotated frame, in frame order.
                         let targets =
                             [| for v in videos do
@@ -293,17 +320,19 @@ module Trainer =
                             | Subset.S4 -> Supervision.s4 n 1L (records |> Array.collect (fun r -> Array.create r.MaskFrames.Length r.CategoryLabel))
                             | Subset.MS3 -> Supervision.ms3 n
                             | Subset.AVSS -> Supervision.avss (Array.create (int n) 1)
-                        use losses = criterion.Compute(out.Decoder, targets, supervision, pointGen)
-                        let total = losses.Total.item<float32> () |> float
+                        use losses =
+                            Amp.within autocast (fun () ->
+                                let out = model.Forward(inputs, audioMaps = maps.``to``(device))
+                                criterion.Compute(out.Decoder, targets, supervision, pointGen))
+                        let total = (if losses.Total.dtype = torch.float32 then losses.Total else losses.Total.to_type(torch.float32)).item<float32> () |> float
                         if Double.IsFinite total then
                             opt.zero_grad ()
-                            losses.Total.backward()
-                            cfg.Optim.ClipNorm |> Option.iter (fun c -> Optim.clipFullModel c trainable |> ignore)
-                            opt.step () |> ignore
-                            total, losses.Values, None
+                            let step = Amp.backwardAndStep scaler losses.Total opt trainable cfg.Optim.ClipNorm
+                            total, losses.Values, None, step
                         else
                             let bad = losses.Values |> Map.filter (fun _ v -> not (Double.IsFinite v)) |> Map.keys |> String.concat ", "
-                            total, losses.Values, Some $"loss is {total} at iteration {iteration} (non-finite terms: {bad}); the last good checkpoint is kept"
+                            total, losses.Values, Some $"loss is {total} at iteration {iteration} (non-finite terms: {bad}); the last good checkpoint is kept",
+                            { Skipped = true; Scale = 1.0; GradNorm = None }
                     match diverged with
                     | Some why -> outcome <- Diverged(iteration, why)
                     | None ->
@@ -317,13 +346,16 @@ module Trainer =
                                                      "lr", JsonValue.Create lr
                                                      "seconds", JsonValue.Create secs ])
                         for kv in terms do node[kv.Key] <- JsonValue.Create kv.Value
+                        if cfg.Amp then
+                            node["amp_scale"] <- JsonValue.Create ampStep.Scale
+                            node["amp_skipped"] <- JsonValue.Create ampStep.Skipped
                         appendJson files.Metrics node
                         if iteration % cfg.EvalPeriod = 0 || iteration = cfg.Iterations then evalNow ()
                         if iteration % cfg.CheckpointPeriod = 0 || iteration = cfg.Iterations then
-                            saveState files.Last cfg model criterion opt iteration bestMJ bestIt
+                            saveState files.Last cfg model criterion opt scaler iteration bestMJ bestIt
             epoch <- epoch + 1
         match outcome with
-        | Interrupted _ -> saveState files.Last cfg model criterion opt iteration bestMJ bestIt
+        | Interrupted _ -> saveState files.Last cfg model criterion opt scaler iteration bestMJ bestIt
         | Completed -> ModelIO.save files.Final model
         | Diverged _ -> ()
         gen.Dispose()

@@ -1,0 +1,267 @@
+namespace Vct.Core.Training
+
+open System
+open System.IO
+open System.Runtime.InteropServices
+open TorchSharp
+open TorchSharp.Modules
+open Vct.Core
+
+// Native signatures of LibTorch's autocast switches. Every argument and result is passed as an int: c10's
+// DeviceType and ScalarType are int8 enums and C++ bools one byte, which the C calling conventions pass in a
+// full register; results are masked to their low byte where the C++ type is one byte.
+[<UnmanagedFunctionPointer(CallingConvention.Cdecl)>]
+type internal AutocastIntToInt = delegate of int -> int
+[<UnmanagedFunctionPointer(CallingConvention.Cdecl)>]
+type internal AutocastIntIntToUnit = delegate of int * int -> unit
+[<UnmanagedFunctionPointer(CallingConvention.Cdecl)>]
+type internal AutocastIntToUnit = delegate of int -> unit
+[<UnmanagedFunctionPointer(CallingConvention.Cdecl)>]
+type internal AutocastUnitToInt = delegate of unit -> int
+[<UnmanagedFunctionPointer(CallingConvention.Cdecl)>]
+type internal AutocastUnitToUnit = delegate of unit -> unit
+
+type internal AutocastNative =
+    { IsEnabled: AutocastIntToInt
+      SetEnabled: AutocastIntIntToUnit
+      GetDtype: AutocastIntToInt
+      SetDtype: AutocastIntIntToUnit
+      IsCacheEnabled: AutocastUnitToInt
+      SetCacheEnabled: AutocastIntToUnit
+      IncrementNesting: AutocastUnitToInt
+      DecrementNesting: AutocastUnitToInt
+      ClearCache: AutocastUnitToUnit }
+
+/// LibTorch's autocast (automatic mixed precision), which TorchSharp 0.107 does not expose: inside a region,
+/// LibTorch's dispatcher runs the ops of its lower-precision list (convolutions, matmuls, linear, ...) in the
+/// region's dtype and those of its float32 list (softmax, log, losses, norms, ...) in float32, for tensors of
+/// the region's device type; autograd records the casts, so float32 parameters get float32 gradients.
+///
+/// NOTE: bound by the Itanium C++ ABI names of `at::autocast::*` in the libtorch_cpu.so this process has mapped
+/// (LibTorch 2.x on Linux). Elsewhere, or if a LibTorch lacks one of the functions, `unavailableReason` says why
+/// and `enter` throws. The state is per thread: enter and leave a region on the thread that runs the ops.
+[<RequireQualifiedAccess>]
+module Autocast =
+    /// c10::DeviceType of a TorchSharp device type (CPU 0, CUDA 1, ...: the same numbering).
+    let private deviceCode (d: DeviceType) = int d
+
+    let private symbols =
+        [ "is_autocast_enabled", "_ZN2at8autocast19is_autocast_enabledEN3c1010DeviceTypeE"
+          "set_autocast_enabled", "_ZN2at8autocast20set_autocast_enabledEN3c1010DeviceTypeEb"
+          "get_autocast_dtype", "_ZN2at8autocast18get_autocast_dtypeEN3c1010DeviceTypeE"
+          "set_autocast_dtype", "_ZN2at8autocast18set_autocast_dtypeEN3c1010DeviceTypeENS1_10ScalarTypeE"
+          "is_autocast_cache_enabled", "_ZN2at8autocast25is_autocast_cache_enabledEv"
+          "set_autocast_cache_enabled", "_ZN2at8autocast26set_autocast_cache_enabledEb"
+          "increment_nesting", "_ZN2at8autocast17increment_nestingEv"
+          "decrement_nesting", "_ZN2at8autocast17decrement_nestingEv"
+          "clear_cache", "_ZN2at8autocast11clear_cacheEv" ]
+
+    let private native : Lazy<Result<AutocastNative, string>> =
+        lazy
+            (Runtime.init () |> ignore
+             if not (RuntimeInformation.IsOSPlatform OSPlatform.Linux) then
+                 Error $"autocast is bound by LibTorch's Linux symbol names; not available on {RuntimeInformation.OSDescription}"
+             else
+                 match Runtime.mapped "libtorch_cpu.so" with
+                 | [||] -> Error "libtorch_cpu.so is not mapped into this process"
+                 | paths ->
+                     let lib = NativeLibrary.Load paths[0]
+                     let found = [ for name, sym in symbols -> name, (match NativeLibrary.TryGetExport(lib, sym) with | true, p -> p | _ -> 0n) ]
+                     match found |> List.filter (fun (_, p) -> p = 0n) |> List.map fst with
+                     | [] ->
+                         let ptr name = found |> List.find (fun (n, _) -> n = name) |> snd
+                         let inline fn name : 'D = Marshal.GetDelegateForFunctionPointer<'D>(ptr name)
+                         Ok { IsEnabled = fn "is_autocast_enabled"
+                              SetEnabled = fn "set_autocast_enabled"
+                              GetDtype = fn "get_autocast_dtype"
+                              SetDtype = fn "set_autocast_dtype"
+                              IsCacheEnabled = fn "is_autocast_cache_enabled"
+                              SetCacheEnabled = fn "set_autocast_cache_enabled"
+                              IncrementNesting = fn "increment_nesting"
+                              DecrementNesting = fn "decrement_nesting"
+                              ClearCache = fn "clear_cache" }
+                     | missing ->
+                         let names = String.Join(", ", missing)
+                         Error $"{paths[0]} lacks at::autocast::{{{names}}} (a LibTorch other than 2.x?)")
+
+    let private get () =
+        match native.Force() with
+        | Ok n -> n
+        | Error why -> raise (NotSupportedException $"mixed precision: LibTorch's autocast cannot be used: {why}")
+
+    /// Why autocast cannot be used in this process; None when it can.
+    let unavailableReason () : string option =
+        match native.Force() with
+        | Ok _ -> None
+        | Error why -> Some why
+
+    /// True inside an autocast region for `deviceType` on this thread.
+    let isEnabled (deviceType: DeviceType) : bool = ((get ()).IsEnabled.Invoke(deviceCode deviceType) &&& 0xFF) <> 0
+
+    /// The lower-precision dtype of `deviceType`'s autocast on this thread.
+    let dtype (deviceType: DeviceType) : torch.ScalarType =
+        LanguagePrimitives.EnumOfValue<sbyte, torch.ScalarType>(sbyte ((get ()).GetDtype.Invoke(deviceCode deviceType) &&& 0xFF))
+
+    /// Enters an autocast region for tensors on `deviceType` computing in `dtype` (Float16 or BFloat16), like
+    /// PyTorch's `torch.autocast(device_type, dtype)`; disposing it leaves the region on the same thread:
+    /// the previous state comes back and, when the outermost region ends, the cache of cast weights is cleared
+    /// (it must not outlive an optimiser step).
+    let enter (deviceType: DeviceType) (dtype: torch.ScalarType) : IDisposable =
+        if dtype <> torch.ScalarType.Float16 && dtype <> torch.ScalarType.BFloat16 then
+            invalidArg (nameof dtype) $"autocast computes in Float16 or BFloat16, not {dtype}"
+        let n = get ()
+        let dev = deviceCode deviceType
+        let thread = Environment.CurrentManagedThreadId
+        let prevEnabled = n.IsEnabled.Invoke dev &&& 0xFF
+        let prevDtype = n.GetDtype.Invoke dev &&& 0xFF
+        let prevCache = n.IsCacheEnabled.Invoke() &&& 0xFF
+        n.SetDtype.Invoke(dev, int dtype)
+        n.SetEnabled.Invoke(dev, 1)
+        n.SetCacheEnabled.Invoke 1
+        n.IncrementNesting.Invoke() |> ignore
+        let mutable left = false
+        { new IDisposable with
+            member _.Dispose() =
+                if not left then
+                    if Environment.CurrentManagedThreadId <> thread then
+                        invalidOp "an autocast region must be left on the thread that entered it"
+                    left <- true
+                    if n.DecrementNesting.Invoke() = 0 then n.ClearCache.Invoke()
+                    n.SetEnabled.Invoke(dev, prevEnabled)
+                    n.SetDtype.Invoke(dev, prevDtype)
+                    n.SetCacheEnabled.Invoke prevCache }
+
+/// Dynamic loss scaling for float16 training (the semantics of PyTorch's `torch.amp.GradScaler`).
+type GradScalerOptions =
+    { /// Scale of the first step (2^16).
+      InitScale: float
+      /// Factor applied after GrowthInterval consecutive steps with finite gradients (2).
+      GrowthFactor: float
+      /// Factor applied after a step whose gradients had an inf or NaN (0.5).
+      BackoffFactor: float
+      /// Consecutive good steps before the scale grows (2000).
+      GrowthInterval: int }
+    static member Default = { InitScale = 65536.0; GrowthFactor = 2.0; BackoffFactor = 0.5; GrowthInterval = 2000 }
+
+/// What `GradScaler.Step` did.
+type ScaledStep =
+    { /// The optimiser step was skipped because a gradient was inf or NaN.
+      Skipped: bool
+      /// The scale the step's loss was multiplied by.
+      Scale: float
+      /// The full-model gradient norm before clipping (unscaled; None when skipped or not clipping).
+      GradNorm: float option }
+
+/// Dynamic loss scaler: multiply the loss by `Scale` before backward, then `Step` divides the gradients by it,
+/// skips the optimiser step and multiplies the scale by BackoffFactor when any gradient is inf or NaN, and
+/// multiplies it by GrowthFactor after GrowthInterval good steps in a row.
+type GradScaler(opts: GradScalerOptions) =
+    do
+        if not (opts.InitScale > 0.0 && Double.IsFinite opts.InitScale) then invalidArg (nameof opts) "InitScale must be positive and finite"
+        if not (opts.GrowthFactor > 1.0) then invalidArg (nameof opts) "GrowthFactor must be > 1"
+        if not (opts.BackoffFactor > 0.0 && opts.BackoffFactor < 1.0) then invalidArg (nameof opts) "BackoffFactor must be in (0, 1)"
+        if opts.GrowthInterval < 1 then invalidArg (nameof opts) "GrowthInterval must be >= 1"
+    let mutable scale = opts.InitScale
+    let mutable growthTracker = 0
+
+    new() = GradScaler(GradScalerOptions.Default)
+
+    member _.Options = opts
+    /// The current loss scale.
+    member _.Scale = scale
+    /// Good steps in a row since the scale last changed.
+    member _.GrowthTracker = growthTracker
+
+    /// Restores a state saved from `Scale` and `GrowthTracker` (resumed runs).
+    member _.Restore(savedScale: float, savedTracker: int) =
+        if not (savedScale > 0.0 && Double.IsFinite savedScale) then invalidArg (nameof savedScale) $"bad loss scale {savedScale}"
+        scale <- savedScale
+        growthTracker <- max 0 savedTracker
+
+    /// The loss in float32 times the scale (call backward on this).
+    member _.ScaleLoss(loss: Tensor) : Tensor = loss.to_type(torch.float32) * scale.AsScalar
+
+    /// Divides every gradient of `parameters` by the scale, in place; true when any gradient holds an inf or NaN.
+    member _.Unscale(parameters: Parameter seq) : bool =
+        use _ = torch.NewDisposeScope()
+        use _ = torch.no_grad ()
+        let inv = (1.0 / scale).AsScalar
+        let mutable allFinite : Tensor option = None
+        for p in parameters do
+            let g = p.grad
+            if not (isNull g) then
+                g.mul_(inv) |> ignore
+                let ok = g.isfinite().all()
+                allFinite <- Some(match allFinite with Some a -> a.logical_and(ok) | None -> ok)
+        match allFinite with
+        | Some ok -> not (ok.item<bool> ())
+        | None -> false
+
+    /// Backs off after a step with inf/NaN gradients; grows after GrowthInterval good steps in a row.
+    member _.Update(foundInf: bool) =
+        if foundInf then
+            scale <- scale * opts.BackoffFactor
+            growthTracker <- 0
+        else
+            growthTracker <- growthTracker + 1
+            if growthTracker >= opts.GrowthInterval then
+                let grown = scale * opts.GrowthFactor
+                // Kept finite in float32, as PyTorch keeps its float32 scale tensor.
+                if float (float32 grown) < infinity then scale <- grown
+                growthTracker <- 0
+
+    /// After `ScaleLoss(loss).backward()`: unscales the gradients, then, when all are finite, clips the
+    /// full-model norm to `clip` (on the unscaled gradients) and steps `opt`; otherwise skips the step. Updates
+    /// the scale either way.
+    member this.Step(opt: torch.optim.Optimizer, parameters: Parameter seq, clip: float option) : ScaledStep =
+        let used = scale
+        let ps = Seq.toArray parameters
+        let foundInf = this.Unscale ps
+        let norm =
+            if foundInf then None
+            else
+                let n = clip |> Option.map (fun c -> Optim.clipFullModel c ps)
+                opt.step () |> ignore
+                n
+        this.Update foundInf
+        { Skipped = foundInf; Scale = used; GradNorm = norm }
+
+/// Mixed-precision policy of the trainer.
+[<RequireQualifiedAccess>]
+module Amp =
+    /// The autocast dtype of mixed-precision training on CUDA.
+    let dtype = torch.ScalarType.Float16
+
+    /// Fails with a clear message unless mixed precision can run on `device`: CUDA only (LibTorch's float16
+    /// autocast applies to CUDA tensors; on the CPU it would only be slower), and LibTorch's autocast reachable.
+    let require (device: torch.Device) =
+        if device.``type`` <> DeviceType.CUDA then
+            invalidArg (nameof device)
+                $"mixed precision (--amp) runs on CUDA only, but the device is {device}: float16 autocast and loss scaling are for CUDA GPUs; train on the CPU without --amp (float32)"
+        match Autocast.unavailableReason () with
+        | Some why -> raise (NotSupportedException $"mixed precision (--amp) is not available: {why}")
+        | None -> ()
+
+    /// Runs `f` inside an autocast region for `region` (device type, dtype), or plainly when None.
+    let within (region: (DeviceType * torch.ScalarType) option) (f: unit -> 'T) : 'T =
+        match region with
+        | None -> f ()
+        | Some(deviceType, dt) ->
+            use _ = Autocast.enter deviceType dt
+            f ()
+
+    /// Backward and optimiser step of one training step: with a scaler, backward of the scaled loss and
+    /// `GradScaler.Step` (unscale, skip on inf/NaN, clip, step, update); without, plain backward, clipping and
+    /// step. Call `opt.zero_grad()` before. Returns whether the step was skipped and the scale it used (1 without
+    /// a scaler).
+    let backwardAndStep (scaler: GradScaler option) (loss: Tensor) (opt: torch.optim.Optimizer) (parameters: Parameter list) (clip: float option) : ScaledStep =
+        match scaler with
+        | Some s ->
+            (use scaled = s.ScaleLoss loss
+             scaled.backward ())
+            s.Step(opt, parameters, clip)
+        | None ->
+            loss.backward ()
+            let norm = clip |> Option.map (fun c -> Optim.clipFullModel c parameters)
+            opt.step () |> ignore
+            { Skipped = false; Scale = 1.0; GradNorm = norm }

@@ -1,0 +1,128 @@
+/// Acceptance test of `vct train`'s Ctrl-C handling: the real CLI process, a real SIGINT.
+module Vct.Core.Tests.TrainInterruptTests
+
+open System
+open System.Diagnostics
+open System.IO
+open System.Text.Json
+open System.Threading
+open Expecto
+open Vct.Core
+open Vct.Core.Data
+
+/// A running `vct` CLI process whose stdout and stderr are drained in the background.
+type private VctProcess(args: string list) =
+    let dll = Path.Combine(Golden.repoRoot.Value, "src", "Vct.Cli", "bin", "Release", "net10.0", "vct.dll")
+    do if not (File.Exists dll) then failtestf "the CLI is not built: %s (run `dotnet fsi build.fsx build`)" dll
+    let psi =
+        let p = ProcessStartInfo("dotnet", RedirectStandardOutput = true, RedirectStandardError = true, UseShellExecute = false)
+        p.ArgumentList.Add dll
+        for a in args do p.ArgumentList.Add a
+        p
+    let proc = Process.Start psi
+    let out = proc.StandardOutput.ReadToEndAsync()
+    let err = proc.StandardError.ReadToEndAsync()
+    member _.Id = proc.Id
+    member _.HasExited = proc.HasExited
+    /// Waits up to `timeout`; Some(exit code, stdout, stderr) when it ended, None when it still runs.
+    member _.Wait(timeout: TimeSpan) =
+        if proc.WaitForExit(int timeout.TotalMilliseconds) then
+            proc.WaitForExit() // lets the output readers finish
+            Some(proc.ExitCode, out.Result, err.Result)
+        else None
+    interface IDisposable with
+        member _.Dispose() =
+            if not proc.HasExited then
+                proc.Kill true
+                proc.WaitForExit()
+            proc.Dispose()
+
+/// Sends SIGINT (what Ctrl-C in a terminal sends) to `pid` with the system's `kill`.
+let private sigint (pid: int) =
+    let psi = ProcessStartInfo("kill", UseShellExecute = false)
+    for a in [ "-INT"; string pid ] do psi.ArgumentList.Add a
+    let code, _, err = Golden.runProcess psi
+    if code <> 0 then failtestf "kill -INT %d failed: %s" pid err
+
+/// The iterations of the "step" lines of a metrics log (a line still being written is skipped).
+let private stepIterations (metrics: string) =
+    if not (File.Exists metrics) then []
+    else
+        let text =
+            use fs = new FileStream(metrics, FileMode.Open, FileAccess.Read, FileShare.ReadWrite ||| FileShare.Delete)
+            use r = new StreamReader(fs)
+            r.ReadToEnd()
+        [ for line in text.Split('\n') do
+              if line.EndsWith "}" then
+                  use doc = JsonDocument.Parse line
+                  if doc.RootElement.GetProperty("type").GetString() = "step" then
+                      yield doc.RootElement.GetProperty("iteration").GetInt32() ]
+
+let private iterationOf (checkpoint: string) =
+    use f = Checkpoint.Safetensors.read checkpoint
+    int f.Metadata["iteration"]
+
+[<Tests>]
+let tests =
+    testList "TrainInterrupt" [
+        test "vct train on SIGINT exits 130 with a complete checkpoint_last, and --resume continues from it" {
+            let dir = Path.Combine(Path.GetTempPath(), $"vct-sigint-{Guid.NewGuid():N}")
+            try
+                let data = Path.Combine(dir, "data")
+                Synth.generate { SynthOptions.Default SynthKind.S4 with Train = 4; Val = 2; Test = 2; Size = 64; EvalSize = 64 } data |> ignore
+                let runs = Path.Combine(dir, "runs")
+                let run = Path.Combine(runs, "r")
+                let metrics = Path.Combine(run, "metrics.jsonl")
+                let last = Path.Combine(run, "checkpoint_last.safetensors")
+                // Long enough that it could only end by the signal; no evaluation or periodic checkpoint before it.
+                let common = [ "train"; "--preset"; "tiny"; "--data"; data; "--runs"; runs; "--name"; "r"; "--batch"; "2"
+                               "--eval-period"; "100000"; "--device"; "cpu"; "--threads"; "2" ]
+                let stopped =
+                    use p = new VctProcess(common @ [ "--iterations"; "100000" ])
+                    let deadline = Stopwatch.StartNew()
+                    while (stepIterations metrics).Length < 3 && not p.HasExited && deadline.Elapsed < TimeSpan.FromSeconds 40.0 do
+                        Thread.Sleep 100
+                    if p.HasExited then
+                        let code, out, err = (p.Wait TimeSpan.Zero).Value
+                        failtestf "vct train ended before the signal (exit %d): %s\n%s" code out err
+                    Expect.isGreaterThanOrEqual (stepIterations metrics).Length 3 "a few steps logged within 40 s"
+                    Expect.isFalse (File.Exists last) "no checkpoint before the signal (the periodic one is far away)"
+                    let signalled = Stopwatch.StartNew()
+                    sigint p.Id
+                    match p.Wait(TimeSpan.FromSeconds 20.0) with
+                    | None -> failtest "vct train still runs 20 s after SIGINT"
+                    | Some(code, out, err) ->
+                        Expect.equal code 130 $"exit code 130 after SIGINT; stderr: {err}"
+                        Expect.isLessThan signalled.Elapsed.TotalSeconds 20.0 "stops promptly"
+                        Expect.stringContains err "stopping after this step" "says what it does"
+                        use doc = JsonDocument.Parse out
+                        let reached = doc.RootElement.GetProperty("iterations").GetInt32()
+                        Expect.stringStarts (doc.RootElement.GetProperty("outcome").GetString()) "Interrupted" "summary says interrupted"
+                        reached
+                let logged = stepIterations metrics
+                Expect.equal logged [ 1 .. stopped ] "one step line per iteration up to the one reached"
+                Expect.isTrue (File.Exists last) "checkpoint_last written"
+                Expect.equal (iterationOf last) stopped "checkpoint_last holds the iteration reached"
+                Expect.isFalse (File.Exists(Path.Combine(run, "model_final.safetensors"))) "no final model for an interrupted run"
+                let leftovers =
+                    Directory.GetFiles(run, "*", SearchOption.AllDirectories)
+                    |> Array.map Path.GetFileName
+                    |> Array.filter (fun f -> f.StartsWith "." || f.EndsWith ".tmp")
+                Expect.isEmpty leftovers "no temporary or half-written files"
+                // Resume to a few iterations beyond.
+                let target = stopped + 3
+                use p = new VctProcess(common @ [ "--iterations"; string target; "--resume" ])
+                match p.Wait(TimeSpan.FromSeconds 60.0) with
+                | None -> failtest "the resumed run did not end within 60 s"
+                | Some(code, out, err) ->
+                    Expect.equal code 0 $"resumed run completes; stderr: {err}"
+                    use doc = JsonDocument.Parse out
+                    Expect.equal (doc.RootElement.GetProperty("iterations").GetInt32()) target "ends at the requested iteration"
+                    Expect.equal (doc.RootElement.GetProperty("outcome").GetString()) "Completed" "completed"
+                Expect.equal (stepIterations metrics) [ 1 .. target ] "continues at the next iteration: no step repeated or lost"
+                Expect.equal (iterationOf last) target "checkpoint_last at the end"
+                Expect.isTrue (File.Exists(Path.Combine(run, "model_final.safetensors"))) "final model written"
+            finally
+                if Directory.Exists dir then Directory.Delete(dir, true)
+        }
+    ]
