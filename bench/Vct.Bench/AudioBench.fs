@@ -26,7 +26,7 @@ let signal (rate: int) =
 let private rates = [ 16000; 22050; 44100; 48000 ]
 
 let run (repeats: int) =
-    let runs = max 7 (3 * repeats)
+    let runs = max 21 (7 * repeats)
     let clips = 16
     let threads = torch.get_num_threads ()
     let opts = ExampleOptions.Default Subset.NoClip
@@ -41,12 +41,14 @@ let run (repeats: int) =
         for rate in rates do
             printfn "audio: ours, %d Hz" rate
             let w = wave rate
-            oneClip[rate] <- median (time 2 runs (fun () -> (Examples.ofWaveform opts w).Examples.Dispose()))
+            // 40 warm-up runs: .NET compiles hot methods fully after ~30 calls (tiered JIT); the official side warms
+            // up numba the same way.
+            oneClip[rate] <- median (time 40 runs (fun () -> (Examples.ofWaveform opts w).Examples.Dispose()))
             use ex = (Examples.ofWaveform opts w).Examples
             Npy.write (Path.Combine(dir, $"ours_{rate}.npy")) ex
             if rate <> VggishParams.SampleRate then
                 let x = w.Channels[0]
-                resampleOnly[rate] <- median (time 2 runs (fun () -> Resample.kaiserBest rate VggishParams.SampleRate x |> ignore))
+                resampleOnly[rate] <- median (time 40 runs (fun () -> Resample.kaiserBest rate VggishParams.SampleRate x |> ignore))
         // A folder of clips, as `vct audio examples` in folder mode processes them: one clip per core, one
         // LibTorch thread each.
         torch.set_num_threads 1
@@ -54,7 +56,7 @@ let run (repeats: int) =
         for rate in rates do
             let ws = Array.init clips (fun _ -> wave rate)
             let t =
-                median (time 1 (max 3 repeats) (fun () ->
+                median (time 3 (max 3 repeats) (fun () ->
                     Parallel.For(0, clips, ParallelOptions(MaxDegreeOfParallelism = workers), fun i ->
                         (Examples.ofWaveform opts ws[i]).Examples.Dispose()) |> ignore))
             manyClips[rate] <- float clips * seconds / t

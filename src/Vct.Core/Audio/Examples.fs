@@ -127,10 +127,11 @@ module Examples =
                 else Array.create target 1
             { Examples = out; Available = n; Real = real; Warnings = List.ofSeq warnings; Source = source }
 
-    /// Mono (channel mean), resampled to 16 kHz with resampy's kaiser_best, as float64 samples.
+    /// Mono (channel mean), resampled to 16 kHz with resampy's kaiser_best, as float64 samples. A mono 16 kHz
+    /// waveform's own sample array is returned as is (no copy): treat the result as read-only.
     let mono16k (w: Waveform) : float[] =
         let w = Wav.validate w
-        let mono = w.Mono()
+        let mono = if w.Channels.Length = 1 then w.Channels[0] else w.Mono()
         if w.SampleRate = VggishParams.SampleRate then mono
         else
             if Resample.outputLength w.SampleRate VggishParams.SampleRate mono.Length < 1 then
