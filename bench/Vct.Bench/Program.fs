@@ -5,7 +5,8 @@ module Vct.Bench.Program
 let suites : (string * (int -> unit)) list =
     [ "checkpoint", CheckpointBench.run
       "model", ModelBench.run
-      "audio", AudioBench.run ]
+      "audio", AudioBench.run
+      "training", TrainingBench.run ]
 
 [<EntryPoint>]
 let main argv =

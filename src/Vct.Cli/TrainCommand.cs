@@ -57,6 +57,8 @@ internal static class TrainCommand
                 if (cts.IsCancellationRequested)
                 {
                     Console.Error.WriteLine("\naborting without a checkpoint");
+                    // The trainer holds the finalizer gate during steps; exit would otherwise wait for it forever.
+                    Vct.Core.FinalizerGate.ReleaseForExit();
                     Environment.Exit(130);
                 }
                 Console.Error.WriteLine("\nstopping after this step; a resumable checkpoint will be written (Ctrl-C again to abort)");

@@ -117,8 +117,11 @@ module Trainer =
         use _ = torch.no_grad ()
         model.eval ()
         let device = (Seq.head (model.parameters ())).device
-        ignore workers // decoded on this thread: see the NOTE in `run`
-        let loader = BatchLoader(records, { LoaderOptions.Default with BatchSize = 1; Shuffle = false; Workers = 0; DropLast = false },
+        // Videos are decoded ahead by `workers` background threads (0: on this thread); the finalizer gate makes
+        // their allocations safe for this thread's LibTorch calls (see FinalizerGate). Nested in a training run's
+        // gate, its pulses are the run's.
+        use gate = FinalizerGate.Hold()
+        let loader = BatchLoader(records, { LoaderOptions.Default with BatchSize = 1; Shuffle = false; Workers = max 0 workers; Prefetch = 2; DropLast = false },
                                  fun r _ -> Avsbench.loadVideo { Data.LoadOptions.Default with FrameSize = None; PreSam = model.Config.UsePreSam && r.PreMasks.Length > 0 } r)
         let mutable index = 0
         for batch in loader.Epoch 0 do
@@ -146,6 +149,7 @@ module Trainer =
                 let gtFrames = v.Record.MaskFrames
                 let scores = if int64 gtFrames.Length = t then scores else scores.index_select(0L, torch.tensor(gtFrames |> Array.map int64))
                 evaluator.Add(v.Record.Id, scores.cpu(), gt) |> ignore
+            gate.Pulse()
         evaluator.Summary()
 
     /// Writes the resumable state: model, criterion, optimiser state, iteration and the loss scaler's state (mixed
@@ -242,13 +246,13 @@ module Trainer =
         model.MissingMasks <- cfg.MissingMasks
         let loadOpts = { Data.LoadOptions.Default with FrameSize = Some cfg.CropSize; PreSam = cfg.Model.UsePreSam && trainRecords[0].PreMasks.Length > 0 }
         let aug = { AugmentOptions.Default with CropSize = cfg.CropSize; ColorJitter = cfg.ColorJitter; SquashToSquare = (subset = Subset.AVSS) }
-        // NOTE: batches are decoded on this thread (Workers = 0). TorchSharp 0.107 passes only the handles of the
-        // Scalars it creates internally (e.g. the alpha of every add) to native code, so a GC that another thread
-        // triggers during a native call can finalise such a Scalar while LibTorch still reads it ("Scalar.h:
-        // Expected false to be true", seen after a few hundred steps with background decoding). With no other
-        // thread allocating, no GC starts during a native call. At the tiny preset's sizes decoding costs a few
-        // percent of a step; `cfg.Workers` is kept for when TorchSharp fixes this.
-        let loaderOpts = { LoaderOptions.Default with BatchSize = cfg.BatchVideos; Seed = cfg.Seed; Workers = 0 }
+        // NOTE: batches are decoded and augmented by `cfg.Workers` background threads, `Prefetch` batches ahead
+        // (0 workers: on this thread, when asked for). TorchSharp 0.107 passes only the handles of the temporaries it
+        // creates (the Scalar behind every `alpha`) to native code, so a GC triggered by a worker's allocations
+        // during a native call could finalise one while LibTorch still reads it ("Scalar.h: Expected false to be
+        // true", seen after a few hundred steps before the gate). The finalizer gate below holds the finalizer
+        // thread during steps and lets it run between them (FinalizerGate); the workers never call TorchSharp.
+        let loaderOpts = { LoaderOptions.Default with BatchSize = cfg.BatchVideos; Seed = cfg.Seed; Workers = max 0 cfg.Workers; Prefetch = 2 }
         let loader = BatchLoader(trainRecords, loaderOpts, fun r rng -> r, Augment.video aug rng (Avsbench.loadVideo loadOpts r))
         let perEpoch = loader.BatchesPerEpoch
         let mutable lastEval = None
@@ -269,6 +273,9 @@ module Trainer =
                 bestIt <- iteration
                 ModelIO.save files.Best model
         model.train ()
+        use gate = FinalizerGate.Hold()
+        // Seconds the last step waited for its batch (0 when the workers had it ready).
+        let mutable dataWait = 0.0
         let mutable epoch = start / perEpoch
         let mutable skip = start % perEpoch
         while iteration < cfg.Iterations && outcome = Completed do
@@ -281,7 +288,10 @@ module Trainer =
             while more && iteration < cfg.Iterations && outcome = Completed do
                 if cancel.IsCancellationRequested then
                     outcome <- Interrupted iteration
-                elif not (batches.MoveNext()) then more <- false
+                elif (let w0 = sw.Elapsed.TotalSeconds
+                      let moved = batches.MoveNext()
+                      dataWait <- sw.Elapsed.TotalSeconds - w0
+                      not moved) then more <- false
                 elif skip > 0 then skip <- skip - 1 // resuming inside an epoch: the same batches, already used
                 else
                     let t0 = sw.Elapsed.TotalSeconds
@@ -344,7 +354,8 @@ module Trainer =
                                                      "iteration", JsonValue.Create iteration
                                                      "loss", JsonValue.Create lossValue
                                                      "lr", JsonValue.Create lr
-                                                     "seconds", JsonValue.Create secs ])
+                                                     "seconds", JsonValue.Create secs
+                                                     "data_wait_seconds", JsonValue.Create dataWait ])
                         for kv in terms do node[kv.Key] <- JsonValue.Create kv.Value
                         if cfg.Amp then
                             node["amp_scale"] <- JsonValue.Create ampStep.Scale
@@ -353,6 +364,8 @@ module Trainer =
                         if iteration % cfg.EvalPeriod = 0 || iteration = cfg.Iterations then evalNow ()
                         if iteration % cfg.CheckpointPeriod = 0 || iteration = cfg.Iterations then
                             saveState files.Last cfg model criterion opt scaler iteration bestMJ bestIt
+                    // Between steps this thread is in no native call: let the step's temporaries be finalized.
+                    gate.Pulse()
             epoch <- epoch + 1
         match outcome with
         | Interrupted _ -> saveState files.Last cfg model criterion opt scaler iteration bestMJ bestIt
