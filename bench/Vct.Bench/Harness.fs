@@ -35,16 +35,12 @@ let rssMiB () =
         |> Array.pick (fun l -> if l.StartsWith "VmRSS:" then Some(float (l.Split(' ', StringSplitOptions.RemoveEmptyEntries)[1]) / 1024.0) else None)
     with _ -> float (Process.GetCurrentProcess().WorkingSet64) / 1048576.0
 
-[<Runtime.InteropServices.DllImport("libc", EntryPoint = "malloc_trim")>]
-extern int private mallocTrim(unativeint pad)
-
-/// Returns the native heap's free pages to the OS (glibc malloc_trim; LibTorch's CPU allocator keeps freed
-/// blocks in the heap), so that a baseline started next does not compete with memory this process no longer uses.
+/// Collects, then returns the native heap's free pages to the OS (LibTorch's CPU allocator keeps freed blocks in
+/// glibc's heap), so that a baseline started next does not compete with memory this process no longer uses.
 let trimNative () =
     GC.Collect()
     GC.WaitForPendingFinalizers()
-    if OperatingSystem.IsLinux() then
-        try mallocTrim 0un |> ignore with _ -> ()
+    Vct.Core.Runtime.trimNativeHeap ()
 
 /// Runs `/usr/bin/python3 script args` with the repository's bench/python on the path; returns stdout.
 /// Fails with the script's stderr when it exits non-zero.

@@ -24,8 +24,26 @@ internal static class DataCommand
             Console.WriteLine(report.Ok ? "OK" : $"{report.Problems.Length} problem(s)");
             return report.Ok ? 0 : 2;
         });
+        var subset = new Argument<string>("subset") { Description = "s4 | ms3" };
+        var semantic = new Option<string>("--semantic") { Description = "AVSBench_semantic root (metadata.csv, v1s/, v1m/, optional pre_SAM_mask/)", Required = true };
+        var objectRoot = new Option<string>("--object") { Description = "AVSBench_object root: the 384 tree is written to Single-source/s4_data_384 or Multi-sources/ms3_data_384 below it (S4 reads Single-source/s4_meta_data.csv for the categories)", Required = true };
+        var prepare = new Command("prepare", "Build the VCT 384 tree of S4 or MS3 from AVSBench-semantic as the official generate_data_384 tools do (frames, Semantic-SAM images, GT re-derived from labels_rgb)");
+        prepare.Arguments.Add(subset);
+        prepare.Options.Add(semantic);
+        prepare.Options.Add(objectRoot);
+        prepare.SetAction(parse =>
+        {
+            VctRuntime.Initialize();
+            var kind = DatasetKind.Parse(parse.GetValue(subset)!);
+            var report = Prepare.objectTree(kind, parse.GetValue(semantic)!, parse.GetValue(objectRoot)!,
+                Microsoft.FSharp.Core.FuncConvert.FromAction<string>(line => Console.Error.WriteLine(line)));
+            Console.WriteLine($"{report.Videos} video(s), {report.Files} file(s) written");
+            foreach (var v in report.WithoutMasks) Console.WriteLine($"warning: {v}: no Semantic-SAM mask images; pre_SAM_mask_384 not written");
+            return 0;
+        });
         var data = new Command("data", "Dataset tools");
         data.Subcommands.Add(check);
+        data.Subcommands.Add(prepare);
         return data;
     }
 }

@@ -201,7 +201,7 @@ module Resample =
                        KR = wings |> Array.map (snd >> padded)
                        Width = width; Tw = tw; Td = td })
 
-    /// Outputs [t0, t1) of `fast` (see there): per output two SIMD passes (left wing, right wing) accumulating
+    /// Outputs [t0, t1) of `fast` (see there): per output one SIMD pass over both wings accumulating
     /// Σ win·x and Σ delta·x with fused multiply-adds, two accumulators each to hide their latency. The loads are
     /// unchecked: the condition before them keeps every index inside x and inside the phase's taps.
     [<Runtime.CompilerServices.MethodImpl(Runtime.CompilerServices.MethodImplOptions.AggressiveOptimization)>]
@@ -222,28 +222,28 @@ module Resample =
                 let mutable w1 = Numerics.Vector<float>.Zero
                 let mutable d0 = Numerics.Vector<float>.Zero
                 let mutable d1 = Numerics.Vector<float>.Zero
+                let mutable sdl = 0.0
                 let mutable j = 0
-                while j < kL do
-                    let x0 = Numerics.Vector.LoadUnsafe(&x[s], unativeint j)
-                    let x1 = Numerics.Vector.LoadUnsafe(&x[s], unativeint (j + lanes))
-                    w0 <- Numerics.Vector.FusedMultiplyAdd(Numerics.Vector.LoadUnsafe(&tw[b], unativeint (j)), x0, w0)
-                    d0 <- Numerics.Vector.FusedMultiplyAdd(Numerics.Vector.LoadUnsafe(&td[b], unativeint (j)), x0, d0)
-                    w1 <- Numerics.Vector.FusedMultiplyAdd(Numerics.Vector.LoadUnsafe(&tw[b], unativeint (j + lanes)), x1, w1)
-                    d1 <- Numerics.Vector.FusedMultiplyAdd(Numerics.Vector.LoadUnsafe(&td[b], unativeint (j + lanes)), x1, d1)
-                    j <- j + 2 * lanes
-                let sdl = Numerics.Vector.Sum(d0 + d1)
-                d0 <- Numerics.Vector<float>.Zero
-                d1 <- Numerics.Vector<float>.Zero
                 let stop = kL + kR
                 while j < stop do
+                    if j = kL then
+                        // Left wing done: bank its delta sum, the right wing's starts afresh.
+                        sdl <- Numerics.Vector.Sum(d0 + d1)
+                        d0 <- Numerics.Vector<float>.Zero
+                        d1 <- Numerics.Vector<float>.Zero
                     let x0 = Numerics.Vector.LoadUnsafe(&x[s], unativeint j)
                     let x1 = Numerics.Vector.LoadUnsafe(&x[s], unativeint (j + lanes))
-                    w0 <- Numerics.Vector.FusedMultiplyAdd(Numerics.Vector.LoadUnsafe(&tw[b], unativeint (j)), x0, w0)
-                    d0 <- Numerics.Vector.FusedMultiplyAdd(Numerics.Vector.LoadUnsafe(&td[b], unativeint (j)), x0, d0)
+                    w0 <- Numerics.Vector.FusedMultiplyAdd(Numerics.Vector.LoadUnsafe(&tw[b], unativeint j), x0, w0)
+                    d0 <- Numerics.Vector.FusedMultiplyAdd(Numerics.Vector.LoadUnsafe(&td[b], unativeint j), x0, d0)
                     w1 <- Numerics.Vector.FusedMultiplyAdd(Numerics.Vector.LoadUnsafe(&tw[b], unativeint (j + lanes)), x1, w1)
                     d1 <- Numerics.Vector.FusedMultiplyAdd(Numerics.Vector.LoadUnsafe(&td[b], unativeint (j + lanes)), x1, d1)
                     j <- j + 2 * lanes
-                y[t] <- Numerics.Vector.Sum(w0 + w1) + etaL * sdl + etaR * Numerics.Vector.Sum(d0 + d1)
+                let sdr =
+                    if kR = 0 then
+                        sdl <- Numerics.Vector.Sum(d0 + d1)
+                        0.0
+                    else Numerics.Vector.Sum(d0 + d1)
+                y[t] <- Numerics.Vector.Sum(w0 + w1) + etaL * sdl + etaR * sdr
             r <- r + 1
             if r = phases then r <- 0
 

@@ -140,28 +140,73 @@ module Resize =
                     Array.blit img.Pixels ((sy * img.Width + sx) * c) out ((y * width + x) * c) c
             { Width = width; Height = height; Channels = c; Pixels = out }
 
-    /// Bilinear resize with pixel-centre alignment (align_corners = false), rounding to nearest.
-    /// NOTE: PIL's BILINEAR widens its filter when shrinking (antialiasing); this one does not, so downscaled
-    /// frames differ from the official preprocessed files by a few grey levels.
+    /// Pillow's resampling coefficients for one axis (`precompute_coeffs` + `normalize_coeffs_8bpc`): per output
+    /// index the first input index, the tap count, and fixed-point weights with 22 fraction bits. The triangle
+    /// filter's support grows with the shrink factor (antialiasing).
+    let private pilCoefficients (inSize: int) (outSize: int) =
+        let scale = float inSize / float outSize
+        let filterScale = max scale 1.0
+        let support = 1.0 * filterScale                        // bilinear support 1
+        let kSize = int (ceil support) * 2 + 1
+        let bounds = Array.zeroCreate<int> (outSize * 2)
+        let kk = Array.zeroCreate<int> (outSize * kSize)
+        let w = Array.zeroCreate<float> kSize
+        for xx in 0 .. outSize - 1 do
+            let center = (float xx + 0.5) * scale
+            let ss = 1.0 / filterScale
+            let xmin = max 0 (int (center - support + 0.5))
+            let xmax = min inSize (int (center + support + 0.5)) - xmin
+            let mutable ww = 0.0
+            for x in 0 .. xmax - 1 do
+                let t = abs ((float (x + xmin) - center + 0.5) * ss)
+                w[x] <- (if t < 1.0 then 1.0 - t else 0.0)
+                ww <- ww + w[x]
+            for x in 0 .. kSize - 1 do
+                let v = if x < xmax && ww <> 0.0 then w[x] / ww else 0.0
+                kk[xx * kSize + x] <- int (v * float (1 <<< 22) + (if v < 0.0 then -0.5 else 0.5))
+            bounds[2 * xx] <- xmin
+            bounds[2 * xx + 1] <- xmax
+        bounds, kk, kSize
+
+    let inline private clip8 (v: int) = if v <= 0 then 0uy elif v >= (256 <<< 22) then 255uy else byte (v >>> 22)
+
+    /// Bilinear resize exactly as Pillow's `Image.resize(..., BILINEAR)` on 8-bit images (the official preprocessing
+    /// tools' and detectron2's resize): a separable triangle filter widened when shrinking, fixed-point weights,
+    /// the horizontal pass first, each pass rounded to 8 bits.
     let bilinear (width: int) (height: int) (img: Image) : Image =
         if width = img.Width && height = img.Height then img
         else
             let c = img.Channels
-            let out = Array.zeroCreate<byte> (width * height * c)
-            let sx = float img.Width / float width
-            let sy = float img.Height / float height
-            for y in 0 .. height - 1 do
-                let fy = max 0.0 ((float y + 0.5) * sy - 0.5)
-                let y0 = min (img.Height - 1) (int fy)
-                let y1 = min (img.Height - 1) (y0 + 1)
-                let wy = fy - float y0
-                for x in 0 .. width - 1 do
-                    let fx = max 0.0 ((float x + 0.5) * sx - 0.5)
-                    let x0 = min (img.Width - 1) (int fx)
-                    let x1 = min (img.Width - 1) (x0 + 1)
-                    let wx = fx - float x0
-                    for k in 0 .. c - 1 do
-                        let p (xx: int) (yy: int) = float img.Pixels[(yy * img.Width + xx) * c + k]
-                        let v = (1.0 - wy) * ((1.0 - wx) * p x0 y0 + wx * p x1 y0) + wy * ((1.0 - wx) * p x0 y1 + wx * p x1 y1)
-                        out[(y * width + x) * c + k] <- byte (min 255.0 (Math.Round v))
-            { Width = width; Height = height; Channels = c; Pixels = out }
+            let half = 1 <<< 21
+            // Horizontal pass (all rows), unless the width is unchanged.
+            let tmp =
+                if width = img.Width then img.Pixels
+                else
+                    let bounds, kk, kSize = pilCoefficients img.Width width
+                    let out = Array.zeroCreate<byte> (width * img.Height * c)
+                    for y in 0 .. img.Height - 1 do
+                        let row = y * img.Width * c
+                        for xx in 0 .. width - 1 do
+                            let xmin, xmax, k = bounds[2 * xx], bounds[2 * xx + 1], xx * kSize
+                            for ch in 0 .. c - 1 do
+                                let mutable acc = half
+                                for x in 0 .. xmax - 1 do
+                                    acc <- acc + int img.Pixels[row + (x + xmin) * c + ch] * kk[k + x]
+                                out[(y * width + xx) * c + ch] <- clip8 acc
+                    out
+            // Vertical pass, unless the height is unchanged.
+            let pixels =
+                if height = img.Height then tmp
+                else
+                    let bounds, kk, kSize = pilCoefficients img.Height height
+                    let out = Array.zeroCreate<byte> (width * height * c)
+                    for yy in 0 .. height - 1 do
+                        let ymin, ymax, k = bounds[2 * yy], bounds[2 * yy + 1], yy * kSize
+                        for x in 0 .. width - 1 do
+                            for ch in 0 .. c - 1 do
+                                let mutable acc = half
+                                for y in 0 .. ymax - 1 do
+                                    acc <- acc + int tmp[((y + ymin) * width + x) * c + ch] * kk[k + y]
+                                out[(yy * width + x) * c + ch] <- clip8 acc
+                    out
+            { Width = width; Height = height; Channels = c; Pixels = pixels }

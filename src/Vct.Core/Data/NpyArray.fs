@@ -43,7 +43,7 @@ type NpyHeader =
 
 /// NumPy `.npy` (format 1.x/2.x/3.x, little-endian, C order) reading and writing on plain arrays, with
 /// streaming access to slices along the first axis so a multi-gigabyte score file is never loaded at once.
-/// (Audio/Npy.fs reads float tensors only; metrics need uint8 labels and slice access.)
+/// (Audio/Npy.fs adapts it to float tensors.)
 [<RequireQualifiedAccess>]
 module NpyFile =
     let private bad (path: string) (why: string) : 'T = raise (InvalidDataException($"{path}: not a readable .npy file ({why})"))
@@ -153,13 +153,21 @@ module NpyFile =
         let dict = $"{{'descr': '{dtype.Descr}', 'fortran_order': False, 'shape': {shapeText}, }}"
         let total = 10 + dict.Length + 1
         let padded = dict + String(' ', (64 - total % 64) % 64) + "\n"
-        let dir = Path.GetDirectoryName(Path.GetFullPath path)
+        let full = Path.GetFullPath path
+        let dir = Path.GetDirectoryName full
         if not (Directory.Exists dir) then Directory.CreateDirectory dir |> ignore
-        use fs = File.Create path
-        fs.Write([| 0x93uy; byte 'N'; byte 'U'; byte 'M'; byte 'P'; byte 'Y'; 1uy; 0uy |], 0, 8)
-        fs.Write(BitConverter.GetBytes(uint16 padded.Length), 0, 2)
-        fs.Write(Encoding.ASCII.GetBytes padded, 0, padded.Length)
-        fs.Write(data, 0, data.Length)
+        // Written next to the target and renamed over it: an interrupted write never leaves a partial .npy.
+        let tmp = Path.Combine(dir, $".{Path.GetFileName full}.{Guid.NewGuid():N}.tmp")
+        try
+            do
+                use fs = File.Create tmp
+                fs.Write([| 0x93uy; byte 'N'; byte 'U'; byte 'M'; byte 'P'; byte 'Y'; 1uy; 0uy |], 0, 8)
+                fs.Write(BitConverter.GetBytes(uint16 padded.Length), 0, 2)
+                fs.Write(Encoding.ASCII.GetBytes padded, 0, padded.Length)
+                fs.Write(data, 0, data.Length)
+            File.Move(tmp, full, true)
+        finally
+            if File.Exists tmp then File.Delete tmp
 
     /// Writes a float32 array of the given C-order shape.
     let writeFloat32 (path: string) (shape: int64[]) (data: float32[]) =

@@ -52,6 +52,17 @@ module Runtime =
             let p = dlerror ()
             if p = 0n then "unknown dlopen error" else Marshal.PtrToStringUTF8 p
 
+    module private Libc =
+        [<DllImport("libc.so.6", EntryPoint = "malloc_trim")>]
+        extern int mallocTrim(unativeint pad)
+
+    /// Returns the free pages of the native heap to the OS (glibc `malloc_trim`; a no-op elsewhere). LibTorch's CPU
+    /// allocator frees into glibc's heap, which keeps most of it: after a training step's activations are freed,
+    /// the process still holds them, and a checkpoint write or an evaluation then adds to that peak.
+    let trimNativeHeap () =
+        if RuntimeInformation.IsOSPlatform OSPlatform.Linux then
+            try Libc.mallocTrim 0un |> ignore with _ -> ()
+
     let private nativeRid =
         if RuntimeInformation.IsOSPlatform OSPlatform.Windows then "win-x64"
         elif RuntimeInformation.IsOSPlatform OSPlatform.OSX then "osx-arm64"

@@ -89,6 +89,16 @@ module Optim =
          opt.save_state_dict w |> ignore)
         ms.ToArray()
 
+    /// The optimiser's state as a uint8 tensor, without the copies of `stateBytes` (the released presets' AdamW
+    /// state is ~1.9 GB): the stream's own buffer, shared with the tensor (valid while the tensor lives).
+    let stateTensor (opt: AdamW) : Tensor =
+        let ms = new MemoryStream()
+        (use w = new BinaryWriter(ms, Text.Encoding.UTF8, true)
+         opt.save_state_dict w |> ignore)
+        let length = ms.Length
+        let buffer = ms.GetBuffer()
+        torch.from_array(buffer).narrow(0L, 0L, length)
+
     /// Restores the optimiser's state from `stateBytes` output.
     let loadStateBytes (opt: AdamW) (bytes: byte[]) =
         use ms = new MemoryStream(bytes)

@@ -165,8 +165,9 @@ module Trainer =
         scaler |> Option.iter (fun s ->
             meta["amp_scale"] <- s.Scale.ToString("R", Globalization.CultureInfo.InvariantCulture)
             meta["amp_growth_tracker"] <- string s.GrowthTracker)
-        let optBytes = Optim.stateBytes opt
-        use optTensor = torch.tensor(optBytes, dtype = torch.uint8)
+        // The step's freed activations back to the OS first: the released presets come close to 24 GB otherwise.
+        Runtime.trimNativeHeap ()
+        use optTensor = Optim.stateTensor opt
         let tensors =
             [ for kv in model.state_dict () -> kv.Key, kv.Value
               for kv in criterion.state_dict () -> "criterion." + kv.Key, kv.Value
@@ -259,6 +260,7 @@ module Trainer =
         let mutable outcome = Completed
         let mutable iteration = start
         let evalNow () =
+            Runtime.trimNativeHeap ()
             let t0 = sw.Elapsed.TotalSeconds
             let summary = evaluate model audio valRecords false cfg.Workers
             model.train ()
