@@ -5,7 +5,7 @@ open System.IO
 open Expecto
 open Vct.Core.Data
 
-let private pillow (name: string) = Path.Combine(Golden.root.Value, "data", "pillow", name)
+let private pillow (name: string) = Path.Combine(Golden.root.Value, "images", name)
 
 /// Largest per-byte difference between two images of the same shape.
 let private maxDiff (a: Image) (b: Image) =
