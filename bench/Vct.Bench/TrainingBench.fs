@@ -134,7 +134,7 @@ let run (repeats: int) =
                   $"configuration): {tinyStep:F3} s per step of 16 videos (median of steps 21-500). Decoding and augmenting a batch"
                   $"costs {1000.0 * tinyLoad:F1} ms of one core ({100.0 * tinyLoad / tinyStep:F1}%% of a step); the trainer's {tinyCfg.Workers} background"
                   $"workers prepare 2 batches ahead, so steps 2-500 waited {1000.0 * meanWait:F2} ms on average for their batch"
-                  $"({waited} of {waitAfterFirst.Length} waited more than 1 ms; an epoch's first batch is decoded when the epoch starts). Resident"
+                  $"({waited} of {waitAfterFirst.Length} waited more than 1 ms; the workers run on across epochs). Resident"
                   "memory over the 500-step run (evaluations at 250 and 500; the trainer returns freed native memory to the OS before"
                   "each evaluation and checkpoint write):"
                   ""

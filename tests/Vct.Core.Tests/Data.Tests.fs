@@ -284,6 +284,28 @@ let augment =
             Expect.notEqual (consume l1 1) a "another epoch, another order"
             Expect.isLessThanOrEqual peak ((2 + 2) * 3) "at most prefetch + in-progress batches are held"
         }
+        test "the stream runs on across epochs with exactly the batches of each epoch, and stops when disposed" {
+            let recs = Array.init 7 (fun i -> { (greyVideo 1 4 4).Record with Id = string i })
+            let made = ref 0
+            let mk workers =
+                BatchLoader(recs, { LoaderOptions.Default with BatchSize = 2; Workers = workers; Prefetch = 2; Seed = 4 }, fun r rng ->
+                    Threading.Interlocked.Increment(&made.contents) |> ignore
+                    r.Id, rng.Next())
+            for workers in [ 0; 2 ] do
+                let l = mk workers
+                let perEpoch = [ for e in 3 .. 5 -> [ for b in l.Epoch e -> b ] ]
+                let streamed = l.Stream 3 |> Seq.take (3 * 3) |> List.ofSeq
+                Expect.equal (streamed |> List.map fst) [ 3; 3; 3; 4; 4; 4; 5; 5; 5 ] $"{workers} workers: epochs in order"
+                Expect.equal (streamed |> List.map snd) (List.concat perEpoch) $"{workers} workers: the same batches as Epoch"
+            made.Value <- 0
+            do
+                use e = ((mk 2).Stream 0).GetEnumerator()
+                e.MoveNext() |> ignore
+            let after = made.Value
+            Threading.Thread.Sleep 200
+            Expect.equal made.Value after "no work after the enumerator is disposed"
+            Expect.isLessThanOrEqual after ((1 + 2 + 1) * 2) "only the prefetch window was decoded"
+        }
     ]
 
 [<Tests>]

@@ -39,37 +39,40 @@ type BatchLoader<'T>(records: VideoRecord[], opts: LoaderOptions, transform: Vid
                 idx[j] <- t
         idx
 
-    /// Batches of one epoch, produced ahead by background workers; dispose the enumerator to stop them.
-    member this.Epoch(epoch: int, ?cancel: CancellationToken) : IEnumerable<'T[]> =
-        let token = defaultArg cancel CancellationToken.None
-        let order = this.Order epoch
-        let nBatches = if opts.DropLast then order.Length / opts.BatchSize else (order.Length + opts.BatchSize - 1) / opts.BatchSize
+    /// Batches of `epochs` in order, tagged with their epoch, produced ahead by background workers (Workers > 0)
+    /// without a pause between epochs; dispose the enumerator to stop them.
+    member private this.Produce(epochs: seq<int>, token: CancellationToken) : IEnumerable<int * 'T[]> =
+        let nBatches = if opts.DropLast then records.Length / opts.BatchSize else (records.Length + opts.BatchSize - 1) / opts.BatchSize
+        let make (epoch: int) (b: int) (i: int) (item: int) =
+            let pos = b * opts.BatchSize + i
+            transform records[item] (Random(DeterministicSeed.mix [ opts.Seed; epoch; pos ]))
+        let itemsOf (order: int[]) (b: int) = order[b * opts.BatchSize .. min order.Length ((b + 1) * opts.BatchSize) - 1]
         if opts.Workers <= 0 then
             // Synchronous mode: each batch is made on the caller's thread when it is asked for (same seeds, same
-            // batches). Used by the trainer: see Trainer's NOTE on TorchSharp's finaliser race.
+            // batches).
             seq {
-                for b in 0 .. nBatches - 1 do
-                    token.ThrowIfCancellationRequested()
-                    let items = order[b * opts.BatchSize .. min order.Length ((b + 1) * opts.BatchSize) - 1]
-                    yield items |> Array.mapi (fun i item ->
-                        let pos = b * opts.BatchSize + i
-                        transform records[item] (Random(DeterministicSeed.mix [ opts.Seed; epoch; pos ])))
+                for epoch in epochs do
+                    let order = this.Order epoch
+                    for b in 0 .. nBatches - 1 do
+                        token.ThrowIfCancellationRequested()
+                        yield epoch, itemsOf order b |> Array.mapi (make epoch b)
             }
         else
         seq {
             use cts = CancellationTokenSource.CreateLinkedTokenSource token
-            use queue = new BlockingCollection<Choice<'T[], exn>>(max 1 opts.Prefetch)
+            use queue = new BlockingCollection<Choice<int * 'T[], exn>>(max 1 opts.Prefetch)
             let producer =
                 Task.Run(fun () ->
                     try
                         try
-                            for b in 0 .. nBatches - 1 do
-                                let items = order[b * opts.BatchSize .. min order.Length ((b + 1) * opts.BatchSize) - 1]
-                                let out = Array.zeroCreate<'T> items.Length
-                                Parallel.For(0, items.Length, ParallelOptions(MaxDegreeOfParallelism = max 1 opts.Workers, CancellationToken = cts.Token), fun i ->
-                                    let pos = b * opts.BatchSize + i
-                                    out[i] <- transform records[items[i]] (Random(DeterministicSeed.mix [ opts.Seed; epoch; pos ]))) |> ignore
-                                queue.Add(Choice1Of2 out, cts.Token)
+                            for epoch in epochs do
+                                let order = this.Order epoch
+                                for b in 0 .. nBatches - 1 do
+                                    let items = itemsOf order b
+                                    let out = Array.zeroCreate<'T> items.Length
+                                    Parallel.For(0, items.Length, ParallelOptions(MaxDegreeOfParallelism = max 1 opts.Workers, CancellationToken = cts.Token), fun i ->
+                                        out[i] <- make epoch b i items[i]) |> ignore
+                                    queue.Add(Choice1Of2(epoch, out), cts.Token)
                         with
                         | :? OperationCanceledException -> ()
                         | e -> (try queue.Add(Choice2Of2 e) with _ -> ())
@@ -84,6 +87,15 @@ type BatchLoader<'T>(records: VideoRecord[], opts: LoaderOptions, transform: Vid
                 cts.Cancel()
                 try producer.Wait() with _ -> ()
         }
+
+    /// Batches of one epoch, produced ahead by background workers; dispose the enumerator to stop them.
+    member this.Epoch(epoch: int, ?cancel: CancellationToken) : IEnumerable<'T[]> =
+        this.Produce(Seq.singleton epoch, defaultArg cancel CancellationToken.None) |> Seq.map snd
+
+    /// Batches of epoch `first`, `first + 1`, ... without end, tagged with their epoch: the workers run on into the
+    /// next epoch, so its first batch is ready when it is asked for. Dispose the enumerator to stop them.
+    member this.Stream(first: int, ?cancel: CancellationToken) : IEnumerable<int * 'T[]> =
+        this.Produce(Seq.initInfinite (fun k -> first + k), defaultArg cancel CancellationToken.None)
 
     /// Batches per epoch.
     member _.BatchesPerEpoch = if opts.DropLast then records.Length / opts.BatchSize else (records.Length + opts.BatchSize - 1) / opts.BatchSize

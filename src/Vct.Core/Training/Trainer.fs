@@ -278,97 +278,94 @@ module Trainer =
         use gate = FinalizerGate.Hold()
         // Seconds the last step waited for its batch (0 when the workers had it ready).
         let mutable dataWait = 0.0
-        let mutable epoch = start / perEpoch
         let mutable skip = start % perEpoch
-        while iteration < cfg.Iterations && outcome = Completed do
-            // NOTE: the loader gets no token: the loop polls `cancel` before every batch, and a token passed down
-            // would make MoveNext throw OperationCanceledException when Ctrl-C lands between that poll and the
-            // loader's own check, ending the run with an exception instead of a checkpoint. Disposing the
-            // enumerator stops background workers.
-            use batches = (loader.Epoch epoch).GetEnumerator()
-            let mutable more = true
-            while more && iteration < cfg.Iterations && outcome = Completed do
-                if cancel.IsCancellationRequested then
-                    outcome <- Interrupted iteration
-                elif (let w0 = sw.Elapsed.TotalSeconds
-                      let moved = batches.MoveNext()
-                      dataWait <- sw.Elapsed.TotalSeconds - w0
-                      not moved) then more <- false
-                elif skip > 0 then skip <- skip - 1 // resuming inside an epoch: the same batches, already used
-                else
-                    let t0 = sw.Elapsed.TotalSeconds
-                    let stepSeed = seedFor cfg.Seed iteration
-                    torch.manual_seed (int64 stepSeed) |> ignore
-                    gen.manual_seed (int64 stepSeed) |> ignore
-                    use pointGen = new torch.Generator(uint64 (stepSeed + 1))
-                    Optim.setLr opt baseLrs (Optim.polyFactor cfg.Optim cfg.Iterations iteration)
-                    let lossValue, terms, diverged, ampStep =
-                        use scope = torch.NewDisposeScope()
-                        let records, videos = Array.unzip batches.Current
-                        // NOTE: only the annotated frames are run (S4 train: frame 0 of each video). VCT has no
-                        // interaction between frames (every module works per frame), so the losses and gradients
-                        // equal those of the official step, which also runs the unannotated frames and discards
-                        // them; only the random streams differ. S4 steps get about 5x cheaper.
-                        let pick (r: VideoRecord) = torch.tensor(r.MaskFrames |> Array.map int64)
-                        let frames = torch.cat([| for r, v in Array.zip records videos -> (Batch.frames v.Frames).index_select(0L, pick r) |], 0L)
-                        let preMasks =
-                            if videos |> Array.forall (fun v -> v.PreMasks.Length > 0) then
-                                Some(torch.cat([| for r, v in Array.zip records videos -> (Batch.frames v.PreMasks).index_select(0L, pick r) |], 0L).``to``(device))
-                            else None
-                        let maps = torch.cat([| for r in records -> (audio.FrameMaps r).index_select(0L, pick r) |], 0L)
-                        let n = frames.shape[0]
-                        let inputs =
-                            { Images = frames.``to``(device); PreMasks = preMasks
-                              AudioLogMel = torch.zeros(n, 1L, 96L, 64L, device = device); TemporalFlags = None }
-                        // One label map per annotated frame, in frame order.
-                        let targets =
-                            [| for v in videos do
-                                   let l = (Batch.labels v.Masks).``to``(device)
-                                   for k in 0L .. l.shape[0] - 1L -> FrameTarget.ofLabelMap 255L (l.select(0L, k)) |]
-                        if int64 targets.Length <> n then
-                            invalidOp $"{targets.Length} label maps for {n} annotated frames in a batch of {records.Length} videos"
-                        let supervision =
-                            match subset with
-                            | Subset.S4 -> Supervision.s4 n 1L (records |> Array.collect (fun r -> Array.create r.MaskFrames.Length r.CategoryLabel))
-                            | Subset.MS3 -> Supervision.ms3 n
-                            | Subset.AVSS -> Supervision.avss (Array.create (int n) 1)
-                        use losses =
-                            Amp.within autocast (fun () ->
-                                let out = model.Forward(inputs, audioMaps = maps.``to``(device))
-                                criterion.Compute(out.Decoder, targets, supervision, pointGen))
-                        let total = (if losses.Total.dtype = torch.float32 then losses.Total else losses.Total.to_type(torch.float32)).item<float32> () |> float
-                        if Double.IsFinite total then
-                            opt.zero_grad ()
-                            let step = Amp.backwardAndStep scaler losses.Total opt trainable cfg.Optim.ClipNorm
-                            total, losses.Values, None, step
-                        else
-                            let bad = losses.Values |> Map.filter (fun _ v -> not (Double.IsFinite v)) |> Map.keys |> String.concat ", "
-                            total, losses.Values, Some $"loss is {total} at iteration {iteration} (non-finite terms: {bad}); the last good checkpoint is kept",
-                            { Skipped = true; Scale = 1.0; GradNorm = None }
-                    match diverged with
-                    | Some why -> outcome <- Diverged(iteration, why)
-                    | None ->
-                        iteration <- iteration + 1
-                        let secs = sw.Elapsed.TotalSeconds - t0
-                        let lr = (Seq.head opt.ParamGroups).LearningRate
-                        log (Step(iteration, lossValue, terms, lr, secs))
-                        let node = JsonObject(dict [ "type", JsonValue.Create "step" :> JsonNode
-                                                     "iteration", JsonValue.Create iteration
-                                                     "loss", JsonValue.Create lossValue
-                                                     "lr", JsonValue.Create lr
-                                                     "seconds", JsonValue.Create secs
-                                                     "data_wait_seconds", JsonValue.Create dataWait ])
-                        for kv in terms do node[kv.Key] <- JsonValue.Create kv.Value
-                        if cfg.Amp then
-                            node["amp_scale"] <- JsonValue.Create ampStep.Scale
-                            node["amp_skipped"] <- JsonValue.Create ampStep.Skipped
-                        appendJson files.Metrics node
-                        if iteration % cfg.EvalPeriod = 0 || iteration = cfg.Iterations then evalNow ()
-                        if iteration % cfg.CheckpointPeriod = 0 || iteration = cfg.Iterations then
-                            saveState files.Last cfg model criterion opt scaler iteration bestMJ bestIt
-                    // Between steps this thread is in no native call: let the step's temporaries be finalized.
-                    gate.Pulse()
-            epoch <- epoch + 1
+        // NOTE: the loader gets no token: the loop polls `cancel` before every batch, and a token passed down
+        // would make MoveNext throw OperationCanceledException when Ctrl-C lands between that poll and the
+        // loader's own check, ending the run with an exception instead of a checkpoint. Disposing the
+        // enumerator stops background workers.
+        use batches = (loader.Stream(start / perEpoch)).GetEnumerator()   // runs on across epochs
+        let mutable more = true
+        while more && iteration < cfg.Iterations && outcome = Completed do
+            if cancel.IsCancellationRequested then
+                outcome <- Interrupted iteration
+            elif (let w0 = sw.Elapsed.TotalSeconds
+                  let moved = batches.MoveNext()
+                  dataWait <- sw.Elapsed.TotalSeconds - w0
+                  not moved) then more <- false
+            elif skip > 0 then skip <- skip - 1 // resuming inside an epoch: the same batches, already used
+            else
+                let t0 = sw.Elapsed.TotalSeconds
+                let stepSeed = seedFor cfg.Seed iteration
+                torch.manual_seed (int64 stepSeed) |> ignore
+                gen.manual_seed (int64 stepSeed) |> ignore
+                use pointGen = new torch.Generator(uint64 (stepSeed + 1))
+                Optim.setLr opt baseLrs (Optim.polyFactor cfg.Optim cfg.Iterations iteration)
+                let lossValue, terms, diverged, ampStep =
+                    use scope = torch.NewDisposeScope()
+                    let records, videos = Array.unzip (snd batches.Current)
+                    // NOTE: only the annotated frames are run (S4 train: frame 0 of each video). VCT has no
+                    // interaction between frames (every module works per frame), so the losses and gradients
+                    // equal those of the official step, which also runs the unannotated frames and discards
+                    // them; only the random streams differ. S4 steps get about 5x cheaper.
+                    let pick (r: VideoRecord) = torch.tensor(r.MaskFrames |> Array.map int64)
+                    let frames = torch.cat([| for r, v in Array.zip records videos -> (Batch.frames v.Frames).index_select(0L, pick r) |], 0L)
+                    let preMasks =
+                        if videos |> Array.forall (fun v -> v.PreMasks.Length > 0) then
+                            Some(torch.cat([| for r, v in Array.zip records videos -> (Batch.frames v.PreMasks).index_select(0L, pick r) |], 0L).``to``(device))
+                        else None
+                    let maps = torch.cat([| for r in records -> (audio.FrameMaps r).index_select(0L, pick r) |], 0L)
+                    let n = frames.shape[0]
+                    let inputs =
+                        { Images = frames.``to``(device); PreMasks = preMasks
+                          AudioLogMel = torch.zeros(n, 1L, 96L, 64L, device = device); TemporalFlags = None }
+                    // One label map per annotated frame, in frame order.
+                    let targets =
+                        [| for v in videos do
+                               let l = (Batch.labels v.Masks).``to``(device)
+                               for k in 0L .. l.shape[0] - 1L -> FrameTarget.ofLabelMap 255L (l.select(0L, k)) |]
+                    if int64 targets.Length <> n then
+                        invalidOp $"{targets.Length} label maps for {n} annotated frames in a batch of {records.Length} videos"
+                    let supervision =
+                        match subset with
+                        | Subset.S4 -> Supervision.s4 n 1L (records |> Array.collect (fun r -> Array.create r.MaskFrames.Length r.CategoryLabel))
+                        | Subset.MS3 -> Supervision.ms3 n
+                        | Subset.AVSS -> Supervision.avss (Array.create (int n) 1)
+                    use losses =
+                        Amp.within autocast (fun () ->
+                            let out = model.Forward(inputs, audioMaps = maps.``to``(device))
+                            criterion.Compute(out.Decoder, targets, supervision, pointGen))
+                    let total = (if losses.Total.dtype = torch.float32 then losses.Total else losses.Total.to_type(torch.float32)).item<float32> () |> float
+                    if Double.IsFinite total then
+                        opt.zero_grad ()
+                        let step = Amp.backwardAndStep scaler losses.Total opt trainable cfg.Optim.ClipNorm
+                        total, losses.Values, None, step
+                    else
+                        let bad = losses.Values |> Map.filter (fun _ v -> not (Double.IsFinite v)) |> Map.keys |> String.concat ", "
+                        total, losses.Values, Some $"loss is {total} at iteration {iteration} (non-finite terms: {bad}); the last good checkpoint is kept",
+                        { Skipped = true; Scale = 1.0; GradNorm = None }
+                match diverged with
+                | Some why -> outcome <- Diverged(iteration, why)
+                | None ->
+                    iteration <- iteration + 1
+                    let secs = sw.Elapsed.TotalSeconds - t0
+                    let lr = (Seq.head opt.ParamGroups).LearningRate
+                    log (Step(iteration, lossValue, terms, lr, secs))
+                    let node = JsonObject(dict [ "type", JsonValue.Create "step" :> JsonNode
+                                                 "iteration", JsonValue.Create iteration
+                                                 "loss", JsonValue.Create lossValue
+                                                 "lr", JsonValue.Create lr
+                                                 "seconds", JsonValue.Create secs
+                                                 "data_wait_seconds", JsonValue.Create dataWait ])
+                    for kv in terms do node[kv.Key] <- JsonValue.Create kv.Value
+                    if cfg.Amp then
+                        node["amp_scale"] <- JsonValue.Create ampStep.Scale
+                        node["amp_skipped"] <- JsonValue.Create ampStep.Skipped
+                    appendJson files.Metrics node
+                    if iteration % cfg.EvalPeriod = 0 || iteration = cfg.Iterations then evalNow ()
+                    if iteration % cfg.CheckpointPeriod = 0 || iteration = cfg.Iterations then
+                        saveState files.Last cfg model criterion opt scaler iteration bestMJ bestIt
+                // Between steps this thread is in no native call: let the step's temporaries be finalized.
+                gate.Pulse()
         match outcome with
         | Interrupted _ -> saveState files.Last cfg model criterion opt scaler iteration bestMJ bestIt
         | Completed -> ModelIO.save files.Final model
