@@ -85,3 +85,10 @@ let expectClose what expected actual = expectCloseWith 1e-4 what expected actual
 let expectEqual (what: string) (expected: Tensor) (actual: Tensor) =
     Expect.sequenceEqual actual.shape expected.shape $"{what}: shape"
     Expect.isTrue (actual.eq(expected).all().item<bool> ()) $"{what}: values differ"
+
+/// Runs `f` on a new empty temporary folder and deletes the folder afterwards, whatever `f` does.
+let withTempDir (prefix: string) (f: string -> unit) =
+    let d = Path.Combine(Path.GetTempPath(), $"{prefix}-{Guid.NewGuid():N}")
+    Directory.CreateDirectory d |> ignore
+    try f d
+    finally (try Directory.Delete(d, true) with _ -> ())

@@ -12,11 +12,6 @@ let private maxDiff (a: Image) (b: Image) =
     Expect.equal (a.Width, a.Height, a.Channels) (b.Width, b.Height, b.Channels) "same shape"
     Array.map2 (fun (x: byte) (y: byte) -> abs (int x - int y)) a.Pixels b.Pixels |> Array.max
 
-let private tempDir () =
-    let d = Path.Combine(Path.GetTempPath(), $"vct-prepare-{Guid.NewGuid():N}")
-    Directory.CreateDirectory d |> ignore
-    d
-
 /// A small AVSBench-semantic tree: metadata.csv, frames, labels_rgb, Semantic-SAM images for the first video.
 let private semanticTree (root: string) (rows: (string * string * string * string) list) =
     let lines = "vid,uid,s_min,s_sec,e_min,e_sec,label,split" :: [ for vid, uid, label, split in rows -> $"{vid},{uid},0,0,0,5,{label},{split}" ]
@@ -73,8 +68,7 @@ let tests =
         }
 
         test "objectTree writes the official S4 and MS3 384 layouts from AVSBench-semantic" {
-            let d = tempDir ()
-            try
+            Golden.withTempDir "vct-prepare" (fun d ->
                 let sem = Path.Combine(d, "AVSBench_semantic")
                 let obj = Path.Combine(d, "AVSBench_object")
                 Directory.CreateDirectory sem |> ignore
@@ -98,14 +92,11 @@ let tests =
                 Expect.equal ms3.Videos 1 "one v1m video"
                 let ms3Root = Path.Combine(obj, "Multi-sources", "ms3_data_384")
                 Expect.isTrue (File.Exists(Path.Combine(ms3Root, "visual_frames_384", "vidC", "vidC_5.png"))) "MS3 frames are flat"
-                Expect.isTrue (File.Exists(Path.Combine(ms3Root, "gt_masks_384", "val", "vidC", "vidC_5.png"))) "MS3 GT by split, all 5 frames"
-            finally
-                Directory.Delete(d, true)
+                Expect.isTrue (File.Exists(Path.Combine(ms3Root, "gt_masks_384", "val", "vidC", "vidC_5.png"))) "MS3 GT by split, all 5 frames")
         }
 
         test "objectTree names the file and the problem" {
-            let d = tempDir ()
-            try
+            Golden.withTempDir "vct-prepare" (fun d ->
                 let sem = Path.Combine(d, "sem")
                 Directory.CreateDirectory sem |> ignore
                 semanticTree sem [ "vidA", "uidA", "v1s", "train" ]
@@ -118,8 +109,6 @@ let tests =
                 File.WriteAllLines(Path.Combine(obj, "Single-source", "s4_meta_data.csv"), [ "name,category"; "vidA,dog" ])
                 File.Delete(Path.Combine(sem, "v1s", "uidA", "labels_rgb", "0.png"))
                 let e = Expect.throwsC (fun () -> Prepare.objectTree DatasetKind.S4 sem obj ignore |> ignore) id
-                Expect.stringContains e.Message (Path.Combine("labels_rgb", "0.png")) "names the missing label image"
-            finally
-                Directory.Delete(d, true)
+                Expect.stringContains e.Message (Path.Combine("labels_rgb", "0.png")) "names the missing label image")
         }
     ]

@@ -138,7 +138,7 @@ module Avsbench =
         header, rows
 
     /// The first of `names` that is a column of the CSV, else an error naming the file and the columns it has.
-    let private column (path: string) (header: string[]) (names: string list) =
+    let column (path: string) (header: string[]) (names: string list) =
         match names |> List.tryFind (fun n -> Array.contains n header) with
         | Some n -> n
         | None ->

@@ -43,16 +43,12 @@ module Prepare =
             | DatasetKind.Avss -> invalidArg (nameof kind) "AVSS needs no 384 tree: its loaders read AVSBench-semantic directly"
         let metaPath = Path.Combine(semanticRoot, "metadata.csv")
         let header, rows = Avsbench.readCsv metaPath
-        for c in [ "vid"; "uid"; "label"; "split" ] do
-            if not (Array.contains c header) then
-                raise (InvalidDataException($"""{metaPath}: no column '{c}' (columns: {String.Join(",", header)})"""))
+        for c in [ "vid"; "uid"; "label"; "split" ] do Avsbench.column metaPath header [ c ] |> ignore
         let category =
             if kind = DatasetKind.S4 then
                 let s4Csv = Path.Combine(objectRoot, sub, "s4_meta_data.csv")
                 let h, r = Avsbench.readCsv s4Csv
-                for c in [ "name"; "category" ] do
-                    if not (Array.contains c h) then
-                        raise (InvalidDataException($"""{s4Csv}: no column '{c}' (columns: {String.Join(",", h)})"""))
+                for c in [ "name"; "category" ] do Avsbench.column s4Csv h [ c ] |> ignore
                 let m = r |> Array.map (fun (row, _) -> row["name"], row["category"]) |> dict
                 fun (vid: string) ->
                     match m.TryGetValue vid with
@@ -60,9 +56,6 @@ module Prepare =
                     | _ -> raise (InvalidDataException($"{s4Csv}: no entry with name '{vid}' (needed for its category)"))
             else fun _ -> ""
         let root = Path.Combine(objectRoot, sub, d384)
-        let need (path: string) =
-            if not (File.Exists path) then raise (FileNotFoundException($"{path}: missing", path))
-            path
         let mutable files = 0
         let missingMasks = Collections.Generic.List<string>()
         let videos = rows |> Array.filter (fun (r, _) -> r["label"] = label)
@@ -74,20 +67,20 @@ module Prepare =
             let gtDir = if kind = DatasetKind.S4 then media else Path.Combine(split, vid)
             let src = Path.Combine(semanticRoot, label, uid)
             for i in 0 .. 4 do
-                let img = ImageIO.readRgb (need (Path.Combine(src, "frames", $"{i}.jpg")))
+                let img = ImageIO.readRgb (Path.Combine(src, "frames", $"{i}.jpg"))
                 ImageIO.write (Path.Combine(root, "visual_frames_384", media, $"{vid}_{i + 1}.png")) (Resize.bilinear 384 384 img)
                 files <- files + 1
             let maskDir = Path.Combine(semanticRoot, "pre_SAM_mask", "AVSBench_semantic", label, uid, "frames")
             if Directory.Exists maskDir then
                 for i in 0 .. 4 do
-                    let m = ImageIO.readRgb (need (Path.Combine(maskDir, $"{i}_mask_color.png")))
+                    let m = ImageIO.readRgb (Path.Combine(maskDir, $"{i}_mask_color.png"))
                     ImageIO.write (Path.Combine(root, "pre_SAM_mask_384", media, $"{vid}_{i + 1}_mask_color.png")) (Resize.nearest 384 384 m)
                     files <- files + 1
             else missingMasks.Add vid
             // S4 training videos are annotated on their first frame only.
             let gtFrames = if kind = DatasetKind.S4 && split = "train" then 1 else 5
             for i in 0 .. gtFrames - 1 do
-                let labels = ImageIO.readRgb (need (Path.Combine(src, "labels_rgb", $"{i}.png")))
+                let labels = ImageIO.readRgb (Path.Combine(src, "labels_rgb", $"{i}.png"))
                 for size, folder in [ 224, "gt_masks_224"; 384, "gt_masks_384" ] do
                     ImageIO.write (Path.Combine(root, folder, gtDir, $"{vid}_{i + 1}.png")) (binaryGt size labels)
                     files <- files + 1

@@ -82,22 +82,23 @@ module Optim =
         if ps.Length = 0 then 0.0
         else torch.nn.utils.clip_grad_norm_(ps, maxNorm)
 
-    /// The optimiser's state as bytes (exp_avg, exp_avg_sq, step per parameter), for checkpoints.
-    let stateBytes (opt: AdamW) : byte[] =
-        use ms = new MemoryStream()
+    /// The optimiser's state serialised by TorchSharp (exp_avg, exp_avg_sq, step per parameter) into a stream.
+    let private serialise (opt: AdamW) : MemoryStream =
+        let ms = new MemoryStream()
         (use w = new BinaryWriter(ms, Text.Encoding.UTF8, true)
          opt.save_state_dict w |> ignore)
+        ms
+
+    /// The optimiser's state as bytes, for checkpoints.
+    let stateBytes (opt: AdamW) : byte[] =
+        use ms = serialise opt
         ms.ToArray()
 
     /// The optimiser's state as a uint8 tensor, without the copies of `stateBytes` (the released presets' AdamW
     /// state is ~1.9 GB): the stream's own buffer, shared with the tensor (valid while the tensor lives).
     let stateTensor (opt: AdamW) : Tensor =
-        let ms = new MemoryStream()
-        (use w = new BinaryWriter(ms, Text.Encoding.UTF8, true)
-         opt.save_state_dict w |> ignore)
-        let length = ms.Length
-        let buffer = ms.GetBuffer()
-        torch.from_array(buffer).narrow(0L, 0L, length)
+        let ms = serialise opt
+        torch.from_array(ms.GetBuffer()).narrow(0L, 0L, ms.Length)
 
     /// Restores the optimiser's state from `stateBytes` output.
     let loadStateBytes (opt: AdamW) (bytes: byte[]) =
