@@ -11,6 +11,7 @@ root.Subcommands.Add(AudioCommand.Create());
 root.Subcommands.Add(ScoreCommand.Create());
 root.Subcommands.Add(SynthCommand.Create());
 root.Subcommands.Add(DataCommand.Create());
+root.Subcommands.Add(PredictCommand.Create());
 try
 {
     return root.Parse(args).Invoke(new InvocationConfiguration { EnableDefaultExceptionHandler = false });

@@ -262,42 +262,44 @@ module VideoSegmentation =
         let slotsPerWindow = max 1 (int (Math.Round(options.Fps * float window)))
         let batch = max 1 options.BatchFrames
         let mutable lastExample : Tensor option = None
-        let processWindow (w: int) (items: SampledFrame list) (isLast: bool) : FrameResult list =
-            let items = Array.ofList items
-            let start = float (w * window)
-            let span = if isLast then min (float window) (max 0.0 (endTime () - start)) else float window
-            let wave = audioFor w span
-            let examples =
-                match windowExamples wave with
-                | Some e -> e
-                | None ->
-                    match lastExample with
-                    | Some prev ->
-                        warn $"window {w} ({start:F1}-{start + span:F2} s) holds no whole 0.975 s example; its frames use the last example of the previous window (the S4/MS3 padding rule)"
-                        prev.clone()
+        let processWindow (w: int) (items: SampledFrame list) (isLast: bool) : seq<FrameResult> =
+          seq {
+                let items = Array.ofList items
+                let start = float (w * window)
+                let span = if isLast then min (float window) (max 0.0 (endTime () - start)) else float window
+                let wave = audioFor w span
+                let examples =
+                    match windowExamples wave with
+                    | Some e -> e
                     | None ->
-                        raise (InvalidDataException($"{sourceName}: the input is {span:F2} s long, shorter than one audio example (0.975 s)"))
-            use examples = examples
-            let n = int examples.shape[0]
-            let secondsInWindow = int (ceil (span - 1e-9))
-            if isLast && n < secondsInWindow then
-                warn $"window {w} ({start:F1}-{start + span:F2} s) is partial: {n} whole example(s) for {secondsInWindow} second(s); later seconds repeat the last example (the S4/MS3 padding rule)"
-            lastExample |> Option.iter (fun t -> t.Dispose())
-            lastExample <- Some(examples.narrow(0L, int64 (n - 1), 1L).clone())
-            [ for b0 in 0 .. batch .. items.Length - 1 do
-                  ct.ThrowIfCancellationRequested()
-                  let chunk = items[b0 .. min (items.Length - 1) (b0 + batch - 1)]
-                  let exIdx = chunk |> Array.map (fun f -> min (n - 1) (max 0 (int (floor (float f.Slot / options.Fps + 1e-9)) - w * window)))
-                  let named = chunk |> Array.map (fun f -> f, names f)
-                  use idx = torch.tensor(exIdx |> Array.map int64)
-                  use ex = examples.index_select(0L, idx)
-                  let scores, _ =
-                      use _gate = FinalizerGate.Hold()
-                      run model options.PreMasks named ex
-                  use scores = scores
-                  for k in 0 .. chunk.Length - 1 do
-                      use s = scores[k]
-                      yield result classNames chunk[k] (snd named[k]) w exIdx[k] s ]
+                        match lastExample with
+                        | Some prev ->
+                            warn $"window {w} ({start:F1}-{start + span:F2} s) holds no whole 0.975 s example; its frames use the last example of the previous window (the S4/MS3 padding rule)"
+                            prev.clone()
+                        | None ->
+                            raise (InvalidDataException($"{sourceName}: the input is {span:F2} s long, shorter than one audio example (0.975 s)"))
+                use examples = examples
+                let n = int examples.shape[0]
+                let secondsInWindow = int (ceil (span - 1e-9))
+                if isLast && n < secondsInWindow then
+                    warn $"window {w} ({start:F1}-{start + span:F2} s) is partial: {n} whole example(s) for {secondsInWindow} second(s); later seconds repeat the last example (the S4/MS3 padding rule)"
+                lastExample |> Option.iter (fun t -> t.Dispose())
+                lastExample <- Some(examples.narrow(0L, int64 (n - 1), 1L).clone())
+                for b0 in 0 .. batch .. items.Length - 1 do
+                      ct.ThrowIfCancellationRequested()
+                      let chunk = items[b0 .. min (items.Length - 1) (b0 + batch - 1)]
+                      let exIdx = chunk |> Array.map (fun f -> min (n - 1) (max 0 (int (floor (float f.Slot / options.Fps + 1e-9)) - w * window)))
+                      let named = chunk |> Array.map (fun f -> f, names f)
+                      use idx = torch.tensor(exIdx |> Array.map int64)
+                      use ex = examples.index_select(0L, idx)
+                      let scores, _ =
+                          use _gate = FinalizerGate.Hold()
+                          run model options.PreMasks named ex
+                      use scores = scores
+                      for k in 0 .. chunk.Length - 1 do
+                          use s = scores[k]
+                          yield result classNames chunk[k] (snd named[k]) w exIdx[k] s
+          }
         seq {
             try
                 let mutable current = -1
