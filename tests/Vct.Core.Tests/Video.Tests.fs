@@ -248,6 +248,43 @@ let tests =
                 Expect.equal ok.Frames 1 "a JPEG named .png is read by content")
         }
 
+        test "an official-format checkpoint predicts the masks of the forward pass on the same tensors" {
+            use _ = torch.NewDisposeScope()
+            let cfg = ModelGoldenTests.smallConfig Subset.S4
+            use model = new VctModel(cfg)
+            Checkpoint.StateDict.loadFileInto ModelGoldenTests.loadOptions (Path.Combine(root.Value, "model", "s4", "model_best.pth")) model |> ignore
+            withTempDir "vct-video-official" (fun dir ->
+                let rng = Random(3)
+                let size = int cfg.ImageSize
+                let img () = { Width = size; Height = size; Channels = 3; Pixels = Array.init (size * size * 3) (fun _ -> byte (rng.Next 256)) }
+                let frames = [ for k in 1 .. 5 -> Path.Combine(dir, $"f_{k}.png") ]
+                let masksDir = Path.Combine(dir, "sam")
+                Directory.CreateDirectory masksDir |> ignore
+                for f in frames do
+                    ImageIO.write f (img ())
+                    ImageIO.write (Path.Combine(masksDir, Path.GetFileNameWithoutExtension f + "_mask_color.png")) (img ())
+                let wav = Path.Combine(dir, "a.wav")
+                ffmpeg [ "-f"; "lavfi"; "-i"; "sine=frequency=330:sample_rate=16000:duration=5"; "-c:a"; "pcm_s16le"; wav ]
+                let out = Path.Combine(dir, "out")
+                let opts = { VideoOptions.Default with Audio = Some wav; PreMasks = Some masksDir }
+                let res = Predict.run model opts (FrameSource.Images frames) { Folder = out; SaveScores = false; Overlay = false; Checkpoint = "golden"; Device = "cpu" } None ignore CancellationToken.None
+                Expect.equal res.Frames 5 "5 masks"
+                // The forward pass on the same tensors (what `vct forward` runs), scores resized as predict does.
+                let examples, _ = Inference.audioExamples Subset.S4 wav
+                let inputs =
+                    { Images = Batch.frames [| for f in frames -> ImageIO.readRgb f |]
+                      PreMasks = Some(Batch.frames [| for f in frames -> ImageIO.readRgb (Path.Combine(masksDir, Path.GetFileNameWithoutExtension f + "_mask_color.png")) |])
+                      AudioLogMel = examples; TemporalFlags = None }
+                let semSeg = Parity.run model inputs false |> List.find (fun (n, _) -> n = "sem_seg") |> snd
+                use up = torch.nn.functional.interpolate(semSeg, [| int64 size; int64 size |], mode = torch.InterpolationMode.Bilinear, align_corners = false)
+                use expected = (VctMath.binaryMasks up).to_type(torch.uint8)
+                for k in 0 .. 4 do
+                    let ours = (ImageIO.readLabels (Path.Combine(out, "masks", sprintf "%06d.png" k))).Pixels |> Array.map (fun v -> if v > 0uy then 1uy else 0uy)
+                    let e = expected[int64 k].contiguous().data<byte>().ToArray()
+                    let agree = Array.map2 (fun a b -> if a = b then 1 else 0) ours e |> Array.sum
+                    Expect.isGreaterThanOrEqual (float agree / float e.Length) 0.999 $"frame {k}: {agree}/{e.Length} pixels agree")
+        }
+
         test "cancelling keeps the masks written so far valid and says so in summary.json" {
             let dir, ckpt, valr = trained.Value
             let mp4 = Path.Combine(dir, "cancel.mp4")
