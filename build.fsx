@@ -1,13 +1,20 @@
-// Vct build script: `dotnet fsi build.fsx <target> [-- extra args]`.
+// Vct build script: `dotnet fsi build.fsx <target> [options...]`.
 // Plain F# with no packages (FAKE cannot be restored here); every target only runs commands that a user
 // could type, so there is no logic here that the projects lack.
 //
+// Every argument after the target is passed to it (`dotnet fsi` itself removes a `--` before the script sees
+// its arguments; a literal `--` right after the target is accepted and dropped).
+//
 //   build       restore (locked in CI) and build the solution, warnings as errors
-//   test        build, then run the Expecto test program; prints "N passed, N failed, N skipped" last
+//   test        build, then run the Expecto test program (options go to Expecto, e.g. --filter-test-list X) and the
+//               xunit suite tests/Vct.CSharp.Tests; prints each suite's count, then
+//               "N passed, N failed, N skipped" summed over both, last
 //   notebooks   build, then execute every notebooks/*.ipynb headless; fails on any failing cell
-//   bench       build, then run the benchmarks (writes docs/benchmarks.md)
-//   train       the main job (training + evaluation on the built-in synthetic data)
-//   eval        evaluate a checkpoint on the default synthetic split
+//   bench       build, then run the benchmarks (writes docs/benchmarks.md); options go to Vct.Bench (e.g. a suite)
+//   train       the main job (training + evaluation on the built-in synthetic data); options replace the
+//               default `vct train` options
+//   eval        evaluate a checkpoint on the default synthetic split; options replace the default `vct eval` options
+//   args        prints the options it received, one per line ("arg: <value>"), then "N argument(s)"
 //   help        this text
 
 open System
@@ -17,7 +24,10 @@ open System.IO
 let root = __SOURCE_DIRECTORY__
 let args = fsi.CommandLineArgs |> Array.skip 1
 let target = if args.Length = 0 then "help" else args[0]
-let extra = match Array.tryFindIndex ((=) "--") args with Some i -> args[i + 1 ..] | None -> [||]
+/// The target's options: everything after the target, less one literal `--` right after it.
+let extra =
+    let rest = if args.Length > 1 then args[1..] else [||]
+    if rest.Length > 0 && rest[0] = "--" then rest[1..] else rest
 let configuration = "Release"
 
 /// Runs a program in `dir`, streaming its output; returns the exit code.
@@ -72,8 +82,14 @@ let eval () =
         else [ "--checkpoint"; "runs/main/model_best.safetensors"; "--data"; "data/synth-s4"; "--split"; "val"; "--out"; "runs/main/eval-val" ]
     vct ([ "eval" ] @ args)
 
+/// Prints the options the script passes to a target (tests check that they arrive).
+let echoArgs () =
+    for a in extra do printfn "arg: %s" a
+    printfn "%d argument(s)" extra.Length
+    0
+
 let help () =
-    printfn "usage: dotnet fsi build.fsx <build|test|notebooks|bench|train|eval|help> [-- extra args]"
+    printfn "usage: dotnet fsi build.fsx <build|test|notebooks|bench|train|eval|args|help> [options for the target]"
     0
 
 let code =
@@ -85,6 +101,7 @@ let code =
         | "bench" -> bench ()
         | "train" -> train ()
         | "eval" -> eval ()
+        | "args" -> echoArgs ()
         | "help" | "--help" | "-h" -> help ()
         | other ->
             eprintfn "unknown target '%s'" other
