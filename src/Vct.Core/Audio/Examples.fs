@@ -5,7 +5,7 @@ open System.IO
 open TorchSharp
 open Vct.Core
 
-/// Which dataset's example rules to apply (vct-reference.md §2.3).
+/// Which dataset's example rules to apply (official: AVSBench `preprocess_scripts/preprocess_s4.py` for S4/MS3, VCT `avs_tools/preprocess_avss_audio.py` for AVSS).
 [<RequireQualifiedAccess>]
 type Subset =
     /// AVSBench-object single source: 5 examples, a short clip padded by repeating its last example.
@@ -69,7 +69,7 @@ type ClipExamples =
     interface IDisposable with
         member e.Dispose() = e.Examples.Dispose()
 
-/// AVSS temporal flags per metadata label (reference: `register_avss_sem.py`; vct-reference.md §2.4).
+/// AVSS temporal flags per metadata label (official: VCT `models/data/datasets/register_avss_sem.py`).
 [<RequireQualifiedAccess>]
 module AvssFlags =
     /// `vid_temporal_mask_flag` (10 entries): which of the 10 audio examples belong to real frames.

@@ -4,7 +4,7 @@ open System
 open TorchSharp
 open Vct.Core
 
-/// VGGish front-end constants (reference: torchvggish `vggish_params.py`; vct-reference.md §2.1-2.2).
+/// VGGish front-end constants (official: torchvggish `vggish_params.py` and `mel_features.py`).
 [<RequireQualifiedAccess>]
 module VggishParams =
     [<Literal>]

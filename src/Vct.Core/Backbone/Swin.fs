@@ -53,7 +53,7 @@ type SwinConfig =
         for i in c.OutIndices do
             if i < 0 || i >= c.Depths.Length then invalidArg "config" $"OutIndices has {i}, outside 0..{c.Depths.Length - 1}"
 
-/// Batch padding as detectron2's ImageList.from_tensors (reference §1.2): the model pads frames and Maskiges with
+/// Batch padding as detectron2's ImageList.from_tensors (detectron2 `structures/image_list.py`): the model pads frames and Maskiges with
 /// zeros (in normalised space) at the bottom/right to a multiple of MASK_FORMER.SIZE_DIVISIBILITY (32) before the
 /// backbones. The Swin modules accept any size; this is the step in front of them.
 [<RequireQualifiedAccess>]

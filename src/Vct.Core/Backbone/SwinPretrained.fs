@@ -15,7 +15,7 @@ type SwinPretrainedReport =
       Unused: string list }
 
 /// Loading the original ImageNet classification Swin checkpoints (e.g. swin_base_patch4_window12_384_22k.pth) into
-/// our Swin, doing in code what the reference does in two steps (reference §3.2): avs_tools/convert-pretrained-
+/// our Swin, doing in code what the reference does in two steps: avs_tools/convert-pretrained-
 /// swin-model-to-d2.py keeps the keys unchanged, and detectron2's matching heuristics then give each module key the
 /// longest checkpoint key that equals it or is a dot-suffix of it with the same shape. Applied to a Swin module
 /// (and so to `backbone.` and `pre_sam_backbone.` alike) this loads patch_embed.* and layers.* (with their

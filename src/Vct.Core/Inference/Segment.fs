@@ -25,7 +25,7 @@ type SegmentationMaps =
 
 /// The segmentation of one video (CPU tensors).
 type Segmentation =
-    { /// Semantic scores [T, C, S, S] (reference §7; S = the output size).
+    { /// Semantic scores [T, C, S, S] (official `VCT.semantic_inference` in `vct/VCT.py`; S = the output size).
       Scores: Tensor
       /// S4/MS3: bool foreground masks [T, S, S]; AVSS: int64 class maps [T, S, S].
       Masks: Tensor
