@@ -100,7 +100,7 @@ internal static class TrainCommand
             {
                 var o when o.IsCompleted => 0,
                 var o when o.IsInterrupted => 130,
-                TrainOutcome.Diverged d => Fail(d.diagnostic),
+                Vct.Core.Training.TrainOutcome.Diverged d => Fail(d.diagnostic),
                 _ => 1,
             };
         });
