@@ -82,8 +82,8 @@ internal static class PredictCommand
             using var segmenter = VctSegmenter.Load(parse.GetValue(checkpoint)!, new SegmenterOptions
             {
                 Device = parse.GetValue(device)!,
-                Subset = parse.GetValue(subset),
-                MissingMasks = parse.GetValue(missing)!,
+                Subset = parse.GetValue(subset) is string sub ? Enum.Parse<VctSubset>(sub, ignoreCase: true) : null,
+                MissingMasks = Enum.Parse<MissingMasksPolicy>(parse.GetValue(missing)!, ignoreCase: true),
             });
             var options = new VideoOptions
             {
