@@ -229,7 +229,7 @@ module Hub =
         else None
 
     let private byHand (url: string) (target: string) =
-        $"to get it by hand, download {url} (browser, or `curl -L -o \"{target}\" \"{url}\"`) and pass the local path, or put the file at {target}"
+        $"to get it by hand: `curl -L --create-dirs -o \"{target}\" \"{url}\"` (that is where the cache looks), or download it with a browser and pass the local path"
 
     /// Checks a cached file against its sidecar (and the expected sha256); writes the sidecar when there is none.
     let private verifyCached (url: string) (file: string) (expected: string option) =
