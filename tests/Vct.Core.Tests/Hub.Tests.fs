@@ -12,11 +12,11 @@ open System.Threading
 open Expecto
 open Vct.Core.Checkpoint
 
-/// A request the loopback server saw: path and Range header.
-type Seen = { Path: string; Range: string option }
+/// A request the loopback server saw: path, Range and If-Range headers.
+type Seen = { Path: string; Range: string option; IfRange: string option }
 
 /// A minimal HTTP/1.1 server on 127.0.0.1 (one request per connection). It honours `Range: bytes=N-`, answers 404
-/// for unknown paths and can cut a response in the middle (Content-Length sent, half the body, then close), refuse
+/// for unknown paths, sends a strong ETag (honouring If-Range) and can cut a response in the middle (Content-Length sent, half the body, then close), refuse
 /// ranges (200 with the whole body) or accept a request and never answer.
 type Loopback() =
     let listener = new TcpListener(IPAddress.Loopback, 0)
@@ -41,12 +41,14 @@ type Loopback() =
         let lines = head.Split("\r\n", StringSplitOptions.RemoveEmptyEntries)
         if lines.Length > 0 then
             let path = lines[0].Split(' ')[1]
-            let range =
+            let header (name: string) =
                 lines |> Array.tryPick (fun l ->
                     let i = l.IndexOf ':'
-                    if i > 0 && l.Substring(0, i).Trim().Equals("Range", StringComparison.OrdinalIgnoreCase) then Some(l.Substring(i + 1).Trim())
+                    if i > 0 && l.Substring(0, i).Trim().Equals(name, StringComparison.OrdinalIgnoreCase) then Some(l.Substring(i + 1).Trim())
                     else None)
-            seen.Enqueue { Path = path; Range = range }
+            let range = header "Range"
+            let ifRange = header "If-Range"
+            seen.Enqueue { Path = path; Range = range; IfRange = ifRange }
             let send (status: string) (headers: (string * string) list) (body: byte[]) (count: int) =
                 let h = StringBuilder($"HTTP/1.1 {status}\r\nConnection: close\r\n")
                 for (k, v) in headers do h.Append($"{k}: {v}\r\n") |> ignore
@@ -62,9 +64,11 @@ type Loopback() =
                     let body = Encoding.ASCII.GetBytes "not found"
                     send "404 Not Found" [ "Content-Length", string body.Length ] body body.Length
                 | true, data ->
+                    let etag = "\"" + Convert.ToHexStringLower(SHA256.HashData data).Substring(0, 16) + "\""
                     let from =
                         match range with
-                        | Some r when not this.IgnoreRange && r.StartsWith "bytes=" && r.EndsWith "-" -> Some(int64 (r.Substring(6, r.Length - 7)))
+                        | Some r when not this.IgnoreRange && r.StartsWith "bytes=" && r.EndsWith "-" && (ifRange.IsNone || ifRange = Some etag) ->
+                            Some(int64 (r.Substring(6, r.Length - 7)))
                         | _ -> None
                     let cut =
                         lock files (fun () ->
@@ -77,10 +81,10 @@ type Loopback() =
                     | Some f ->
                         let body = data[int f ..]
                         let count = if cut then body.Length / 2 else body.Length
-                        send "206 Partial Content" [ "Content-Range", $"bytes {f}-{data.Length - 1}/{data.Length}"; "Content-Length", string body.Length ] body count
+                        send "206 Partial Content" [ "ETag", etag; "Content-Range", $"bytes {f}-{data.Length - 1}/{data.Length}"; "Content-Length", string body.Length ] body count
                     | None ->
                         let count = if cut then data.Length / 2 else data.Length
-                        send "200 OK" [ "Content-Length", string data.Length; "Accept-Ranges", "bytes" ] data count
+                        send "200 OK" [ "ETag", etag; "Content-Length", string data.Length; "Accept-Ranges", "bytes" ] data count
 
     member val IgnoreRange = false with get, set
     member val Silent = false with get, set
@@ -154,7 +158,7 @@ let tests =
             Expect.sequenceEqual (File.ReadAllBytes path) data "bytes"
             Expect.equal (File.ReadAllText(path + ".sha256")) $"{sha data}  model.pth\n" "sidecar in sha256sum format"
             Expect.isFalse (File.Exists(path + ".part")) "no .part left"
-            Expect.equal server.Seen [ { Path = "/files/model.pth"; Range = None } ] "one plain request"
+            Expect.equal server.Seen [ { Path = "/files/model.pth"; Range = None; IfRange = None } ] "one plain request"
             // Reuse: no second request.
             Expect.equal (resolve s url) path "same path"
             Expect.equal server.Seen.Length 1 "cached file reused without the network"
@@ -194,7 +198,7 @@ let tests =
             Directory.CreateDirectory(Path.GetDirectoryName target) |> ignore
             File.WriteAllBytes(target + ".part", data[.. 9999])
             let path = resolve s url
-            Expect.equal server.Seen [ { Path = "/files/model.pth"; Range = Some "bytes=10000-" } ] "range request"
+            Expect.equal server.Seen [ { Path = "/files/model.pth"; Range = Some "bytes=10000-"; IfRange = None } ] "range request"
             Expect.sequenceEqual (File.ReadAllBytes path) data "bytes"
             Expect.equal (File.ReadAllText(path + ".sha256")).[.. 63] (sha data) "sha of the whole file"
         }
@@ -220,6 +224,23 @@ let tests =
             let path = resolve s url
             Expect.sequenceEqual (File.ReadAllBytes path) data "bytes after the resume"
             Expect.equal (server.Seen |> List.map _.Range) [ None; Some $"bytes={kept}-" ] "second request resumes where the part ends"
+            Expect.isSome server.Seen[1].IfRange "the resume is conditional on the first response's ETag"
+            Expect.isFalse (File.Exists(target + ".part.validator")) "validator removed"
+        }
+
+        test "a file changed at the source between attempts restarts instead of mixing (If-Range)" {
+            let server, cache, _ = setup ()
+            use _ = server
+            use _ = cache
+            let s = settings cache server
+            let url = server.Url "/files/model.pth"
+            server.CutNext 1
+            errorOf (fun () -> resolve s url) |> ignore
+            let changed = randomBytes 30000 11
+            server.Serve("/files/model.pth", changed)
+            let path = resolve s url
+            Expect.sequenceEqual (File.ReadAllBytes path) changed "the new file, whole"
+            Expect.stringStarts (File.ReadAllText(path + ".sha256")) (sha changed) "its sha"
         }
 
         test "a cut resumed response is also caught, and a third call completes" {

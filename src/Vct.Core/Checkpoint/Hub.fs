@@ -275,6 +275,9 @@ module Hub =
         let dir = Path.GetDirectoryName target
         Directory.CreateDirectory dir |> ignore
         let part = target + ".part"
+        // The validator (strong ETag or Last-Modified) of the response a .part began with: a resume sends it as
+        // If-Range, so a file changed at the source restarts instead of mixing two versions.
+        let validator = part + ".validator"
         let fail why (inner: exn) = raise (networkError url part target why inner)
         // A timer per step: the connection and each read must finish within the timeout.
         let withTimeout (f: CancellationToken -> 'a) =
@@ -289,7 +292,19 @@ module Hub =
         while not finished do
             let have = if File.Exists part then FileInfo(part).Length else 0L
             use request = new HttpRequestMessage(HttpMethod.Get, url)
-            if have > 0L then request.Headers.Range <- RangeHeaderValue(Nullable have, Nullable())
+            if have > 0L then
+                request.Headers.Range <- RangeHeaderValue(Nullable have, Nullable())
+                if File.Exists validator then
+                    let v = File.ReadAllText(validator).Trim()
+                    if v.StartsWith "etag " then
+                        match EntityTagHeaderValue.TryParse(v.Substring 5) with
+                        | true, tag -> request.Headers.IfRange <- RangeConditionHeaderValue(tag)
+                        | _ -> ()
+                    elif v.StartsWith "date " then
+                        match DateTimeOffset.TryParse(v.Substring 5, Globalization.CultureInfo.InvariantCulture, Globalization.DateTimeStyles.AssumeUniversal) with
+                        | true, d -> request.Headers.IfRange <- RangeConditionHeaderValue(d)
+                        | _ -> ()
+            elif File.Exists validator then File.Delete validator
             let response =
                 try withTimeout (fun t -> client.Value.Send(request, HttpCompletionOption.ResponseHeadersRead, t))
                 with
@@ -318,6 +333,12 @@ module Hub =
                         | None, None -> None
                     else contentLength
                 let start = if append then have else 0L
+                if not append then
+                    let etag = response.Headers.ETag
+                    let modified = response.Content.Headers.LastModified
+                    if not (isNull etag) && not etag.IsWeak then File.WriteAllText(validator, "etag " + etag.ToString())
+                    elif modified.HasValue then File.WriteAllText(validator, "date " + modified.Value.ToString("R", Globalization.CultureInfo.InvariantCulture))
+                    elif File.Exists validator then File.Delete validator
                 let stream =
                     try
                         new FileStream(part, (if append then FileMode.Append else FileMode.Create), FileAccess.Write, FileShare.None, 1 <<< 16)
@@ -363,10 +384,12 @@ module Hub =
         match expected with
         | Some e when e <> actual ->
             File.Delete part
+            if File.Exists validator then File.Delete validator
             raise (InvalidDataException($"{url}: the download's sha256 {actual} differs from the expected {e}; the file was deleted, nothing was cached"))
         | _ -> ()
         writeSidecar target actual
         File.Move(part, target, true)
+        if File.Exists validator then File.Delete validator
 
     let private normalizeSha (s: string option) =
         s
