@@ -463,6 +463,25 @@ let tests =
                 for p in t.GetProperties() do
                     Expect.isFalse (p.PropertyType.Namespace = "Microsoft.FSharp.Core" || p.PropertyType.Namespace = "Microsoft.FSharp.Collections")
                         $"{t.Name}.{p.Name} is no F# type"
+            // Resolve reads the environment: set it for this test only (the tests run one at a time) and restore it.
+            let server, cache, data = setup ()
+            use _ = server
+            use _ = cache
+            let saved = [ for k in [ "VCT_CACHE"; "VCT_OFFLINE"; "VCT_HF_ENDPOINT" ] -> k, Environment.GetEnvironmentVariable k ]
+            try
+                Environment.SetEnvironmentVariable("VCT_CACHE", cache.Dir)
+                Environment.SetEnvironmentVariable("VCT_OFFLINE", null)
+                Environment.SetEnvironmentVariable("VCT_HF_ENDPOINT", server.Base)
+                let reports = ResizeArray<Vct.DownloadProgress>()
+                server.Serve("/nowherespyfly/VCT_AVS/resolve/main/ms3_swinb_384/model_best.pth", data)
+                let path = Vct.VctWeights.Resolve("ms3", Vct.SyncProgress<Vct.DownloadProgress>(Action<Vct.DownloadProgress>(reports.Add)), Threading.CancellationToken.None)
+                Expect.sequenceEqual (File.ReadAllBytes path) data "bytes"
+                Expect.isNonEmpty reports "progress reported"
+                let last = reports[reports.Count - 1]
+                Expect.equal (last.BytesDone, last.TotalBytes) (int64 data.Length, Nullable(int64 data.Length)) "last report: all bytes of the total"
+                Expect.equal (Vct.VctWeights.Catalogue |> Seq.find (fun e -> e.Name = "ms3")).CachedPath path "listed as cached"
+            finally
+                for k, v in saved do Environment.SetEnvironmentVariable(k, v)
         }
 
         test "vct weights list prints the catalogue; vct weights get URL prints the cached path" {
