@@ -484,6 +484,22 @@ let tests =
                 for k, v in saved do Environment.SetEnvironmentVariable(k, v)
         }
 
+        test "Inference.loadModel and VctSegmenter.Load resolve through the hub" {
+            use cache = new TempCache()
+            let saved = [ for k in [ "VCT_CACHE"; "VCT_OFFLINE" ] -> k, Environment.GetEnvironmentVariable k ]
+            try
+                Environment.SetEnvironmentVariable("VCT_CACHE", cache.Dir)
+                Environment.SetEnvironmentVariable("VCT_OFFLINE", "1")
+                let expectOffline (what: string) (f: unit -> unit) =
+                    let e = errorOf f
+                    Expect.stringContains e.Message "VCT_OFFLINE" $"{what}: went to the hub"
+                    Expect.stringContains e.Message "s4_swinb_384/model_best.pth" $"{what}: the released file's URL"
+                expectOffline "loadModel" (fun () -> Vct.Core.Inference.loadModel "s4" None TorchSharp.torch.CPU |> ignore)
+                expectOffline "VctSegmenter.Load" (fun () -> Vct.VctSegmenter.Load("hf:nowherespyfly/VCT_AVS/s4_swinb_384/model_best.pth") |> ignore)
+            finally
+                for k, v in saved do Environment.SetEnvironmentVariable(k, v)
+        }
+
         test "vct weights list prints the catalogue; vct weights get URL prints the cached path" {
             let server, cache, data = setup ()
             use _ = server
