@@ -69,11 +69,17 @@ public sealed class VctSegmenter : IDisposable
     /// <summary>The model's subset (S4, MS3 or AVSS).</summary>
     public VctSubset Subset => VctTypeConversions.FromCore(_model.Config.Subset);
 
-    /// <summary>Loads a Vct checkpoint (.safetensors) or an official one (.pth, with <see cref="SegmenterOptions.Subset"/>).</summary>
+    /// <summary>
+    /// Loads a Vct checkpoint (.safetensors) or an official one (.pth, with <see cref="SegmenterOptions.Subset"/>).
+    /// <paramref name="checkpointPath"/> may also be a hub reference (<c>hf:owner/repo/path</c>, an http(s) URL or a
+    /// released name such as <c>s4</c>): it is resolved through <see cref="VctWeights.Resolve(string, IProgress{DownloadProgress}?, CancellationToken)"/> first.
+    /// </summary>
     public static VctSegmenter Load(string checkpointPath, SegmenterOptions? options = null)
     {
         ArgumentException.ThrowIfNullOrEmpty(checkpointPath);
         options ??= new SegmenterOptions();
+        if (options.Subset is null && VctWeights.SubsetOf(checkpointPath) is VctSubset named) options = options with { Subset = named };
+        checkpointPath = VctWeights.Resolve(checkpointPath);
         VctRuntime.Initialize();
         var device = VctRuntime.ResolveDevice(options.Device);
         var subset = options.Subset is VctSubset v ? FSharpOption<Core.Subset>.Some(v.ToCore()) : FSharpOption<Core.Subset>.None;

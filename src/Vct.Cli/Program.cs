@@ -12,6 +12,7 @@ root.Subcommands.Add(ScoreCommand.Create());
 root.Subcommands.Add(SynthCommand.Create());
 root.Subcommands.Add(DataCommand.Create());
 root.Subcommands.Add(PredictCommand.Create());
+root.Subcommands.Add(WeightsCommand.Create());
 try
 {
     return root.Parse(args).Invoke(new InvocationConfiguration { EnableDefaultExceptionHandler = false });
