@@ -70,8 +70,15 @@ let rowsOf (t: torch.Tensor) : float[][] =
 /// The built-in synthetic S4-like dataset (the main job's), written once under artifacts/notebooks/data.
 let syntheticData () =
     let dir = Path.Combine(artifacts, "data")
-    printfn "%s" (Vct.Core.Training.TrainJob.ensureSynthetic dir)
+    if not (File.Exists(Path.Combine(dir, "Single-source", "s4_meta_data.csv"))) then
+        printfn "%s" (Vct.Core.Training.TrainJob.ensureSynthetic dir)
     dir
+
+/// A heatmap with row 0 at the top (Plotly draws row 0 at the bottom).
+let heat (rows: float[][]) = Chart.Heatmap(Array.rev rows, ShowScale = false)
+
+/// The rows of a boolean or integer 2-D tensor as 0/1 or integer values.
+let rowsOfAny (t: torch.Tensor) = rowsOf (t.``to``(torch.float64))
 
 /// Iterations of the notebooks' tiny model (a few minutes on 2 cores).
 let tinyIterations = 300
