@@ -392,4 +392,30 @@ let tests =
                 Expect.stringStarts msg $"{target}: cannot write to the output folder (" "read-only output folder"
                 File.SetUnixFileMode(ro, UnixFileMode.UserRead ||| UnixFileMode.UserWrite ||| UnixFileMode.UserExecute))
         }
+        test "a truncated video: without its index it is refused naming the file; with it the frames before the cut are used" {
+            let _, ckpt, _ = trained.Value
+            withTempDir "vct-video-cut" (fun dir ->
+                let make (name: string) (faststart: bool) =
+                    let p = Path.Combine(dir, name)
+                    ffmpeg ([ "-f"; "lavfi"; "-i"; "testsrc=size=32x32:rate=10:duration=4"; "-f"; "lavfi"; "-i"; "sine=duration=4"; "-pix_fmt"; "yuv420p" ]
+                            @ (if faststart then [ "-movflags"; "+faststart" ] else []) @ [ p ])
+                    let bytes = File.ReadAllBytes p
+                    File.WriteAllBytes(p, bytes[.. bytes.Length * 6 / 10])
+                    p
+                // The index (moov) is written last by default: cutting the file loses it.
+                let noIndex = make "no-index.mp4" false
+                Expect.stringStarts (message (fun () -> predict ckpt (FrameSource.VideoFile noIndex) VideoOptions.Default (Path.Combine(dir, "o1")) |> ignore))
+                    $"{noIndex}: not a video ffmpeg can read (" "cut file without its index"
+                Expect.isFalse (Directory.Exists(Path.Combine(dir, "o1"))) "nothing written"
+                // With the index first (+faststart) the data ends early: the frames and audio before the cut are used.
+                let cut = make "cut.mp4" true
+                let out = Path.Combine(dir, "o2")
+                let r = predict ckpt (FrameSource.VideoFile cut) VideoOptions.Default out
+                Expect.isGreaterThanOrEqual r.Frames 1 "frames before the cut"
+                Expect.isLessThanOrEqual r.Frames 4 "not more than the video has"
+                Expect.isNonEmpty r.Warnings "the cut is reported"
+                Expect.isTrue (r.Warnings |> List.forall (fun w -> not (w.Contains "   at "))) "one line each"
+                for m in Directory.GetFiles(Path.Combine(out, "masks"), "*.png") do
+                    Expect.equal (ImageIO.readLabels m).Width 32 "valid masks")
+        }
     ]
