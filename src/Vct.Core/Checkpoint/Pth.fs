@@ -77,7 +77,7 @@ module Pth =
             let view = if items.Length > 5 then items[5] else PyValue.None
             key, dtype, numel, view
         | PyValue.Tuple items when items.Length > 0 ->
-            bad $"unsupported persistent id kind {items[0].TypeName} '{items[0]}'"
+            bad $"""unsupported persistent id kind {items[0].TypeName}{(match items[0] with PyValue.Str k -> $" '{k}'" | _ -> "")}"""
         | other -> bad $"unsupported persistent id {other.TypeName}"
 
     let private ints (what: string) (v: PyValue) =
@@ -108,14 +108,16 @@ module Pth =
             PyValue.Tensor t
         | other -> bad $"a tensor's storage must come from a persistent id, got {other.TypeName}"
 
-    /// Torch functions the pickle may call; everything else becomes a placeholder.
-    let rec private resolve (created: ResizeArray<Tensor>) (m: string) (n: string) (args: PyValue[]) : PyValue option =
+    /// Torch functions the pickle may call; everything else becomes a placeholder. `_rebuild_from_type_v2` may wrap
+    /// another rebuild; a nesting deeper than a few levels is a forged file (and would recurse without bound).
+    let rec private resolveAt (depth: int) (created: ResizeArray<Tensor>) (m: string) (n: string) (args: PyValue[]) : PyValue option =
+        if depth > 8 then bad "tensor rebuild calls nested more than 8 deep"
         match m, n, args with
         | "torch._utils", "_rebuild_tensor_v2", a when a.Length >= 4 -> Some(rebuild created a[0] a[1] a[2] a[3])
         | "torch._utils", "_rebuild_tensor", [| s; o; size; stride |] -> Some(rebuild created s o size stride)
         | "torch._utils", ("_rebuild_parameter" | "_rebuild_parameter_with_state"), a when a.Length >= 1 -> Some a[0]
         | "torch._tensor", "_rebuild_from_type_v2", [| PyValue.Global(fm, fn); _; PyValue.Tuple fargs; _ |] ->
-            resolve created fm fn fargs
+            resolveAt (depth + 1) created fm fn fargs
         | "torch._utils", "_rebuild_device_tensor_from_numpy", a when a.Length >= 1 ->
             // Tensors of devices without storages (XLA, MPS) are pickled as numpy arrays; they load onto the CPU.
             match Numpy.tryToTensor a[0] with
@@ -126,6 +128,8 @@ module Pth =
         | "torch._utils", name, _ when name.StartsWith "_rebuild_" ->
             bad $"unsupported tensor kind torch._utils.{name} (quantized, sparse, meta or nested tensors are not read)"
         | _ -> Option.None
+
+    let private resolve (created: ResizeArray<Tensor>) m n args = resolveAt 0 created m n args
 
     let private hooksFor (created: ResizeArray<Tensor>) (storageOf: PyValue -> PyValue) : Pickle.Hooks =
         { PersistentLoad = storageOf; Resolve = resolve created }
@@ -182,7 +186,8 @@ module Pth =
         | _ ->
         match Pickle.load Pickle.noHooks fs with
         | PyValue.Int LegacyProtocol -> ()
-        | other -> bad $"legacy protocol version {other} is not supported (expected {LegacyProtocol})"
+        | PyValue.Int v -> bad $"legacy protocol version {v} is not supported (expected {LegacyProtocol})"
+        | other -> bad $"legacy protocol version is a {other.TypeName}, not an integer (expected {LegacyProtocol})"
         match (Pickle.load Pickle.noHooks fs).TryItem "little_endian" with
         | Some(PyValue.Bool false) -> bad "the file was written on a big-endian machine"
         | _ -> ()

@@ -1,0 +1,282 @@
+module Vct.Core.Tests.HardeningTests
+
+// Regression tests of issue #11 ("Hardening"): each crafted file is made here (a few bytes) and each error is
+// checked word for word. Every body runs under a time bound, so a regression fails instead of hanging.
+
+open System
+open System.IO
+open System.Text
+open System.Threading
+open System.Threading.Tasks
+open Expecto
+open Vct.Core
+open Vct.Core.Audio
+open Vct.Core.Checkpoint
+open Vct.Core.Data
+
+/// Runs `f` on a pool thread; fails the test when it does not end within `seconds` (a hang), else returns its value
+/// or rethrows its exception unwrapped.
+let within (seconds: int) (what: string) (f: unit -> 'T) : 'T =
+    let t = Task.Run(fun () -> f ())
+    if Task.WaitAny([| t :> Task |], TimeSpan.FromSeconds(float seconds)) <> 0 then
+        failtest $"{what}: did not finish within {seconds} s"
+    t.GetAwaiter().GetResult()
+
+/// The exception `f` throws within `seconds`.
+let throwsWithin (seconds: int) (what: string) (f: unit -> unit) : exn =
+    within seconds what (fun () ->
+        try
+            f ()
+            failtest $"{what}: expected an exception"
+        with
+        | :? AssertException -> reraise ()
+        | e -> e)
+
+/// A fresh temporary folder.
+let tempDir (name: string) =
+    let d = Path.Combine(Path.GetTempPath(), $"vct-harden-{name}-{Guid.NewGuid():N}")
+    Directory.CreateDirectory d |> ignore
+    d
+
+/// Writes `bytes` to a new file `name` in a fresh folder; returns its path.
+let crafted (name: string) (bytes: byte[]) =
+    let p = Path.Combine(tempDir "file", name)
+    File.WriteAllBytes(p, bytes)
+    p
+
+let private le32 (v: uint32) = BitConverter.GetBytes v
+let private le16 (v: uint16) = BitConverter.GetBytes v
+let private be32 (v: uint32) = [| byte (v >>> 24); byte (v >>> 16); byte (v >>> 8); byte v |]
+
+/// CRC-32 (PNG, zlib polynomial 0xEDB88320).
+let crc32 (data: byte[]) =
+    let mutable c = 0xFFFFFFFFu
+    for b in data do
+        c <- c ^^^ uint32 b
+        for _ in 0 .. 7 do c <- if c &&& 1u <> 0u then (c >>> 1) ^^^ 0xEDB88320u else c >>> 1
+    c ^^^ 0xFFFFFFFFu
+
+/// One PNG chunk: length, type, data, CRC.
+let pngChunk (kind: string) (data: byte[]) =
+    let body = Array.append (Encoding.ASCII.GetBytes kind) data
+    Array.concat [ be32 (uint32 data.Length); body; be32 (crc32 body) ]
+
+/// A PNG whose IHDR claims `w` x `h` RGB pixels, with a tiny IDAT (its data cannot fill such an image).
+let forgedPng (w: uint32) (h: uint32) =
+    let ihdr = Array.concat [ be32 w; be32 h; [| 8uy; 2uy; 0uy; 0uy; 0uy |] ]
+    Array.concat
+        [ [| 0x89uy; byte 'P'; byte 'N'; byte 'G'; 13uy; 10uy; 26uy; 10uy |]
+          pngChunk "IHDR" ihdr
+          pngChunk "IDAT" [| 0x78uy; 0x9Cuy; 0x63uy; 0x60uy; 0x00uy; 0x00uy; 0x00uy; 0x02uy; 0x00uy; 0x01uy; 0uy; 0uy |]
+          pngChunk "IEND" [||] ]
+
+/// A RIFF/WAVE header, a 16-bit mono 16 kHz `fmt ` chunk, then `chunks` (id, declared size, body bytes).
+let wavWith (chunks: (string * uint32 * byte[]) list) =
+    let fmt = Array.concat [ le16 1us; le16 1us; le32 16000u; le32 32000u; le16 2us; le16 16us ]
+    let body =
+        Array.concat
+            [ yield Encoding.ASCII.GetBytes "WAVE"
+              yield Encoding.ASCII.GetBytes "fmt "
+              yield le32 16u
+              yield fmt
+              for id, size, data in chunks do
+                  yield Encoding.ASCII.GetBytes id
+                  yield le32 size
+                  yield data ]
+    Array.concat [ Encoding.ASCII.GetBytes "RIFF"; le32 (uint32 body.Length); body ]
+
+/// A protocol-2 pickle of a dict whose keys are `depth`-deep nested 1-tuples around None (`keys` of them, equal).
+let deepTuplePickle (depth: int) (keys: int) =
+    use ms = new MemoryStream()
+    ms.Write([| 0x80uy; 2uy; byte '}' |], 0, 3)
+    for _ in 1 .. keys do
+        ms.WriteByte(byte 'N')
+        for _ in 1 .. depth do ms.WriteByte 0x85uy // TUPLE1
+        ms.WriteByte(byte 'N')
+        ms.WriteByte(byte 's') // SETITEM
+    ms.WriteByte(byte '.')
+    ms.ToArray()
+
+/// Video records that only carry an id (the loader never opens their files).
+let fakeRecords (n: int) : VideoRecord[] =
+    Array.init n (fun i ->
+        { Id = string i; Split = "train"; Kind = DatasetKind.S4; Category = ""; CategoryLabel = 0; Frames = [||]
+          Masks = [||]; MaskFrames = [||]; PreMasks = [||]; Audio = AudioSource.Wav ""; VidTemporalFlag = [||]
+          GtTemporalFlag = [||]; Raw = false })
+
+/// How a loader scenario fails: a worker (from batch 2 on), the consumer (after its first batch), the caller's
+/// cancellation (after the first batch), in any combination.
+type private Failing = { Worker: bool; Consumer: bool; Cancel: bool }
+
+/// Runs one loader scenario: 2 workers, 1 batch of prefetch, batches of 2; returns the exception that ended it.
+let private loaderScenario (f: Failing) : exn =
+    let workerFailed = new ManualResetEventSlim(false)
+    use cts = new CancellationTokenSource()
+    let loader =
+        BatchLoader(fakeRecords 40, { LoaderOptions.Default with BatchSize = 2; Workers = 2; Prefetch = 1; Shuffle = false }, fun r _ ->
+            if f.Worker && int r.Id >= 4 then
+                workerFailed.Set()
+                raise (InvalidDataException $"{r.Id}: worker failed")
+            r.Id)
+    throwsWithin 20 $"loader with %A{f}" (fun () ->
+        let mutable n = 0
+        for _ in loader.Epoch(0, cts.Token) do
+            n <- n + 1
+            if n = 1 then
+                // Let the producer block on the full queue (with its batch or its error) before the consumer stops.
+                if f.Worker then workerFailed.Wait(TimeSpan.FromSeconds 10.0) |> ignore
+                Thread.Sleep 200
+                if f.Cancel then cts.Cancel()
+                if f.Consumer then raise (InvalidOperationException "consumer failed")
+        if not f.Worker && not f.Consumer && not f.Cancel then failtest "nothing failed"
+        failtest $"the epoch ended normally after {n} batches")
+
+/// The loading error an epoch rethrows for a failing worker.
+let private isLoadingError (e: exn) =
+    match e with
+    | :? AggregateException as a -> a.Message.StartsWith "data loading failed" && a.Message.Contains "4: worker failed"
+    | _ -> false
+
+[<Tests>]
+let tests =
+    testList "Hardening" [
+        // --- Images: a forged header never allocates or decodes past the pixel budget ---------------------------
+        test "a 69-byte PNG that claims 100000x100000 pixels is refused naming the file and its size (no SIGSEGV)" {
+            let bytes = forgedPng 100000u 100000u
+            Expect.equal bytes.Length 69 "a 69-byte file"
+            let path = crafted "huge.png" bytes
+            let expected = $"{path}: image is 100000x100000 (10000000000 pixels), over the budget of 67108864 pixels per frame"
+            for read in [ ImageIO.readRgb; ImageIO.readLabels ] do
+                let e = throwsWithin 20 "decode" (fun () -> read path |> ignore)
+                Expect.isTrue (e :? InvalidDataException) $"InvalidDataException, got {e.GetType().Name}"
+                Expect.equal e.Message expected "exact message"
+        }
+
+        test "a PNG whose width x height x 4 wraps to 0 in 32 bits is refused as well" {
+            let path = crafted "wrap.png" (forgedPng 65536u 16384u)
+            let e = throwsWithin 20 "decode" (fun () -> ImageIO.readRgb path |> ignore)
+            Expect.equal e.Message $"{path}: image is 65536x16384 (1073741824 pixels), over the budget of 67108864 pixels per frame" "exact message"
+        }
+
+        test "a palette PNG whose chunk length is near 2^32 ends the chunk walk (no wrap, no out-of-range read)" {
+            // Colour type 3 makes readLabels walk the chunks for PLTE; a chunk length of 0xFFFFFFF0 used to wrap.
+            let ihdr = Array.concat [ be32 2u; be32 2u; [| 8uy; 3uy; 0uy; 0uy; 0uy |] ]
+            let bytes =
+                Array.concat
+                    [ [| 0x89uy; byte 'P'; byte 'N'; byte 'G'; 13uy; 10uy; 26uy; 10uy |]
+                      pngChunk "IHDR" ihdr
+                      be32 0xFFFFFFF0u
+                      Encoding.ASCII.GetBytes "tEXt"
+                      Array.zeroCreate 8 ]
+            let path = crafted "walk.png" bytes
+            let e = throwsWithin 20 "decode" (fun () -> ImageIO.readLabels path |> ignore)
+            Expect.isTrue (e :? InvalidDataException) $"InvalidDataException, got {e.GetType().Name}: {e.Message}"
+            Expect.stringStarts e.Message $"{path}: " "names the file"
+        }
+
+        // --- WAV: 64-bit chunk walk, every step forward ---------------------------------------------------------
+        test "a WAV with a huge unknown chunk (size 0xFFFFFFF8, -8 as an int) fails at once instead of looping" {
+            let path = crafted "huge_chunk.wav" (wavWith [ "junk", 0xFFFFFFF8u, [||]; "data", 0u, [||] ])
+            Expect.equal (FileInfo(path).Length) 52L "52 bytes"
+            let expected = $"{path}: not a readable WAV file (chunk 'junk' at byte 36 declares 4294967288 bytes, but the file ends at byte 52)"
+            let e = throwsWithin 20 "Wav.read" (fun () -> Wav.read SampleScaling.Exact path |> ignore)
+            Expect.isTrue (e :? InvalidDataException) $"InvalidDataException, got {e.GetType().Name}"
+            Expect.equal e.Message expected "exact message"
+            let e = throwsWithin 20 "Audio.load" (fun () -> Audio.load path |> ignore)
+            Expect.equal e.Message expected "the same through Audio.load"
+        }
+
+        test "an odd-sized chunk that pads past the end and a data chunk past the end give clear errors" {
+            let path = crafted "odd.wav" (wavWith [ "data", 4u, [| 1uy; 0uy; 2uy; 0uy |]; "LIST", 0xFFFFFFFFu, [||] ])
+            // The data chunk comes first after fmt: the walk stops there and never looks at the broken LIST chunk.
+            let w = within 20 "Wav.read" (fun () -> Wav.read SampleScaling.Exact path)
+            Expect.equal w.Channels [| [| 1.0 / 32768.0; 2.0 / 32768.0 |] |] "two samples"
+            let path = crafted "past.wav" (wavWith [ "data", 0x7FFFFFF0u, [| 1uy; 0uy |] ])
+            let e = throwsWithin 20 "Wav.read" (fun () -> Wav.read SampleScaling.Exact path |> ignore)
+            Expect.equal e.Message $"{path}: truncated: the header declares 2147483632 bytes of audio but the file holds 2" "exact message"
+        }
+
+        test "a forward-only stream reads as the file does (streaming reads, no whole-file copy)" {
+            let path = Path.Combine(Golden.repoRoot.Value, "tests", "golden", "audio", "wav", "tones_48k_stereo_pcm24.wav")
+            let direct = Wav.read SampleScaling.Exact path
+            use fs = File.OpenRead path
+            let oneWay =
+                { new Stream() with
+                    member _.CanRead = true
+                    member _.CanSeek = false
+                    member _.CanWrite = false
+                    member _.Length = raise (NotSupportedException())
+                    member _.Position with get () = raise (NotSupportedException()) and set _ = raise (NotSupportedException())
+                    member _.Flush() = ()
+                    member _.Read(b, o, c) = fs.Read(b, o, min c 1000)
+                    member _.Seek(_, _) = raise (NotSupportedException())
+                    member _.SetLength _ = raise (NotSupportedException())
+                    member _.Write(_, _, _) = raise (NotSupportedException()) }
+            let streamed = Wav.readStream SampleScaling.Exact path oneWay
+            Expect.equal streamed.Channels direct.Channels "same samples"
+            Expect.equal streamed.Encoding direct.Encoding "same encoding"
+        }
+
+        test "vct data check on a tree holding the huge-chunk WAV reports it and ends" {
+            let root = tempDir "check"
+            Synth.generate { SynthOptions.Default SynthKind.S4 with Seed = 2; Train = 1; Val = 1; Test = 0; Size = 40; EvalSize = 56 } root |> ignore
+            let r = Avsbench.records DatasetKind.S4 root "val" |> Array.exactlyOne
+            let wav = match r.Audio with AudioSource.Wav p -> p | AudioSource.LogMelPickle p -> failtest $"{p}: not a wav"
+            File.WriteAllBytes(wav, wavWith [ "junk", 0xFFFFFFF8u, [||]; "data", 0u, [||] ])
+            let report = within 60 "DataCheck.run" (fun () -> DataCheck.run root 2)
+            Expect.equal report.Problems
+                [| $"{wav}: not a readable WAV file (chunk 'junk' at byte 36 declares 4294967288 bytes, but the file ends at byte 52)" |]
+                "exactly that problem"
+        }
+
+        // --- Pickle: deep nesting neither hashes nor compares recursively ----------------------------------------
+        test "a 1 MB pickle whose dict key is a tuple nested 1,000,000 deep loads (no stack overflow)" {
+            let path = crafted "deep.pkl" (deepTuplePickle 1_000_000 1)
+            Expect.isGreaterThan (FileInfo(path).Length) 1_000_000L "over 1 MB"
+            use f = within 60 "Pth.read" (fun () -> Pth.read path)
+            Expect.equal f.Format PthFormat.Pickle "a plain pickle"
+            match f.Root with
+            | PyValue.Dict d -> Expect.equal d.Count 1 "one key"
+            | other -> failtest $"a dict expected, got {other.TypeName}"
+        }
+
+        test "two equal deeply nested tuple keys are one key (iterative equality)" {
+            let path = crafted "deep2.pkl" (deepTuplePickle 300_000 2)
+            use f = within 60 "Pth.read" (fun () -> Pth.read path)
+            match f.Root with
+            | PyValue.Dict d -> Expect.equal d.Count 1 "equal keys"
+            | other -> failtest $"a dict expected, got {other.TypeName}"
+            let e = throwsWithin 60 "LogMelPickle.read" (fun () -> LogMelPickle.read path |> ignore)
+            Expect.equal e.Message $"{path}: the pickle holds a dict, not a tensor" "exact message"
+        }
+
+        // --- Loader: a failing worker, a failing consumer and cancellation, in any combination, end --------------
+        test "loader: a failing worker ends the epoch with its error" {
+            let e = loaderScenario { Worker = true; Consumer = false; Cancel = false }
+            Expect.isTrue (isLoadingError e) $"the loading error, got {e.GetType().Name}: {e.Message}"
+        }
+        test "loader: a failing consumer stops the workers" {
+            let e = loaderScenario { Worker = false; Consumer = true; Cancel = false }
+            Expect.equal e.Message "consumer failed" "the consumer's error"
+        }
+        test "loader: cancellation stops the epoch" {
+            let e = loaderScenario { Worker = false; Consumer = false; Cancel = true }
+            Expect.isTrue (e :? OperationCanceledException) $"cancelled, got {e.GetType().Name}: {e.Message}"
+        }
+        test "loader: a consumer failing while a worker fails on a full queue ends (was a deadlock)" {
+            let e = loaderScenario { Worker = true; Consumer = true; Cancel = false }
+            Expect.equal e.Message "consumer failed" "the consumer's error"
+        }
+        test "loader: cancellation while a worker fails on a full queue ends" {
+            let e = loaderScenario { Worker = true; Consumer = false; Cancel = true }
+            Expect.isTrue (e :? OperationCanceledException || isLoadingError e) $"cancelled or the loading error, got {e.GetType().Name}: {e.Message}"
+        }
+        test "loader: a consumer failing after cancelling ends" {
+            let e = loaderScenario { Worker = false; Consumer = true; Cancel = true }
+            Expect.equal e.Message "consumer failed" "the consumer's error"
+        }
+        test "loader: a failing worker, a failing consumer and cancellation together end" {
+            let e = loaderScenario { Worker = true; Consumer = true; Cancel = true }
+            Expect.equal e.Message "consumer failed" "the consumer's error"
+        }
+    ]
