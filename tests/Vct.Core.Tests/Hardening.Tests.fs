@@ -104,6 +104,24 @@ let fakeRecords (n: int) : VideoRecord[] =
           Masks = [||]; MaskFrames = [||]; PreMasks = [||]; Audio = AudioSource.Wav ""; VidTemporalFlag = [||]
           GtTemporalFlag = [||]; Raw = false })
 
+/// A one-video AVSBench-semantic tree for `Prepare.objectTree` (MS3: label v1m): metadata.csv, 8x8 frames and
+/// labels_rgb. Returns the metadata path.
+let semanticTree (root: string) (vid: string) (uid: string) =
+    let meta = Path.Combine(root, "metadata.csv")
+    File.WriteAllLines(meta, [ "vid,uid,s_min,s_sec,e_min,e_sec,label,split"; $"{vid},{uid},0,0,0,5,v1m,train" ])
+    let safeUid = if SafePath.problem uid = None then uid else "u"
+    for i in 0 .. 4 do
+        ImageIO.write (Path.Combine(root, "v1m", safeUid, "frames", $"{i}.jpg")) (Image.Create(8, 8, 3, 90uy))
+        ImageIO.write (Path.Combine(root, "v1m", safeUid, "labels_rgb", $"{i}.png")) (Image.Create(8, 8, 3, 128uy))
+    meta
+
+/// Runs ffmpeg with one argument per item; fails the test when it fails.
+let ffmpegTo (ffmpeg: string) (args: string list) =
+    let code, _, err = ChildProcess.run ffmpeg ([ "-nostdin"; "-v"; "error"; "-y" ] @ args)
+    if code <> 0 then failtest $"ffmpeg failed: {err}"
+
+let goldenWav (name: string) = Path.Combine(Golden.repoRoot.Value, "tests", "golden", "audio", "wav", name)
+
 /// How a loader scenario fails: a worker (from batch 2 on), the consumer (after its first batch), the caller's
 /// cancellation (after the first batch), in any combination.
 type private Failing = { Worker: bool; Consumer: bool; Cancel: bool }
@@ -248,6 +266,104 @@ let tests =
             | other -> failtest $"a dict expected, got {other.TypeName}"
             let e = throwsWithin 60 "LogMelPickle.read" (fun () -> LogMelPickle.read path |> ignore)
             Expect.equal e.Message $"{path}: the pickle holds a dict, not a tensor" "exact message"
+        }
+
+        // --- Paths: CSV names stay one path component; writers stay inside their output folder -----------------
+        test "CSV names that are absolute, hold '..', separators or NUL are refused with the CSV line" {
+            for value, why in
+                [ "../../evil", "holds a path separator"; "..", "is a folder reference"; ".", "is a folder reference"
+                  "/etc/passwd", "holds a path separator"; "a\\b", "holds a path separator"; "nul\000x", "holds a NUL character"
+                  "C:evil", "is an absolute path"; "", "is empty" ] do
+                Expect.equal (SafePath.problem value) (Some why) $"'{value}'"
+            for ok in [ "-0Ab3_x"; "vidéo_日本"; "a..b"; "x y" ] do
+                Expect.equal (SafePath.problem ok) None $"'{ok}' is a plain name"
+            let root = tempDir "csv"
+            let rep = Synth.generate { SynthOptions.Default SynthKind.S4 with Seed = 3; Train = 1; Val = 1; Test = 0; Size = 40; EvalSize = 56 } root
+            let csv = Path.Combine(rep.Root, "s4_meta_data.csv")
+            let lines = File.ReadAllLines csv
+            let header = lines[0].Split(',')
+            let valLine = lines |> Array.findIndex (fun l -> l.Contains ",val")
+            let setCell (col: string) (v: string) =
+                let cells = lines[valLine].Split(',')
+                cells[Array.findIndex ((=) col) header] <- v
+                File.WriteAllLines(csv, lines |> Array.mapi (fun i l -> if i = valLine then String.Join(",", cells) else l))
+            setCell "name" "../../../outside"
+            let e = throwsWithin 20 "records" (fun () -> Avsbench.records DatasetKind.S4 root "val" |> ignore)
+            Expect.isTrue (e :? InvalidDataException) $"InvalidDataException, got {e.GetType().Name}"
+            Expect.equal e.Message $"{csv}: line {valLine + 1}: video id '../../../outside' holds a path separator (it must be a plain file name)" "exact message"
+            let report = within 60 "DataCheck.run" (fun () -> DataCheck.run root 2)
+            Expect.contains report.Problems e.Message "the check reports it"
+            setCell "category" ".."
+            let e = throwsWithin 20 "records" (fun () -> Avsbench.records DatasetKind.S4 root "val" |> ignore)
+            Expect.equal e.Message $"{csv}: line {valLine + 1}: category '..' is a folder reference (it must be a plain file name)" "exact message"
+        }
+
+        test "prepare refuses a vid that would write outside the output folder, naming the CSV line" {
+            let sem = tempDir "sem"
+            let meta = semanticTree sem "../../escape" "u"
+            let out = tempDir "out"
+            let e = throwsWithin 60 "objectTree" (fun () -> Prepare.objectTree DatasetKind.Ms3 sem out ignore |> ignore)
+            Expect.equal e.Message $"{meta}: line 2: vid '../../escape' holds a path separator (it must be a plain file name)" "exact message"
+            Expect.isEmpty (Directory.GetFiles(out, "*", SearchOption.AllDirectories)) "nothing written"
+        }
+
+        test "prepare does not write through a symbolic link that leads out of the output folder" {
+            let sem = tempDir "sem"
+            semanticTree sem "v" "u" |> ignore
+            let out = tempDir "out"
+            let outside = tempDir "outside"
+            let root = Path.Combine(out, "Multi-sources", "ms3_data_384")
+            Directory.CreateDirectory root |> ignore
+            let link = Path.Combine(root, "visual_frames_384")
+            Directory.CreateSymbolicLink(link, outside) |> ignore
+            let target = Path.Combine(root, "visual_frames_384", "v", "v_1.png")
+            let e = throwsWithin 60 "objectTree" (fun () -> Prepare.objectTree DatasetKind.Ms3 sem out ignore |> ignore)
+            Expect.isTrue (e :? IOException) $"IOException, got {e.GetType().Name}"
+            Expect.equal e.Message
+                $"{target}: refusing to write through the symbolic link {link} -> {outside}, which leads outside the output folder {root}"
+                "exact message"
+            Expect.isEmpty (Directory.GetFiles(outside, "*", SearchOption.AllDirectories)) "nothing written outside"
+            // A link that stays inside the folder is followed as usual.
+            Directory.Delete link
+            Directory.CreateDirectory(Path.Combine(root, "real")) |> ignore
+            Directory.CreateSymbolicLink(link, Path.Combine(root, "real")) |> ignore
+            let rep = within 60 "objectTree" (fun () -> Prepare.objectTree DatasetKind.Ms3 sem out ignore)
+            Expect.equal rep.Videos 1 "prepared"
+            Expect.isTrue (File.Exists(Path.Combine(root, "real", "v", "v_1.png"))) "written through the inside link"
+        }
+
+        // --- ffmpeg: file names are single arguments, the first audio stream is chosen ---------------------------
+        test "a file name holding '\"' and options reaches ffmpeg as one argument (no option injection)" {
+            match Media.tryFindFfmpeg () with
+            | None -> skiptest "ffmpeg is not installed"
+            | Some ffmpeg ->
+                let dir = tempDir "ffmpeg"
+                let plain = Path.Combine(dir, "plain.flac")
+                ffmpegTo ffmpeg [ "-i"; ChildProcess.fileArg (goldenWav "speech_16k_mono_pcm16.wav"); ChildProcess.fileArg plain ]
+                // Through a quoted command string this name ended the input and added `-f lavfi -i anullsrc`.
+                let evil = Path.Combine(dir, "x\" -f lavfi -i \"anullsrc.flac")
+                File.Copy(plain, evil)
+                let a = within 60 "Audio.load" (fun () -> Audio.load plain)
+                let b = within 60 "Audio.load" (fun () -> Audio.load evil)
+                Expect.equal b.Channels a.Channels "the named file's samples"
+                let dash = Path.Combine(dir, "-y.flac")
+                File.Copy(plain, dash)
+                Expect.equal (within 60 "Audio.load" (fun () -> Audio.load dash)).Channels a.Channels "a name starting with '-'"
+        }
+
+        test "ffmpeg decodes the first audio stream (-map 0:a:0), not the one it would rank best" {
+            match Media.tryFindFfmpeg () with
+            | None -> skiptest "ffmpeg is not installed"
+            | Some ffmpeg ->
+                let dir = tempDir "ffmpeg"
+                let mkv = Path.Combine(dir, "two.mkv")
+                // Stream 0: 16 kHz mono; stream 1: 44.1 kHz stereo (ffmpeg's default choice: more channels).
+                ffmpegTo ffmpeg
+                    [ "-i"; ChildProcess.fileArg (goldenWav "speech_16k_mono_pcm16.wav"); "-i"; ChildProcess.fileArg (goldenWav "mix_44k_stereo_pcm16.wav")
+                      "-map"; "0:a"; "-map"; "1:a"; "-c:a"; "flac"; ChildProcess.fileArg mkv ]
+                let w = within 60 "Audio.load" (fun () -> Audio.load mkv)
+                Expect.equal (w.SampleRate, w.Channels.Length) (16000, 1) "the first stream"
+                Expect.equal w.Channels (Audio.load (goldenWav "speech_16k_mono_pcm16.wav")).Channels "its samples"
         }
 
         // --- Loader: a failing worker, a failing consumer and cancellation, in any combination, end --------------

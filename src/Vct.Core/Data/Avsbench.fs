@@ -262,10 +262,16 @@ module Avsbench =
                    let id = row[idCol]
                    if id = "" then bad csv $"line {line}: empty video id"
                    try
+                       // Every CSV value that becomes part of a path is one plain name: none can lead out of the root.
+                       let id = SafePath.name csv line (if kind = DatasetKind.Avss then "uid" else "video id") id
+                       let category =
+                           match catCol with
+                           | Some c -> SafePath.name csv line (if kind = DatasetKind.Avss then "label" else "category") row[c]
+                           | None -> ""
                        yield
                            match kind with
-                           | DatasetKind.Avss -> avss dir tree id row[catCol.Value] s csv line
-                           | _ -> s4OrMs3 kind dir tree id s (match catCol with Some c -> row[c] | None -> "")
+                           | DatasetKind.Avss -> avss dir tree id category s csv line
+                           | _ -> s4OrMs3 kind dir tree id s category
                    with e -> onError e |]
 
     /// Every video of `split`; the first problem raises (FileNotFoundException / InvalidDataException naming the file).
