@@ -122,6 +122,26 @@ let ffmpegTo (ffmpeg: string) (args: string list) =
 
 let goldenWav (name: string) = Path.Combine(Golden.repoRoot.Value, "tests", "golden", "audio", "wav", name)
 
+/// Managed bytes `f` allocates on its thread (a reader must check a declared size before allocating it).
+let allocatedBy (f: unit -> unit) =
+    let before = GC.GetAllocatedBytesForCurrentThread()
+    (try f () with _ -> ())
+    GC.GetAllocatedBytesForCurrentThread() - before
+
+let private shortUnicode (s: string) = Array.append [| 0x8Cuy; byte s.Length |] (Encoding.ASCII.GetBytes s)
+
+/// A legacy-format torch.save of one FloatStorage "0" whose 8-byte element count says `numel`, with no data after it.
+let legacyPthClaiming (numel: int64) =
+    let magic = Array.append [| 0x80uy; 2uy; 0x8Auy; 10uy |] (Array.append [| 0x6Cuy; 0xFCuy; 0x9Cuy; 0x46uy; 0xF9uy; 0x20uy; 0x6Auy; 0xA8uy; 0x50uy; 0x19uy |] [| byte '.' |])
+    let protocol = [| 0x80uy; 2uy; byte 'M'; 0xE9uy; 0x03uy; byte '.' |]
+    let sysInfo = [| 0x80uy; 2uy; byte '}'; byte '.' |]
+    let main =
+        Array.concat
+            [ [| 0x80uy; 2uy; byte '(' |]; shortUnicode "storage"; Encoding.ASCII.GetBytes "ctorch\nFloatStorage\n"
+              shortUnicode "0"; shortUnicode "cpu"; [| byte 'K'; 4uy; byte 't'; byte 'Q'; byte '.' |] ]
+    let keys = Array.concat [ [| 0x80uy; 2uy; byte ']'; byte '(' |]; shortUnicode "0"; [| byte 'e'; byte '.' |] ]
+    Array.concat [ magic; protocol; sysInfo; main; keys; BitConverter.GetBytes numel ]
+
 /// How a loader scenario fails: a worker (from batch 2 on), the consumer (after its first batch), the caller's
 /// cancellation (after the first batch), in any combination.
 type private Failing = { Worker: bool; Consumer: bool; Cancel: bool }
@@ -174,6 +194,14 @@ let tests =
             let path = crafted "wrap.png" (forgedPng 65536u 16384u)
             let e = throwsWithin 20 "decode" (fun () -> ImageIO.readRgb path |> ignore)
             Expect.equal e.Message $"{path}: image is 65536x16384 (1073741824 pixels), over the budget of 67108864 pixels per frame" "exact message"
+        }
+
+        test "a 69-byte PNG that claims 8192x8192 pixels (within the budget) is refused as implausible for its size" {
+            let path = crafted "big.png" (forgedPng 8192u 8192u)
+            let e = throwsWithin 20 "decode" (fun () -> ImageIO.readRgb path |> ignore)
+            Expect.equal e.Message $"{path}: image is 8192x8192 (67108864 pixels) in a file of 69 bytes, more than 16384 pixels per byte (truncated or forged header)" "exact message"
+            let allocated = within 20 "decode" (fun () -> allocatedBy (fun () -> ImageIO.readRgb path |> ignore))
+            Expect.isLessThan allocated 10_000_000L "no pixel buffer allocated"
         }
 
         test "a palette PNG whose chunk length is near 2^32 ends the chunk walk (no wrap, no out-of-range read)" {
@@ -364,6 +392,83 @@ let tests =
                 let w = within 60 "Audio.load" (fun () -> Audio.load mkv)
                 Expect.equal (w.SampleRate, w.Channels.Length) (16000, 1) "the first stream"
                 Expect.equal w.Channels (Audio.load (goldenWav "speech_16k_mono_pcm16.wav")).Channels "its samples"
+        }
+
+        // --- Checkpoints and .npy: declared sizes are checked against the bytes there are before allocating ----
+        test "a 7-byte pickle declaring a 2 GB bytes object fails without allocating it" {
+            let bytes = Array.concat [ [| 0x80uy; 2uy; byte 'B' |]; BitConverter.GetBytes 0x7FFFFF00u ]
+            let path = crafted "big_bytes.pkl" bytes
+            let e = throwsWithin 20 "Pth.read" (fun () -> (Pth.read path :> IDisposable).Dispose())
+            Expect.equal e.Message $"{path}: pickle: a length of 2147483392 bytes, but only 0 remain (truncated file?) (at byte 7)" "exact message"
+            let allocated = within 20 "Pth.read" (fun () -> allocatedBy (fun () -> (Pth.read path :> IDisposable).Dispose()))
+            Expect.isLessThan allocated 50_000_000L "nothing near the declared size was allocated"
+        }
+
+        test "a legacy .pth whose storage claims 2^28 floats with no data fails before allocating the storage" {
+            let path = crafted "legacy.pth" (legacyPthClaiming (1L <<< 28))
+            let e = throwsWithin 20 "Pth.read" (fun () -> (Pth.read path :> IDisposable).Dispose())
+            Expect.equal e.Message $"{path}: a storage of 268435456 x Float32 (1073741824 bytes) but only 0 bytes remain (truncated file?)" "exact message"
+            use f = within 20 "Pth.read" (fun () -> Pth.read (crafted "legacy_ok.pth" (Array.append (legacyPthClaiming 2L) (Array.zeroCreate 8))))
+            Expect.equal f.Format PthFormat.Legacy "the same file with its 8 bytes of data reads"
+        }
+
+        test "a zip .pth whose directory declares a 2 GB record from 16 stored bytes is refused" {
+            let path = Path.Combine(tempDir "zip", "forged.pth")
+            do
+                use zip = new Compression.ZipArchive(File.Create path, Compression.ZipArchiveMode.Create)
+                let add (name: string) (data: byte[]) =
+                    use s = zip.CreateEntry(name, Compression.CompressionLevel.NoCompression).Open()
+                    s.Write(data, 0, data.Length)
+                let pid =
+                    Array.concat
+                        [ [| 0x80uy; 2uy; byte '(' |]; shortUnicode "storage"; Encoding.ASCII.GetBytes "ctorch\nFloatStorage\n"
+                          shortUnicode "0"; shortUnicode "cpu"; [| byte 'K'; 4uy; byte 't'; byte 'Q'; byte '.' |] ]
+                add "archive/data.pkl" pid
+                add "archive/data/0" (Array.zeroCreate 16)
+            let bytes = File.ReadAllBytes path
+            // The central directory entry of archive/data/0: signature PK\1\2, uncompressed size at offset 24.
+            let name = Encoding.ASCII.GetBytes "archive/data/0"
+            let cd =
+                [ 0 .. bytes.Length - 46 ]
+                |> List.find (fun i -> bytes[i] = 0x50uy && bytes[i + 1] = 0x4Buy && bytes[i + 2] = 1uy && bytes[i + 3] = 2uy
+                                       && bytes.AsSpan(i + 46, name.Length).SequenceEqual(ReadOnlySpan name))
+            BitConverter.GetBytes(0x7FFFFFFFu).CopyTo(bytes, cd + 24)
+            File.WriteAllBytes(path, bytes)
+            let e = throwsWithin 20 "Pth.read" (fun () -> (Pth.read path :> IDisposable).Dispose())
+            Expect.equal e.Message $"{path}: zip record archive/data/0 declares 2147483647 bytes from 16 compressed bytes (corrupt or forged archive)" "exact message"
+        }
+
+        test ".npy shapes whose element count overflows 64 bits are refused (a wrapped product used to pass)" {
+            let npyWith (descr: string) (shape: string) =
+                let header = $"{{'descr': '{descr}', 'fortran_order': False, 'shape': {shape}, }}\n"
+                Array.concat [ [| 0x93uy |]; Encoding.ASCII.GetBytes "NUMPY"; [| 1uy; 0uy |]; BitConverter.GetBytes(uint16 header.Length); Encoding.ASCII.GetBytes header ]
+            let path = crafted "wrap.npy" (npyWith "<f4" "(4611686018427387904, 4)")
+            let e = throwsWithin 20 "readHeader" (fun () -> NpyFile.readHeader path |> ignore)
+            Expect.equal e.Message $"{path}: not a readable .npy file (shape (4611686018427387904,4) is too large)" "exact message"
+            let path = crafted "neg.npy" (npyWith "<f8" "(-1, 3)")
+            let e = throwsWithin 20 "Npy.read" (fun () -> Npy.read path |> ignore)
+            Expect.equal e.Message $"{path}: not a readable .npy file (bad shape entry '-1')" "exact message"
+            let path = crafted "hlen.npy" (Array.concat [ [| 0x93uy |]; Encoding.ASCII.GetBytes "NUMPY"; [| 2uy; 0uy |]; BitConverter.GetBytes 0x7FFFFFFFu; Encoding.ASCII.GetBytes "{}" ])
+            let e = throwsWithin 20 "readHeader" (fun () -> NpyFile.readHeader path |> ignore)
+            Expect.equal e.Message $"{path}: not a readable .npy file (truncated header)" "a 2 GB header length in a 14-byte file (12 + hlen used to wrap)"
+            let path = crafted "noquote.npy" (Array.concat [ [| 0x93uy |]; Encoding.ASCII.GetBytes "NUMPY"; [| 1uy; 0uy; 16uy; 0uy |]; Encoding.ASCII.GetBytes "{'descr': <f4 }\n" ])
+            let e = throwsWithin 20 "readHeader" (fun () -> NpyFile.readHeader path |> ignore)
+            Expect.equal e.Message $"{path}: not a readable .npy file (the 'descr' value is not a quoted string)" "exact message"
+        }
+
+        // --- Threads: TorchSharp worker pools hold the finalizer gate ----------------------------------------------
+        test "FinalizerGate.ParallelForEach holds the gate while its workers run, in waves, and releases it after" {
+            Expect.isFalse FinalizerGate.IsHeld "not held before"
+            let seen = Collections.Concurrent.ConcurrentBag<int * bool>()
+            within 60 "ParallelForEach" (fun () ->
+                FinalizerGate.ParallelForEach(Array.init 100 id, 2, fun i -> seen.Add((i, FinalizerGate.IsHeld))))
+            Expect.equal (seen |> Seq.map fst |> Seq.sort |> List.ofSeq) [ 0 .. 99 ] "every item once"
+            Expect.isTrue (seen |> Seq.forall snd) "held inside every item"
+            Expect.isFalse FinalizerGate.IsHeld "released after"
+            let e = throwsWithin 60 "ParallelForEach" (fun () ->
+                FinalizerGate.ParallelForEach([| 1; 2; 3 |], 2, fun i -> if i = 2 then raise (InvalidDataException "item 2")))
+            Expect.isTrue (e :? AggregateException && e.InnerException.Message = "item 2") $"the item's error, got {e.Message}"
+            Expect.isFalse FinalizerGate.IsHeld "released after a failure"
         }
 
         // --- Loader: a failing worker, a failing consumer and cancellation, in any combination, end --------------

@@ -134,7 +134,18 @@ module Pth =
     let private hooksFor (created: ResizeArray<Tensor>) (storageOf: PyValue -> PyValue) : Pickle.Hooks =
         { PersistentLoad = storageOf; Resolve = resolve created }
 
+    /// The most a zip record may expand (deflate cannot exceed about 1032:1; torch.save stores records
+    /// uncompressed): a record that declares more is a forged or corrupt archive.
+    [<Literal>]
+    let private MaxExpansion = 1100L
+
+    /// Checks a zip record's declared size against its compressed size and the whole file.
+    let private checkEntry (fileLength: int64) (e: ZipArchiveEntry) =
+        if e.Length < 0L || e.Length > max 1024L (e.CompressedLength * MaxExpansion) || e.CompressedLength > fileLength then
+            bad $"zip record {e.FullName} declares {e.Length} bytes from {e.CompressedLength} compressed bytes (corrupt or forged archive)"
+
     let private readZip (fs: Stream) (created: ResizeArray<Tensor>) =
+        let fileLength = fs.Length
         use zip =
             try new ZipArchive(fs, ZipArchiveMode.Read)
             with :? InvalidDataException as e -> bad $"corrupt or truncated zip archive: {e.Message}"
@@ -164,6 +175,7 @@ module Pth =
             | _ ->
                 let name = prefix + "data/" + key
                 let entry = match zip.GetEntry name with null -> bad $"storage record {name} is missing" | e -> e
+                checkEntry fileLength entry
                 let nbytes = try Checked.(*) numel (TensorData.elementSize dtype) with :? OverflowException -> Int64.MaxValue
                 if entry.Length < nbytes then
                     bad $"storage record {name} has {entry.Length} bytes, the pickle needs {nbytes} ({numel} x {dtype})"
@@ -174,8 +186,18 @@ module Pth =
                 storages[key] <- t
                 created.Add t
                 PyValue.Storage(key, t)
+        checkEntry fileLength pkl
+        if pkl.Length > int64 Array.MaxLength then bad $"{pkl.FullName} of {pkl.Length} bytes is too large"
         use ms = new MemoryStream()
-        (use s = pkl.Open() in s.CopyTo ms)
+        (use s = pkl.Open()
+         // Never more than the record declares (a forged size cannot make the copy grow without bound).
+         let buf = Array.zeroCreate<byte> 65536
+         let mutable go = true
+         while go do
+             let n = s.Read(buf, 0, buf.Length)
+             if n <= 0 then go <- false
+             elif ms.Length + int64 n > pkl.Length then bad $"{pkl.FullName} holds more than the {pkl.Length} bytes it declares"
+             else ms.Write(buf, 0, n))
         ms.Position <- 0L
         let root = Pickle.load (hooksFor created storageOf) ms
         root
@@ -224,7 +246,7 @@ module Pth =
                 match views.TryGetValue viewKey with
                 | true, v -> PyValue.Storage(viewKey, v)
                 | _ ->
-                    if offset < 0L || size < 0L || offset + size > data.shape[0] then
+                    if offset < 0L || size < 0L || offset > data.shape[0] || size > data.shape[0] - offset then
                         bad $"storage view {viewKey} [{offset}, {offset + size}) lies outside storage {key} of {data.shape[0]} elements"
                     let v = data.narrow(0L, offset, size)
                     views[viewKey] <- v

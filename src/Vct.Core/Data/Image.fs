@@ -29,6 +29,15 @@ module ImageIO =
     [<Literal>]
     let MaxPixels = 67108864L
 
+    /// Pixels a header may claim whatever the file's size; above it, at most MaxPixelsPerByte per byte of file.
+    [<Literal>]
+    let PlausiblePixels = 4194304L
+
+    /// The most pixels per byte of file a real image holds (a 1-bit PNG at deflate's best ratio has about 8256):
+    /// a larger claim is a truncated or forged header, refused before the pixels are allocated.
+    [<Literal>]
+    let MaxPixelsPerByte = 16384L
+
     /// The largest image file read (bytes): a frame within the pixel budget never needs more.
     [<Literal>]
     let MaxFileBytes = 1073741824L
@@ -53,6 +62,8 @@ module ImageIO =
         let count = int64 info.Width * int64 info.Height
         if count > MaxPixels then
             bad path $"image is {info.Width}x{info.Height} ({count} pixels), over the budget of {MaxPixels} pixels per frame"
+        if count > PlausiblePixels && count > MaxPixelsPerByte * int64 bytes.Length then
+            bad path $"image is {info.Width}x{info.Height} ({count} pixels) in a file of {bytes.Length} bytes, more than {MaxPixelsPerByte} pixels per byte (truncated or forged header)"
         let pixels = Array.zeroCreate<byte> (int (count * 4L))
         let handle = GCHandle.Alloc(pixels, GCHandleType.Pinned)
         try
