@@ -58,7 +58,13 @@ let check (name: string) (read: string -> unit) (bytes: byte[]) =
     finally
         try File.Delete path with _ -> ()
 
-let private config n = { FsCheckConfig.defaultConfig with maxTest = n }
+/// Cases per property are multiplied by VCT_FUZZ_SCALE (default 1: the CI budget; e.g. 20 for a longer soak).
+let private scale =
+    match Int32.TryParse(Environment.GetEnvironmentVariable "VCT_FUZZ_SCALE") with
+    | true, k when k > 0 -> k
+    | _ -> 1
+
+let private config n = { FsCheckConfig.defaultConfig with maxTest = n * scale }
 
 let private prop (n: int) (title: string) (g: Gen<byte[]>) (name: string) (read: string -> unit) =
     testPropertyWithConfig (config n) title (Prop.forAll (Arb.fromGen g) (check name read))

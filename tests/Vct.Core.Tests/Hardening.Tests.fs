@@ -445,6 +445,9 @@ let tests =
             let path = crafted "wrap.npy" (npyWith "<f4" "(4611686018427387904, 4)")
             let e = throwsWithin 20 "readHeader" (fun () -> NpyFile.readHeader path |> ignore)
             Expect.equal e.Message $"{path}: not a readable .npy file (shape (4611686018427387904,4) is too large)" "exact message"
+            let path = crafted "zero.npy" (npyWith "<f4" "(0, 4611686018427387904, 4)")
+            let e = throwsWithin 20 "Npy.read" (fun () -> Npy.read path |> ignore)
+            Expect.equal e.Message $"{path}: not a readable .npy file (shape (0,4611686018427387904,4) is too large)" "no elements, but strides that overflow"
             let path = crafted "neg.npy" (npyWith "<f8" "(-1, 3)")
             let e = throwsWithin 20 "Npy.read" (fun () -> Npy.read path |> ignore)
             Expect.equal e.Message $"{path}: not a readable .npy file (bad shape entry '-1')" "exact message"

@@ -28,11 +28,13 @@ module TensorData =
     let showShape (shape: int64[]) = "[" + (shape |> Array.map string |> String.concat "x") + "]"
 
     /// The element count of `shape`, refusing a negative dimension and a product that overflows 64 bits (a forged
-    /// shape whose wrapped product could match the bytes there are).
+    /// shape whose wrapped product could match the bytes there are). Zero dimensions count as 1 in the overflow
+    /// check: the strides of [0, 2^62, 4] overflow even though it has no elements.
     let numelOf (shape: int64[]) : int64 =
         if Array.exists (fun d -> d < 0L) shape then raise (InvalidDataException $"negative dimension in shape {showShape shape}")
-        try Array.fold (fun a d -> Checked.(*) a d) 1L shape
+        try Array.fold (fun a d -> Checked.(*) a (max 1L d)) 1L shape |> ignore
         with :? OverflowException -> raise (InvalidDataException $"shape {showShape shape} has more than 2^63 elements")
+        Array.fold (*) 1L shape
 
     /// Reads `numel` elements of `dtype` from `stream` into a new 1-D CPU tensor. A seekable stream must hold the
     /// bytes before anything is allocated; a short stream raises EndOfStreamException. Storages must stay under

@@ -93,8 +93,11 @@ module NpyFile =
             |> Array.map (fun s -> match Int64.TryParse s with | true, v when v >= 0L -> v | _ -> bad path $"bad shape entry '{s}'")
         let h = { Path = path; Dtype = dtype; Shape = shape; DataOffset = int64 (start + hlen) }
         // Checked: a wrapped product of a forged shape must not pass for the bytes the file has.
+        // Zero dimensions count as 1 here: the strides of (0, 2^62, 4) overflow even though it has no elements.
         let expected =
-            try Checked.(*) (Array.fold (fun acc d -> Checked.(*) acc d) 1L shape) (int64 dtype.Size)
+            try
+                Checked.(*) (Array.fold (fun acc d -> Checked.(*) acc (max 1L d)) 1L shape) (int64 dtype.Size) |> ignore
+                h.Count * int64 dtype.Size
             with :? OverflowException -> bad path $"shape ({String.Join(',', shape)}) is too large"
         let actual = fs.Length - h.DataOffset
         if actual < expected then bad path $"data is truncated: {actual} bytes for shape ({String.Join(',', shape)}) of {dtype.Descr}, expected {expected}"
