@@ -142,6 +142,23 @@ let legacyPthClaiming (numel: int64) =
     let keys = Array.concat [ [| 0x80uy; 2uy; byte ']'; byte '(' |]; shortUnicode "0"; [| byte 'e'; byte '.' |] ]
     Array.concat [ magic; protocol; sysInfo; main; keys; BitConverter.GetBytes numel ]
 
+/// Runs the built `vct` CLI with `args`, killed after `seconds`; returns (exit code, stdout + stderr). A run past the
+/// bound fails the test (a hang).
+let vctWithin (seconds: int) (args: string list) =
+    let dll = Path.Combine(Golden.repoRoot.Value, "src", "Vct.Cli", "bin", "Release", "net10.0", "vct.dll")
+    if not (File.Exists dll) then failtest $"the CLI is not built: {dll}"
+    let psi = Diagnostics.ProcessStartInfo("dotnet", UseShellExecute = false, RedirectStandardOutput = true, RedirectStandardError = true)
+    psi.ArgumentList.Add dll
+    for a in args do psi.ArgumentList.Add a
+    use p = Diagnostics.Process.Start psi
+    let out = p.StandardOutput.ReadToEndAsync()
+    let err = p.StandardError.ReadToEndAsync()
+    if not (p.WaitForExit(seconds * 1000)) then
+        (try p.Kill true with _ -> ())
+        failtest $"""vct {String.Join(" ", args)}: no exit within {seconds} s"""
+    p.WaitForExit()
+    p.ExitCode, out.Result + err.Result
+
 /// How a loader scenario fails: a worker (from batch 2 on), the consumer (after its first batch), the caller's
 /// cancellation (after the first batch), in any combination.
 type private Failing = { Worker: bool; Consumer: bool; Cancel: bool }
@@ -472,6 +489,53 @@ let tests =
                 FinalizerGate.ParallelForEach([| 1; 2; 3 |], 2, fun i -> if i = 2 then raise (InvalidDataException "item 2")))
             Expect.isTrue (e :? AggregateException && e.InnerException.Message = "item 2") $"the item's error, got {e.Message}"
             Expect.isFalse FinalizerGate.IsHeld "released after a failure"
+        }
+
+        // --- The CLI on the crafted inputs: a clean non-zero exit, never 134/139 or a hang -----------------------
+        test "vct audio examples and vct data check on the crafted files exit cleanly (no 134/139, no hang)" {
+            let dir = tempDir "cli"
+            let wav = Path.Combine(dir, "huge_chunk.wav")
+            File.WriteAllBytes(wav, wavWith [ "junk", 0xFFFFFFF8u, [||]; "data", 0u, [||] ])
+            let wavError = $"{wav}: not a readable WAV file (chunk 'junk' at byte 36 declares 4294967288 bytes, but the file ends at byte 52)"
+            let code, text = vctWithin 120 [ "audio"; "examples"; wav; "--out"; Path.Combine(dir, "x.npy") ]
+            Expect.isTrue (code <> 0 && code <> 134 && code <> 139) $"a clean failure, got exit {code}: {text}"
+            Expect.stringContains text wavError "names the file and the problem"
+            let code, text = vctWithin 120 [ "audio"; "examples"; dir; "--out"; Path.Combine(dir, "out") ]
+            Expect.equal code 1 $"folder mode: the file is listed as failed: {text}"
+            Expect.stringContains text wavError "folder mode names it"
+            // A tree with the huge-chunk WAV, a forged 100000x100000 frame and a deeply nested log-mel pickle.
+            let root = tempDir "tree"
+            Synth.generate { SynthOptions.Default SynthKind.S4 with Seed = 4; Train = 1; Val = 1; Test = 1; Size = 40; EvalSize = 56 } root |> ignore
+            let recs = [| for s in [ "train"; "val"; "test" ] -> Avsbench.records DatasetKind.S4 root s |> Array.exactlyOne |]
+            let wavOf (r: VideoRecord) = match r.Audio with AudioSource.Wav p -> p | AudioSource.LogMelPickle p -> p
+            File.WriteAllBytes(wavOf recs[0], wavWith [ "junk", 0xFFFFFFF8u, [||]; "data", 0u, [||] ])
+            File.WriteAllBytes(recs[1].Frames[2], forgedPng 100000u 100000u)
+            let pkl = Path.ChangeExtension((wavOf recs[2]).Replace("audio_wav", "audio_log_mel"), ".pkl")
+            Directory.CreateDirectory(Path.GetDirectoryName pkl) |> ignore
+            File.WriteAllBytes(pkl, deepTuplePickle 1_000_000 1)
+            let code, text = vctWithin 180 [ "data"; "check"; root ]
+            Expect.isTrue (code <> 0 && code <> 134 && code <> 139) $"a clean failure, got exit {code}: {text}"
+            for line in
+                [ $"{wavOf recs[0]}: not a readable WAV file (chunk 'junk' at byte 36 declares 4294967288 bytes, but the file ends at byte 52)"
+                  $"{recs[1].Frames[2]}: image is 100000x100000 (10000000000 pixels), over the budget of 67108864 pixels per frame"
+                  $"{pkl}: the pickle holds a dict, not a tensor" ] do
+                Expect.stringContains text line "reported"
+        }
+
+        test "a WAV over 2 GB (sparse) fails naming the file before reading its audio" {
+            let path = Path.Combine(tempDir "big", "big.wav")
+            do
+                use fs = new FileStream(path, FileMode.CreateNew)
+                let head = wavWith [ "data", 0xFFFFFFFFu, [||] ]
+                // 8-bit mono: one frame per byte; the streaming placeholder size means "up to the end".
+                head[32] <- 1uy
+                head[34] <- 8uy
+                BitConverter.GetBytes(16000u).CopyTo(head, 28)
+                fs.Write(head, 0, head.Length)
+                fs.SetLength(2_300_000_000L)
+            let e = throwsWithin 60 "Wav.read" (fun () -> Wav.read SampleScaling.Exact path |> ignore)
+            Expect.equal e.Message $"{path}: too long: 2299999956 frames per channel (at most {Array.MaxLength} are read)" "exact message"
+            File.Delete path
         }
 
         // --- Loader: a failing worker, a failing consumer and cancellation, in any combination, end --------------
