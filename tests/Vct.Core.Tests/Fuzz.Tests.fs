@@ -132,6 +132,16 @@ let private readRecords (csvPath: string) =
         // The error names the tree's CSV (the copy of the generated file): report it under the generated name.
         raise (InvalidDataException(e.Message.Replace(csv, csvPath), e))
 
+/// Reads a generated label2idx.json as the AVSS class map of a folder that has only it and a metadata.csv.
+let private readClassMap (jsonPath: string) =
+    let root = Path.Combine(dir.Value, $"avss-{Guid.NewGuid():N}")
+    Directory.CreateDirectory root |> ignore
+    File.WriteAllText(Path.Combine(root, "metadata.csv"), "vid,uid,label,split\n")
+    let target = Path.Combine(root, "label2idx.json")
+    File.Copy(jsonPath, target)
+    try Avsbench.avssClasses root |> ignore
+    with e when e.Message.Contains target -> raise (InvalidDataException(e.Message.Replace(target, jsonPath), e))
+
 [<Tests>]
 let tests =
     testList "Fuzz" [
@@ -161,6 +171,8 @@ let tests =
         prop 450 "safetensors: forged headers" safetensors "a.safetensors" (fun p -> (Safetensors.read p :> IDisposable).Dispose())
         prop 180 "safetensors: mutated valid file" (Gen.delay (fun () -> mutated safetensorsSeed.Value)) "b.safetensors" (fun p ->
             (Safetensors.read p :> IDisposable).Dispose())
+        prop 300 "label2idx.json: class maps" (Gen.delay (fun () ->
+            mutated [| Text.Encoding.UTF8.GetBytes "{\"background\": 0, \"dog\": 1, \"car\": 2}"; Text.Encoding.UTF8.GetBytes "[1, {\"a\": -1}]" |])) "label2idx.json" readClassMap
         prop 450 "CSV: parser" (s4Csv |> Gen.map Text.Encoding.UTF8.GetBytes) "a.csv" (Avsbench.readCsv >> ignore)
         prop 300 "CSV: dataset records never leave the root" (s4Csv |> Gen.map Text.Encoding.UTF8.GetBytes) "b.csv" readRecords
     ]
