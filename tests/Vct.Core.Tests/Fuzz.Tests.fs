@@ -166,6 +166,7 @@ let tests =
             LogMelPickle.readTensor p |> ignore)
         prop 450 ".pth zip: mutated (sizes in the zip directory, records, data.pkl)" (Gen.delay (fun () ->
             mutated [| File.ReadAllBytes(golden [ "checkpoints"; "state_dict_zip.pth" ]); File.ReadAllBytes(golden [ "checkpoints"; "gpu_saved.pth" ]) |])) "a.pth" readPth
+        prop 300 ".pth zip: forged tensor storages, offsets, sizes and strides" pthZip "c.pth" readPth
         prop 450 ".pth legacy: mutated (storage sizes, pickles)" (Gen.delay (fun () ->
             mutated [| File.ReadAllBytes(golden [ "checkpoints"; "state_dict_legacy.pth" ]) |])) "b.pth" readPth
         prop 450 "safetensors: forged headers" safetensors "a.safetensors" (fun p -> (Safetensors.read p :> IDisposable).Dispose())

@@ -272,3 +272,46 @@ let s4Csv : Gen<string> =
         let lines = [ for r in cells -> String.Join(",", (if ragged then List.truncate (max 0 (cols - 1)) r else r)) ]
         return String.Join("\n", header :: lines)
     }
+
+// --- .pth zip with a forged tensor ---------------------------------------------------------------------------
+
+/// A pickle int of any int64 value (LONG1, 8 bytes two's complement).
+let private pickleInt (v: int64) = Array.append [| 0x8Auy; 8uy |] (BitConverter.GetBytes v)
+
+let private pickleStr (s: string) = Array.append [| 0x8Cuy; byte s.Length |] (ascii s)
+
+/// A torch.save zip whose one tensor is `_rebuild_tensor_v2(storage, offset, size, stride, ...)` with forged
+/// storage sizes, offsets, sizes and strides (negative, huge, overflowing), over a storage record of a few bytes.
+let pthZip : Gen<byte[]> =
+    let value = Gen.frequency [ 4, Gen.elements [ 0L; 1L; 2L; 3L; 4L ]; 2, Gen.elements interesting64 ]
+    gen {
+        let! numel = value
+        let! offset = value
+        let! rank = Gen.choose (0, 3)
+        let! size = Gen.listOfLength rank value
+        let! stride = Gen.listOfLength rank value
+        let! recordBytes = Gen.elements [ 0; 4; 16; 17 ]
+        let tuple (xs: int64 list) = Array.concat ("("B :: (xs |> List.map pickleInt) @ [ "t"B ])
+        let pkl =
+            Array.concat
+                [ [| 0x80uy; 2uy |]
+                  ascii "ctorch._utils\n_rebuild_tensor_v2\n"
+                  "("B
+                  "("B; pickleStr "storage"; ascii "ctorch\nFloatStorage\n"; pickleStr "0"; pickleStr "cpu"; pickleInt numel; "t"B; "Q"B
+                  pickleInt offset
+                  tuple size
+                  tuple stride
+                  [| 0x89uy |]
+                  ascii "ccollections\nOrderedDict\n"; ")"B; "R"B
+                  "t"B; "R"B; "."B ]
+        use ms = new MemoryStream()
+        do
+            use zip = new Compression.ZipArchive(ms, Compression.ZipArchiveMode.Create, true)
+            let add (name: string) (data: byte[]) =
+                use s = zip.CreateEntry(name, Compression.CompressionLevel.NoCompression).Open()
+                s.Write(data, 0, data.Length)
+            add "archive/data.pkl" pkl
+            add "archive/byteorder" (ascii "little")
+            add "archive/data/0" (Array.zeroCreate recordBytes)
+        return ms.ToArray()
+    }
