@@ -28,6 +28,8 @@ type private Blocker(entered: ManualResetEventSlim, release: ManualResetEventSli
 /// The gate is process-wide and re-entrant: an inner Hold while one is held returns a handle whose Pulse does
 /// nothing (the outermost holder pulses). Only one thread may use TorchSharp while the gate is used to make other
 /// threads' allocations safe; those threads (the data loader's workers) must not use TorchSharp themselves.
+/// Worker pools whose threads all use TorchSharp (folder mode of `vct audio examples`, `vct data check`) run
+/// through `ParallelForEach`, which holds the gate while any worker runs and pulses only between waves.
 [<Sealed>]
 type FinalizerGate private (outer: bool) =
     static let sync = obj ()
