@@ -71,14 +71,16 @@ internal static class AudioCommand
         if (work.Length == 0) throw new ArgumentException($"{root}: no .wav files below this folder");
         var failures = new System.Collections.Concurrent.ConcurrentBag<string>();
         var written = 0;
-        Parallel.ForEach(work, new ParallelOptions { MaxDegreeOfParallelism = Math.Max(1, jobs) }, job =>
+        // Every worker runs TorchSharp: the finalizer gate is held while they do (Vct.Core.FinalizerGate).
+        Vct.Core.FinalizerGate.ParallelForEach(work, Math.Max(1, jobs), job =>
         {
             var (src, dst) = job;
             try
             {
                 using var r = Examples.ofFile(opts, src);
                 foreach (var w in r.Warnings) Console.Error.WriteLine($"vct: warning: {w}");
-                Npy.write(dst, r.Examples);
+                // The .npy stays inside the output folder (no symbolic link on the way may lead out of it).
+                Npy.write(Vct.Core.Data.SafePath.checkWrite(outRoot, dst), r.Examples);
                 Interlocked.Increment(ref written);
             }
             catch (Exception e) when (e is IOException or InvalidDataException or ArgumentException or NotSupportedException)

@@ -2,7 +2,6 @@ namespace Vct.Core.Audio
 
 open System
 open System.IO
-open System.Threading.Tasks
 open TorchSharp
 open Vct.Core
 
@@ -27,12 +26,11 @@ module Audio =
     /// Examples of one file with explicit options, with the count, flags and warnings.
     let examplesOfFile (opts: ExampleOptions) (path: string) : ClipExamples = Examples.ofFile opts path
 
-    /// Examples of many files in parallel (`degree` workers); results in input order. A failing file fails
-    /// the whole call with its own message.
+    /// Examples of many files in parallel (`degree` workers, TorchSharp on each: the finalizer gate is held while
+    /// they run); results in input order. A failing file fails the whole call with its own message.
     let examplesOfFiles (opts: ExampleOptions) (degree: int) (paths: string[]) : ClipExamples[] =
         let out = Array.zeroCreate paths.Length
-        Parallel.For(0, paths.Length, ParallelOptions(MaxDegreeOfParallelism = max 1 degree), fun i ->
-            out[i] <- Examples.ofFile opts paths[i]) |> ignore
+        FinalizerGate.ParallelForEach(Array.init paths.Length id, degree, fun i -> out[i] <- Examples.ofFile opts paths[i])
         out
 
     /// VGGish features of examples: [N, 1, 96, 64] -> [N, 512, 6, 4], on the module's device, batched by

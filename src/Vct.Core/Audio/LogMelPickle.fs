@@ -54,8 +54,13 @@ module LogMelPickle =
                 match a[0], a[1] with
                 | PyValue.Storage(_, data), PyValue.Int offset ->
                     let size, stride = ints path a[2], ints path a[3]
-                    let last = offset + Array.fold2 (fun acc s st -> acc + (s - 1L) * st) 0L size stride
-                    if size |> Array.exists (fun s -> s = 0L) |> not && (offset < 0L || last >= data.shape[0]) then
+                    if size.Length <> stride.Length then bad path $"tensor size {TensorData.showShape size} and stride {TensorData.showShape stride} differ in rank"
+                    if offset < 0L || Array.exists (fun s -> s < 0L) size || Array.exists (fun s -> s < 0L) stride then
+                        bad path $"negative size, stride or offset for a tensor {TensorData.showShape size}"
+                    let last =
+                        try Checked.(+) offset (Array.fold2 (fun acc s st -> Checked.(+) acc (Checked.(*) (s - 1L) st)) 0L size stride)
+                        with :? OverflowException -> Int64.MaxValue
+                    if size |> Array.exists (fun s -> s = 0L) |> not && last >= data.shape[0] then
                         bad path $"tensor {TensorData.showShape size} reaches beyond its storage of {data.shape[0]} elements"
                     let t = data.as_strided(size, stride, offset).contiguous()
                     created.Add t

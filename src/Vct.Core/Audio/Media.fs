@@ -2,7 +2,7 @@ namespace Vct.Core.Audio
 
 open System
 open System.IO
-open FFMpegCore
+open Vct.Core
 
 /// Reads audio from WAV directly and from any other container (mp3, flac, ogg, m4a, the audio track of
 /// mp4/mkv/webm) through the `ffmpeg` program when it is installed.
@@ -44,22 +44,14 @@ module Media =
             | None -> raise (NotSupportedException($"{path}: {installHint}"))
         let tmp = Path.Combine(Path.GetTempPath(), $"vct-audio-{Guid.NewGuid():N}.wav")
         try
-            let ok =
-                try
-                    GlobalFFOptions.Configure(fun (o: FFOptions) -> o.BinaryFolder <- Path.GetDirectoryName ffmpeg)
-                    let r =
-                        FFMpegArguments
-                            .FromFileInput(path)
-                            .OutputToFile(tmp, true, fun (o: FFMpegOutputOptions) ->
-                                o.WithCustomArgument("-vn -sn -dn -c:a pcm_f64le -f wav") |> ignore)
-                            .ProcessSynchronously(true)
-                    r.Success
-                with
-                | :? Exceptions.FFMpegException as e ->
-                    let msg = e.Message.Split('\n') |> Array.filter (fun l -> l.Trim() <> "") |> Array.tryLast |> Option.defaultValue e.Message
-                    raise (InvalidDataException($"{path}: ffmpeg could not decode an audio track ({msg.Trim()})"))
-            if not ok || not (File.Exists tmp) then
-                raise (InvalidDataException($"{path}: ffmpeg could not decode an audio track"))
+            // One argument per item (no command string: a '"' or a leading '-' in a name cannot inject options),
+            // file names behind `file:`, and the first audio stream chosen explicitly.
+            let args =
+                [ "-nostdin"; "-hide_banner"; "-v"; "error"; "-i"; ChildProcess.fileArg path; "-map"; "0:a:0"
+                  "-vn"; "-sn"; "-dn"; "-c:a"; "pcm_f64le"; "-f"; "wav"; "-y"; ChildProcess.fileArg tmp ]
+            let code, _, err = ChildProcess.run ffmpeg args
+            if code <> 0 || not (File.Exists tmp) then
+                raise (InvalidDataException($"{path}: ffmpeg could not decode an audio track ({err})"))
             let w = Wav.read SampleScaling.Exact tmp
             let w = { w with Source = path; Encoding = $"ffmpeg ({Path.GetExtension(path).TrimStart('.')}) -> {w.Encoding}" }
             match scaling with

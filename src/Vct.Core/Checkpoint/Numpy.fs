@@ -65,7 +65,7 @@ module Numpy =
                 when shape |> Array.forall (function PyValue.Int _ -> true | _ -> false) ->
                 let shape = shape |> Array.map (function PyValue.Int i -> i | _ -> 0L)
                 match tryDtype dt with
-                | Some d when int64 raw.Length = Array.fold (*) 1L shape * TensorData.elementSize (fst d) ->
+                | Some d when int64 raw.Length = TensorData.numelOf shape * TensorData.elementSize (fst d) ->
                     Some(toTensorOf d shape fortran raw)
                 | _ -> Option.None
             | _ -> Option.None
@@ -76,7 +76,7 @@ module Numpy =
                 when shape |> Array.forall (function PyValue.Int _ -> true | _ -> false) ->
                 let shape = shape |> Array.map (function PyValue.Int i -> i | _ -> 0L)
                 match tryDtype dt with
-                | Some d when int64 raw.Length = Array.fold (*) 1L shape * TensorData.elementSize (fst d) ->
+                | Some d when int64 raw.Length = TensorData.numelOf shape * TensorData.elementSize (fst d) ->
                     Some(toTensorOf d shape (order = "F") raw)
                 | _ -> Option.None
             | _ -> Option.None

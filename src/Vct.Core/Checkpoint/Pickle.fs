@@ -34,7 +34,10 @@ module Pickle =
             if b < 0 then fail stream.Position "unexpected end of data (truncated file?)"
             byte b
         member _.Bytes(n: int64) =
-            if n < 0L || n > int64 Int32.MaxValue then fail stream.Position $"bad length {n}"
+            if n < 0L || n > int64 Array.MaxLength then fail stream.Position $"bad length {n}"
+            // A declared length is checked against the bytes that remain before anything is allocated.
+            if stream.CanSeek && n > stream.Length - stream.Position then
+                fail stream.Position $"a length of {n} bytes, but only {stream.Length - stream.Position} remain (truncated file?)"
             let a = Array.zeroCreate<byte> (int n)
             let mutable got = 0
             while got < a.Length do

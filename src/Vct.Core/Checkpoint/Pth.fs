@@ -77,7 +77,7 @@ module Pth =
             let view = if items.Length > 5 then items[5] else PyValue.None
             key, dtype, numel, view
         | PyValue.Tuple items when items.Length > 0 ->
-            bad $"unsupported persistent id kind {items[0].TypeName} '{items[0]}'"
+            bad $"""unsupported persistent id kind {items[0].TypeName}{(match items[0] with PyValue.Str k -> $" '{k}'" | _ -> "")}"""
         | other -> bad $"unsupported persistent id {other.TypeName}"
 
     let private ints (what: string) (v: PyValue) =
@@ -108,14 +108,16 @@ module Pth =
             PyValue.Tensor t
         | other -> bad $"a tensor's storage must come from a persistent id, got {other.TypeName}"
 
-    /// Torch functions the pickle may call; everything else becomes a placeholder.
-    let rec private resolve (created: ResizeArray<Tensor>) (m: string) (n: string) (args: PyValue[]) : PyValue option =
+    /// Torch functions the pickle may call; everything else becomes a placeholder. `_rebuild_from_type_v2` may wrap
+    /// another rebuild; a nesting deeper than a few levels is a forged file (and would recurse without bound).
+    let rec private resolveAt (depth: int) (created: ResizeArray<Tensor>) (m: string) (n: string) (args: PyValue[]) : PyValue option =
+        if depth > 8 then bad "tensor rebuild calls nested more than 8 deep"
         match m, n, args with
         | "torch._utils", "_rebuild_tensor_v2", a when a.Length >= 4 -> Some(rebuild created a[0] a[1] a[2] a[3])
         | "torch._utils", "_rebuild_tensor", [| s; o; size; stride |] -> Some(rebuild created s o size stride)
         | "torch._utils", ("_rebuild_parameter" | "_rebuild_parameter_with_state"), a when a.Length >= 1 -> Some a[0]
         | "torch._tensor", "_rebuild_from_type_v2", [| PyValue.Global(fm, fn); _; PyValue.Tuple fargs; _ |] ->
-            resolve created fm fn fargs
+            resolveAt (depth + 1) created fm fn fargs
         | "torch._utils", "_rebuild_device_tensor_from_numpy", a when a.Length >= 1 ->
             // Tensors of devices without storages (XLA, MPS) are pickled as numpy arrays; they load onto the CPU.
             match Numpy.tryToTensor a[0] with
@@ -127,10 +129,23 @@ module Pth =
             bad $"unsupported tensor kind torch._utils.{name} (quantized, sparse, meta or nested tensors are not read)"
         | _ -> Option.None
 
+    let private resolve (created: ResizeArray<Tensor>) m n args = resolveAt 0 created m n args
+
     let private hooksFor (created: ResizeArray<Tensor>) (storageOf: PyValue -> PyValue) : Pickle.Hooks =
         { PersistentLoad = storageOf; Resolve = resolve created }
 
+    /// The most a zip record may expand (deflate cannot exceed about 1032:1; torch.save stores records
+    /// uncompressed): a record that declares more is a forged or corrupt archive.
+    [<Literal>]
+    let private MaxExpansion = 1100L
+
+    /// Checks a zip record's declared size against its compressed size and the whole file.
+    let private checkEntry (fileLength: int64) (e: ZipArchiveEntry) =
+        if e.Length < 0L || e.Length > max 1024L (e.CompressedLength * MaxExpansion) || e.CompressedLength > fileLength then
+            bad $"zip record {e.FullName} declares {e.Length} bytes from {e.CompressedLength} compressed bytes (corrupt or forged archive)"
+
     let private readZip (fs: Stream) (created: ResizeArray<Tensor>) =
+        let fileLength = fs.Length
         use zip =
             try new ZipArchive(fs, ZipArchiveMode.Read)
             with :? InvalidDataException as e -> bad $"corrupt or truncated zip archive: {e.Message}"
@@ -160,6 +175,7 @@ module Pth =
             | _ ->
                 let name = prefix + "data/" + key
                 let entry = match zip.GetEntry name with null -> bad $"storage record {name} is missing" | e -> e
+                checkEntry fileLength entry
                 let nbytes = try Checked.(*) numel (TensorData.elementSize dtype) with :? OverflowException -> Int64.MaxValue
                 if entry.Length < nbytes then
                     bad $"storage record {name} has {entry.Length} bytes, the pickle needs {nbytes} ({numel} x {dtype})"
@@ -170,8 +186,18 @@ module Pth =
                 storages[key] <- t
                 created.Add t
                 PyValue.Storage(key, t)
+        checkEntry fileLength pkl
+        if pkl.Length > int64 Array.MaxLength then bad $"{pkl.FullName} of {pkl.Length} bytes is too large"
         use ms = new MemoryStream()
-        (use s = pkl.Open() in s.CopyTo ms)
+        (use s = pkl.Open()
+         // Never more than the record declares (a forged size cannot make the copy grow without bound).
+         let buf = Array.zeroCreate<byte> 65536
+         let mutable go = true
+         while go do
+             let n = s.Read(buf, 0, buf.Length)
+             if n <= 0 then go <- false
+             elif ms.Length + int64 n > pkl.Length then bad $"{pkl.FullName} holds more than the {pkl.Length} bytes it declares"
+             else ms.Write(buf, 0, n))
         ms.Position <- 0L
         let root = Pickle.load (hooksFor created storageOf) ms
         root
@@ -182,7 +208,8 @@ module Pth =
         | _ ->
         match Pickle.load Pickle.noHooks fs with
         | PyValue.Int LegacyProtocol -> ()
-        | other -> bad $"legacy protocol version {other} is not supported (expected {LegacyProtocol})"
+        | PyValue.Int v -> bad $"legacy protocol version {v} is not supported (expected {LegacyProtocol})"
+        | other -> bad $"legacy protocol version is a {other.TypeName}, not an integer (expected {LegacyProtocol})"
         match (Pickle.load Pickle.noHooks fs).TryItem "little_endian" with
         | Some(PyValue.Bool false) -> bad "the file was written on a big-endian machine"
         | _ -> ()
@@ -219,7 +246,7 @@ module Pth =
                 match views.TryGetValue viewKey with
                 | true, v -> PyValue.Storage(viewKey, v)
                 | _ ->
-                    if offset < 0L || size < 0L || offset + size > data.shape[0] then
+                    if offset < 0L || size < 0L || offset > data.shape[0] || size > data.shape[0] - offset then
                         bad $"storage view {viewKey} [{offset}, {offset + size}) lies outside storage {key} of {data.shape[0]} elements"
                     let v = data.narrow(0L, offset, size)
                     views[viewKey] <- v

@@ -30,31 +30,48 @@ type PyValue =
     /// A storage saved on its own (not through a tensor), as a 1-D tensor over the whole storage.
     | Storage of key: string * data: Tensor
 
-    /// Python-like equality for hashable keys: numbers and strings by value, containers by reference.
+    /// Equality of two values that are not both tuples.
+    static member private ShallowEquals(x: PyValue, y: PyValue) =
+        match x, y with
+        | PyValue.None, PyValue.None -> true
+        | PyValue.Bool a, PyValue.Bool b -> a = b
+        | PyValue.Int a, PyValue.Int b -> a = b
+        | PyValue.BigInt a, PyValue.BigInt b -> a = b
+        | PyValue.Float a, PyValue.Float b -> a.Equals b
+        | PyValue.Str a, PyValue.Str b -> a = b
+        | PyValue.Bytes a, PyValue.Bytes b -> a.AsSpan().SequenceEqual(ReadOnlySpan b)
+        | PyValue.Global(m1, n1), PyValue.Global(m2, n2) -> m1 = m2 && n1 = n2
+        | PyValue.List a, PyValue.List b -> obj.ReferenceEquals(a, b)
+        | PyValue.Dict a, PyValue.Dict b -> obj.ReferenceEquals(a, b)
+        | PyValue.Set a, PyValue.Set b -> obj.ReferenceEquals(a, b)
+        | PyValue.Object a, PyValue.Object b -> obj.ReferenceEquals(a, b)
+        | PyValue.Tensor a, PyValue.Tensor b -> obj.ReferenceEquals(a, b)
+        | PyValue.Storage(k1, _), PyValue.Storage(k2, _) -> k1 = k2
+        | _ -> false
+
+    /// Python-like equality for hashable keys: numbers and strings by value, tuples item by item, other containers
+    /// by reference. Iterative (an explicit stack), so a deeply nested tuple from a hostile pickle cannot overflow
+    /// the thread's stack.
     override this.Equals(other: obj) =
         match other with
         | :? PyValue as o ->
-            match this, o with
-            | PyValue.None, PyValue.None -> true
-            | PyValue.Bool a, PyValue.Bool b -> a = b
-            | PyValue.Int a, PyValue.Int b -> a = b
-            | PyValue.BigInt a, PyValue.BigInt b -> a = b
-            | PyValue.Float a, PyValue.Float b -> a.Equals b
-            | PyValue.Str a, PyValue.Str b -> a = b
-            | PyValue.Bytes a, PyValue.Bytes b -> a.AsSpan().SequenceEqual(ReadOnlySpan b)
-            | PyValue.Tuple a, PyValue.Tuple b -> a.Length = b.Length && Array.forall2 (fun (x: PyValue) y -> x.Equals y) a b
-            | PyValue.Global(m1, n1), PyValue.Global(m2, n2) -> m1 = m2 && n1 = n2
-            | PyValue.List a, PyValue.List b -> obj.ReferenceEquals(a, b)
-            | PyValue.Dict a, PyValue.Dict b -> obj.ReferenceEquals(a, b)
-            | PyValue.Set a, PyValue.Set b -> obj.ReferenceEquals(a, b)
-            | PyValue.Object a, PyValue.Object b -> obj.ReferenceEquals(a, b)
-            | PyValue.Tensor a, PyValue.Tensor b -> obj.ReferenceEquals(a, b)
-            | PyValue.Storage(k1, _), PyValue.Storage(k2, _) -> k1 = k2
-            | _ -> false
+            let pending = Stack<struct (PyValue * PyValue)>()
+            pending.Push(struct (this, o))
+            let mutable same = true
+            while same && pending.Count > 0 do
+                let struct (x, y) = pending.Pop()
+                match x, y with
+                | PyValue.Tuple a, PyValue.Tuple b ->
+                    if not (obj.ReferenceEquals(a, b)) then
+                        if a.Length <> b.Length then same <- false
+                        else for i in a.Length - 1 .. -1 .. 0 do pending.Push(struct (a[i], b[i]))
+                | _ -> same <- PyValue.ShallowEquals(x, y)
+            same
         | _ -> false
 
-    override this.GetHashCode() =
-        match this with
+    /// Hash of one value that is not a tuple.
+    static member private ShallowHash(v: PyValue) =
+        match v with
         | PyValue.None -> 0
         | PyValue.Bool b -> hash b
         | PyValue.Int i -> hash i
@@ -62,7 +79,7 @@ type PyValue =
         | PyValue.Float f -> hash f
         | PyValue.Str s -> hash s
         | PyValue.Bytes b -> b.Length
-        | PyValue.Tuple a -> a |> Array.fold (fun h x -> h * 31 + x.GetHashCode()) 17
+        | PyValue.Tuple a -> a.Length
         | PyValue.Global(m, n) -> hash (m, n)
         | PyValue.Storage(k, _) -> hash k
         | PyValue.List a -> LanguagePrimitives.PhysicalHash a
@@ -70,6 +87,25 @@ type PyValue =
         | PyValue.Set a -> LanguagePrimitives.PhysicalHash a
         | PyValue.Object a -> LanguagePrimitives.PhysicalHash a
         | PyValue.Tensor a -> LanguagePrimitives.PhysicalHash a
+
+    /// Iterative and bounded: the first PyValue.HashBudget values of a tuple tree in depth-first order (equal
+    /// values visit the same ones, so equal values hash alike), whatever its depth or width.
+    override this.GetHashCode() =
+        let pending = Stack<PyValue>()
+        pending.Push this
+        let mutable h = 17
+        let mutable budget = PyValue.HashBudget
+        while budget > 0 && pending.Count > 0 do
+            let v = pending.Pop()
+            budget <- budget - 1
+            h <- h * 31 + PyValue.ShallowHash v
+            match v with
+            | PyValue.Tuple a -> for i in min (a.Length - 1) budget .. -1 .. 0 do pending.Push a[i]
+            | _ -> ()
+        h
+
+    /// Values of a tuple tree that its hash looks at.
+    static member HashBudget = 64
 
     /// Short text for messages: the Python type name, or the class of a placeholder.
     member this.TypeName =

@@ -134,7 +134,7 @@ module Safetensors =
             try
                 for e in entries do
                     fs.Position <- dataStart + e.Begin
-                    use flat = TensorData.readStorage e.Dtype (Array.fold (*) 1L e.Shape) fs
+                    use flat = TensorData.readStorage e.Dtype (TensorData.numelOf e.Shape) fs
                     tensors.Add(e.Name, flat.reshape(e.Shape))
             with _ ->
                 for t in tensors.Values do t.Dispose()

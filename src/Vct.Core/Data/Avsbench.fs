@@ -263,10 +263,16 @@ module Avsbench =
                    let id = row[idCol]
                    if id = "" then bad csv $"line {line}: empty video id"
                    try
+                       // Every CSV value that becomes part of a path is one plain name: none can lead out of the root.
+                       let id = SafePath.name csv line (if kind = DatasetKind.Avss then "uid" else "video id") id
+                       let category =
+                           match catCol with
+                           | Some c -> SafePath.name csv line (if kind = DatasetKind.Avss then "label" else "category") row[c]
+                           | None -> ""
                        yield
                            match kind with
-                           | DatasetKind.Avss -> avss dir tree id row[catCol.Value] s csv line
-                           | _ -> s4OrMs3 kind dir tree id s (match catCol with Some c -> row[c] | None -> "")
+                           | DatasetKind.Avss -> avss dir tree id category s csv line
+                           | _ -> s4OrMs3 kind dir tree id s category
                    with e -> onError e |]
 
     /// Every video of `split`; the first problem raises (FileNotFoundException / InvalidDataException naming the file).
@@ -277,8 +283,16 @@ module Avsbench =
     let avssClasses (root: string) : string[] =
         let path = Path.Combine(subsetRoot DatasetKind.Avss root, "label2idx.json")
         if not (File.Exists path) then raise (FileNotFoundException($"{path}: no such file", path))
-        use doc = Text.Json.JsonDocument.Parse(File.ReadAllText path)
-        [| for p in doc.RootElement.EnumerateObject() -> p.Name, p.Value.GetInt32() |] |> Array.sortBy snd |> Array.map fst
+        let classes =
+            try
+                use doc = Text.Json.JsonDocument.Parse(File.ReadAllText path)
+                if doc.RootElement.ValueKind <> Text.Json.JsonValueKind.Object then bad path "not a JSON object of class name -> index"
+                [| for p in doc.RootElement.EnumerateObject() ->
+                       match p.Value.ValueKind, p.Value.TryGetInt32() with
+                       | Text.Json.JsonValueKind.Number, (true, i) when i >= 0 -> p.Name, i
+                       | _ -> bad path $"class '{p.Name}' has index {p.Value.GetRawText()}, not a non-negative integer" |]
+            with :? Text.Json.JsonException as e -> bad path $"not valid JSON ({e.Message})"
+        classes |> Array.sortBy snd |> Array.map fst
 
     /// PASCAL-VOC bit-interleaved colour of AVSS class j (the `labels_rgb` palette).
     let avssColour (j: int) : byte * byte * byte =

@@ -2,7 +2,7 @@ namespace Vct.Core.Data
 
 open System
 open System.IO
-open System.Threading.Tasks
+open Vct.Core
 open Vct.Core.Audio
 
 /// The result of `DataCheck.run`.
@@ -92,7 +92,8 @@ module DataCheck =
                                try Avsbench.recordsWith kind root DataTree.Auto split (fun e -> problems.Add(message e))
                                with e -> problems.Add(message e); [||]
                            let before = problems.Count
-                           Parallel.ForEach(recs, ParallelOptions(MaxDegreeOfParallelism = max 1 degree), fun r -> checkVideo numClasses r problems) |> ignore
+                           // Pickled log-mel files go through TorchSharp on every worker: hold the finalizer gate.
+                           FinalizerGate.ParallelForEach(recs, degree, fun r -> checkVideo numClasses r problems)
                            ignore before
                            yield split, recs.Length |]
                 let all = problems.ToArray() |> Array.distinct |> Array.sort

@@ -13,24 +13,58 @@ type Image =
       Pixels: byte[] }
     /// A blank image.
     static member Create(width: int, height: int, channels: int, ?fill: byte) =
+        if width < 0 || height < 0 || channels < 1 then invalidArg (nameof width) $"bad image size {width}x{height}x{channels}"
+        let n = int64 width * int64 height * int64 channels
+        if n > int64 Array.MaxLength then invalidArg (nameof width) $"an image of {width}x{height}x{channels} bytes is too large"
         { Width = width; Height = height; Channels = channels
-          Pixels = Array.create (width * height * channels) (defaultArg fill 0uy) }
+          Pixels = Array.create (int n) (defaultArg fill 0uy) }
 
 /// Image decoding and encoding through SkiaSharp, with every decode result checked.
 [<RequireQualifiedAccess>]
 module ImageIO =
     let private bad (path: string) (why: string) : 'T = raise (InvalidDataException($"{path}: {why}"))
 
-    /// Decodes any format SkiaSharp reads to unpremultiplied RGBA bytes. A file SKCodec cannot open, or one whose
-    /// pixels do not all decode (a truncated PNG/JPEG gives `IncompleteInput` and a partly filled bitmap), fails
-    /// with the file named.
+    /// The pixel budget of one decoded frame (8192 x 8192, 256 MiB of RGBA): a larger image is refused, naming the
+    /// file and its size, before any pixel memory is allocated (a header may claim any size).
+    [<Literal>]
+    let MaxPixels = 67108864L
+
+    /// Pixels a header may claim whatever the file's size; above it, at most MaxPixelsPerByte per byte of file.
+    [<Literal>]
+    let PlausiblePixels = 4194304L
+
+    /// The most pixels per byte of file a real image holds (a 1-bit PNG at deflate's best ratio has about 8256):
+    /// a larger claim is a truncated or forged header, refused before the pixels are allocated.
+    [<Literal>]
+    let MaxPixelsPerByte = 16384L
+
+    /// The largest image file read (bytes): a frame within the pixel budget never needs more.
+    [<Literal>]
+    let MaxFileBytes = 1073741824L
+
+    /// The bytes of an image file, refusing a missing file and one over MaxFileBytes.
+    let private readFile (path: string) =
+        if not (File.Exists path) then raise (FileNotFoundException($"{path}: no such file", path))
+        let n = FileInfo(path).Length
+        if n > MaxFileBytes then bad path $"a file of {n} bytes is over the {MaxFileBytes}-byte limit for an image"
+        File.ReadAllBytes path
+
+    /// Decodes any format SkiaSharp reads to unpremultiplied RGBA bytes. A file SKCodec cannot open, one whose
+    /// header claims more than MaxPixels pixels, or one whose pixels do not all decode (a truncated PNG/JPEG gives
+    /// `IncompleteInput` and a partly filled bitmap), fails with the file named.
     let decodeRgba (path: string) (bytes: byte[]) : int * int * byte[] =
         use data = SKData.CreateCopy bytes
         use codec = SKCodec.Create data
         if isNull codec then bad path "not a decodable image (unknown format or corrupt header)"
         let info = SKImageInfo(codec.Info.Width, codec.Info.Height, SKColorType.Rgba8888, SKAlphaType.Unpremul)
         if info.Width <= 0 || info.Height <= 0 then bad path "image has no pixels"
-        let pixels = Array.zeroCreate<byte> (info.Width * info.Height * 4)
+        // 64-bit: width * height * 4 wraps in 32 bits for a forged header (and Skia would write past the buffer).
+        let count = int64 info.Width * int64 info.Height
+        if count > MaxPixels then
+            bad path $"image is {info.Width}x{info.Height} ({count} pixels), over the budget of {MaxPixels} pixels per frame"
+        if count > PlausiblePixels && count > MaxPixelsPerByte * int64 bytes.Length then
+            bad path $"image is {info.Width}x{info.Height} ({count} pixels) in a file of {bytes.Length} bytes, more than {MaxPixelsPerByte} pixels per byte (truncated or forged header)"
+        let pixels = Array.zeroCreate<byte> (int (count * 4L))
         let handle = GCHandle.Alloc(pixels, GCHandleType.Pinned)
         try
             let r = codec.GetPixels(info, handle.AddrOfPinnedObject())
@@ -46,21 +80,22 @@ module ImageIO =
         let isPng = bytes.Length > 33 && bytes[0] = 0x89uy && bytes[1] = byte 'P' && bytes[2] = byte 'N' && bytes[3] = byte 'G'
         if not isPng || bytes[25] <> 3uy then None
         else
-            let mutable pos = 8
+            // 64-bit positions: a chunk length near 2^32 must end the walk, not wrap it backwards.
+            let mutable pos = 8L
             let mutable result = None
-            while result.IsNone && pos + 8 <= bytes.Length do
-                let len = (int bytes[pos] <<< 24) ||| (int bytes[pos + 1] <<< 16) ||| (int bytes[pos + 2] <<< 8) ||| int bytes[pos + 3]
-                let kind = Text.Encoding.ASCII.GetString(bytes, pos + 4, 4)
-                if kind = "PLTE" && pos + 8 + len <= bytes.Length then
-                    result <- Some(Array.init (len / 3) (fun i -> bytes[pos + 8 + 3 * i], bytes[pos + 9 + 3 * i], bytes[pos + 10 + 3 * i]))
-                pos <- pos + 12 + len
-                if len < 0 then pos <- bytes.Length
+            let size = int64 bytes.Length
+            while result.IsNone && pos + 8L <= size do
+                let p = int pos
+                let len = (int64 bytes[p] <<< 24) ||| (int64 bytes[p + 1] <<< 16) ||| (int64 bytes[p + 2] <<< 8) ||| int64 bytes[p + 3]
+                let kind = Text.Encoding.ASCII.GetString(bytes, p + 4, 4)
+                if kind = "PLTE" && pos + 8L + len <= size then
+                    result <- Some(Array.init (int len / 3) (fun i -> bytes[p + 8 + 3 * i], bytes[p + 9 + 3 * i], bytes[p + 10 + 3 * i]))
+                pos <- pos + 12L + len
             result
 
     /// Reads an RGB image (alpha dropped).
     let readRgb (path: string) : Image =
-        if not (File.Exists path) then raise (FileNotFoundException($"{path}: no such file", path))
-        let w, h, rgba = decodeRgba path (File.ReadAllBytes path)
+        let w, h, rgba = decodeRgba path (readFile path)
         let px = Array.zeroCreate<byte> (w * h * 3)
         for i in 0 .. w * h - 1 do
             px[3 * i] <- rgba[4 * i]
@@ -73,8 +108,7 @@ module ImageIO =
     /// of a repeated colour wins); an RGB image whose channels are equal gives that value. A colour RGB image is
     /// rejected (use `readRgb` and a colour map).
     let readLabels (path: string) : Image =
-        if not (File.Exists path) then raise (FileNotFoundException($"{path}: no such file", path))
-        let bytes = File.ReadAllBytes path
+        let bytes = readFile path
         let w, h, rgba = decodeRgba path bytes
         let px = Array.zeroCreate<byte> (w * h)
         match pngPalette bytes with

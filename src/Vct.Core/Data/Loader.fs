@@ -74,8 +74,11 @@ type BatchLoader<'T>(records: VideoRecord[], opts: LoaderOptions, transform: Vid
                                         out[i] <- make epoch b i items[i]) |> ignore
                                     queue.Add(Choice1Of2(epoch, out), cts.Token)
                         with
-                        | :? OperationCanceledException -> ()
-                        | e -> (try queue.Add(Choice2Of2 e) with _ -> ())
+                        | :? OperationCanceledException when cts.IsCancellationRequested -> ()
+                        | e ->
+                            // With the cancellation token: a consumer that has stopped (failed, cancelled, disposed)
+                            // leaves the queue full and never takes this; its cancel must free the producer.
+                            try queue.Add(Choice2Of2 e, cts.Token) with _ -> ()
                     finally
                         queue.CompleteAdding())
             try

@@ -38,7 +38,7 @@ type NpyHeader =
       Dtype: NpyDtype
       Shape: int64[]
       DataOffset: int64 }
-    /// Number of elements.
+    /// Number of elements (readHeader has checked that it does not overflow).
     member h.Count = Array.fold (*) 1L h.Shape
 
 /// NumPy `.npy` (format 1.x/2.x/3.x, little-endian, C order) reading and writing on plain arrays, with
@@ -53,7 +53,8 @@ module NpyFile =
         let i = header.IndexOf key
         if i < 0 then bad path "no 'descr' in the header"
         let q1 = header.IndexOf('\'', i + key.Length)
-        let q2 = header.IndexOf('\'', q1 + 1)
+        let q2 = if q1 < 0 then -1 else header.IndexOf('\'', q1 + 1)
+        if q2 < 0 then bad path "the 'descr' value is not a quoted string"
         match header.Substring(q1 + 1, q2 - q1 - 1) with
         | "<f4" -> NpyDtype.Float32
         | "<f8" -> NpyDtype.Float64
@@ -75,7 +76,7 @@ module NpyFile =
             if pre[6] = 1uy then int (BitConverter.ToUInt16(pre, 8)), 10
             elif pre[6] = 2uy || pre[6] = 3uy then int (BitConverter.ToUInt32(pre, 8)), 12
             else bad path $"unknown format version {pre[6]}"
-        if hlen <= 0 || int64 (start + hlen) > fs.Length then bad path "truncated header"
+        if hlen <= 0 || int64 start + int64 hlen > fs.Length then bad path "truncated header"
         let hb = Array.zeroCreate<byte> hlen
         fs.Position <- int64 start
         if fs.Read(hb, 0, hlen) <> hlen then bad path "truncated header"
@@ -85,12 +86,19 @@ module NpyFile =
         let i = header.IndexOf "'shape':"
         if i < 0 then bad path "no 'shape' in the header"
         let a = header.IndexOf('(', i)
-        let b = header.IndexOf(')', a)
+        let b = if a < 0 then -1 else header.IndexOf(')', a)
+        if b < 0 then bad path "the 'shape' value is not a tuple"
         let shape =
             header.Substring(a + 1, b - a - 1).Split(',', StringSplitOptions.RemoveEmptyEntries ||| StringSplitOptions.TrimEntries)
             |> Array.map (fun s -> match Int64.TryParse s with | true, v when v >= 0L -> v | _ -> bad path $"bad shape entry '{s}'")
         let h = { Path = path; Dtype = dtype; Shape = shape; DataOffset = int64 (start + hlen) }
-        let expected = h.Count * int64 dtype.Size
+        // Checked: a wrapped product of a forged shape must not pass for the bytes the file has.
+        // Zero dimensions count as 1 here: the strides of (0, 2^62, 4) overflow even though it has no elements.
+        let expected =
+            try
+                Checked.(*) (Array.fold (fun acc d -> Checked.(*) acc (max 1L d)) 1L shape) (int64 dtype.Size) |> ignore
+                h.Count * int64 dtype.Size
+            with :? OverflowException -> bad path $"shape ({String.Join(',', shape)}) is too large"
         let actual = fs.Length - h.DataOffset
         if actual < expected then bad path $"data is truncated: {actual} bytes for shape ({String.Join(',', shape)}) of {dtype.Descr}, expected {expected}"
         h
@@ -100,6 +108,8 @@ module NpyFile =
         let size = int64 h.Dtype.Size
         if first < 0L || count < 0L || first + count > h.Count then
             invalidArg (nameof first) $"{h.Path}: elements [{first}, {first + count}) outside 0..{h.Count}"
+        if count * size > int64 Array.MaxLength then
+            bad h.Path $"{count} elements of {h.Dtype.Descr} ({count * size} bytes) are more than one read may hold"
         let bytes = Array.zeroCreate<byte> (int (count * size))
         use fs = File.OpenRead h.Path
         fs.Position <- h.DataOffset + first * size

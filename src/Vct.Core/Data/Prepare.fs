@@ -49,7 +49,8 @@ module Prepare =
                 let s4Csv = Path.Combine(objectRoot, sub, "s4_meta_data.csv")
                 let h, r = Avsbench.readCsv s4Csv
                 for c in [ "name"; "category" ] do Avsbench.column s4Csv h [ c ] |> ignore
-                let m = r |> Array.map (fun (row, _) -> row["name"], row["category"]) |> dict
+                let m =
+                    r |> Array.map (fun (row, line) -> row["name"], SafePath.name s4Csv line "category" row["category"]) |> dict
                 fun (vid: string) ->
                     match m.TryGetValue vid with
                     | true, c -> c
@@ -59,8 +60,13 @@ module Prepare =
         let mutable files = 0
         let missingMasks = Collections.Generic.List<string>()
         let videos = rows |> Array.filter (fun (r, _) -> r["label"] = label)
-        for row, _ in videos do
-            let vid, uid, split = row["vid"], row["uid"], row["split"]
+        // Names from the CSVs become single path components, and every write stays inside `root` (no symbolic
+        // link on the way may lead out of it).
+        let write (path: string) (img: Image) = ImageIO.write (SafePath.checkWrite root path) img
+        for row, line in videos do
+            let vid = SafePath.name metaPath line "vid" row["vid"]
+            let uid = SafePath.name metaPath line "uid" row["uid"]
+            let split = SafePath.name metaPath line "split" row["split"]
             // S4 trees nest <split>/<category>/<vid> everywhere; MS3 frames and masks are flat (<vid>), its GT is
             // <split>/<vid>.
             let media = if kind = DatasetKind.S4 then Path.Combine(split, category vid, vid) else vid
@@ -68,13 +74,13 @@ module Prepare =
             let src = Path.Combine(semanticRoot, label, uid)
             for i in 0 .. 4 do
                 let img = ImageIO.readRgb (Path.Combine(src, "frames", $"{i}.jpg"))
-                ImageIO.write (Path.Combine(root, "visual_frames_384", media, $"{vid}_{i + 1}.png")) (Resize.bilinear 384 384 img)
+                write (Path.Combine(root, "visual_frames_384", media, $"{vid}_{i + 1}.png")) (Resize.bilinear 384 384 img)
                 files <- files + 1
             let maskDir = Path.Combine(semanticRoot, "pre_SAM_mask", "AVSBench_semantic", label, uid, "frames")
             if Directory.Exists maskDir then
                 for i in 0 .. 4 do
                     let m = ImageIO.readRgb (Path.Combine(maskDir, $"{i}_mask_color.png"))
-                    ImageIO.write (Path.Combine(root, "pre_SAM_mask_384", media, $"{vid}_{i + 1}_mask_color.png")) (Resize.nearest 384 384 m)
+                    write (Path.Combine(root, "pre_SAM_mask_384", media, $"{vid}_{i + 1}_mask_color.png")) (Resize.nearest 384 384 m)
                     files <- files + 1
             else missingMasks.Add vid
             // S4 training videos are annotated on their first frame only.
@@ -82,7 +88,7 @@ module Prepare =
             for i in 0 .. gtFrames - 1 do
                 let labels = ImageIO.readRgb (Path.Combine(src, "labels_rgb", $"{i}.png"))
                 for size, folder in [ 224, "gt_masks_224"; 384, "gt_masks_384" ] do
-                    ImageIO.write (Path.Combine(root, folder, gtDir, $"{vid}_{i + 1}.png")) (binaryGt size labels)
+                    write (Path.Combine(root, folder, gtDir, $"{vid}_{i + 1}.png")) (binaryGt size labels)
                     files <- files + 1
             log $"{label}/{uid} -> {vid} ({split})"
         { Videos = videos.Length; Files = files; WithoutMasks = List.ofSeq missingMasks }

@@ -3,6 +3,7 @@ namespace Vct.Core
 open System
 open System.Runtime.CompilerServices
 open System.Threading
+open System.Threading.Tasks
 
 /// An object whose finalizer parks the finalizer thread until `release` is set.
 type private Blocker(entered: ManualResetEventSlim, release: ManualResetEventSlim) =
@@ -27,6 +28,8 @@ type private Blocker(entered: ManualResetEventSlim, release: ManualResetEventSli
 /// The gate is process-wide and re-entrant: an inner Hold while one is held returns a handle whose Pulse does
 /// nothing (the outermost holder pulses). Only one thread may use TorchSharp while the gate is used to make other
 /// threads' allocations safe; those threads (the data loader's workers) must not use TorchSharp themselves.
+/// Worker pools whose threads all use TorchSharp (folder mode of `vct audio examples`, `vct data check`) run
+/// through `ParallelForEach`, which holds the gate while any worker runs and pulses only between waves.
 [<Sealed>]
 type FinalizerGate private (outer: bool) =
     static let sync = obj ()
@@ -77,6 +80,18 @@ type FinalizerGate private (outer: bool) =
                     reraise ()
                 new FinalizerGate(true)
             else new FinalizerGate(false))
+
+    /// Runs `body` on every item on up to `degree` threads that use TorchSharp, with the gate held while they run:
+    /// in waves of `degree` x 16 items, the gate released between waves so that the temporaries a wave left behind
+    /// are finalized (no thread is in a native call then). A failing item fails the call (AggregateException) after
+    /// its wave.
+    static member ParallelForEach(items: 'T[], degree: int, body: Action<'T>) =
+        let degree = max 1 degree
+        let wave = degree * 16
+        for start in 0 .. wave .. items.Length - 1 do
+            use _gate = FinalizerGate.Hold()
+            Parallel.For(start, min items.Length (start + wave), ParallelOptions(MaxDegreeOfParallelism = degree), fun i ->
+                body.Invoke items[i]) |> ignore
 
     /// Lets everything finalizable so far be finalized, then holds again; a no-op on an inner handle. Call it only
     /// where the holding thread is in no native call (e.g. between training steps).
