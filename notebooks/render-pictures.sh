@@ -21,7 +21,7 @@ while read -r nb k w h; do
     echo "$out/$nb.png"
 done <<'LIST'
 01-model-tour 1 840 430
-02-what-the-queries-see 2 920 280
+02-what-the-queries-see 1 920 520
 03-train-and-evaluate 1 840 430
 04-audio-front-end 2 1120 330
 05-segment-a-video 1 1020 490
