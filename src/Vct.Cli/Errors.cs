@@ -67,7 +67,7 @@ internal static class Errors
             OperationCanceledException => "cancelled",
             // LibTorch's errors (invalid shapes, devices or sizes): the first line of its message, the C++ trace dropped.
             ExternalException => $"LibTorch: {msg}",
-            ArgumentException or InvalidOperationException or IOException or NotSupportedException
+            ArgumentException or InvalidOperationException or IOException or InvalidDataException or NotSupportedException
                 or UnauthorizedAccessException or KeyNotFoundException => msg,
             _ => $"{cause.GetType().Name}: {msg}",
         };

@@ -35,6 +35,8 @@ internal static class EvalCommand
             {
                 var kind = model.Config.Subset.IsS4 ? DatasetKind.S4 : model.Config.Subset.IsMS3 ? DatasetKind.Ms3 : DatasetKind.Avss;
                 var records = Avsbench.records(kind, parse.GetValue(data)!, parse.GetValue(split)!);
+                if (records.Length == 0)
+                    throw new InvalidDataException($"{parse.GetValue(data)}: the {parse.GetValue(split)} split has no videos; nothing to evaluate");
                 Console.Error.WriteLine($"evaluating {records.Length} videos of {parse.GetValue(split)}");
                 using var audio = new TrainData.AudioCache(model);
                 var summary = Trainer.evaluate(model, audio, records, false, parse.GetValue(workers));

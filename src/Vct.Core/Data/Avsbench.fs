@@ -276,8 +276,12 @@ module Avsbench =
     let avssClasses (root: string) : string[] =
         let path = Path.Combine(subsetRoot DatasetKind.Avss root, "label2idx.json")
         if not (File.Exists path) then raise (FileNotFoundException($"{path}: no such file", path))
-        use doc = Text.Json.JsonDocument.Parse(File.ReadAllText path)
-        [| for p in doc.RootElement.EnumerateObject() -> p.Name, p.Value.GetInt32() |] |> Array.sortBy snd |> Array.map fst
+        try
+            use doc = Text.Json.JsonDocument.Parse(File.ReadAllText path)
+            [| for p in doc.RootElement.EnumerateObject() -> p.Name, p.Value.GetInt32() |] |> Array.sortBy snd |> Array.map fst
+        with
+        | :? Text.Json.JsonException | :? InvalidOperationException | :? FormatException as e ->
+            raise (InvalidDataException($"{path}: not a JSON object of class name -> index ({e.Message})"))
 
     /// PASCAL-VOC bit-interleaved colour of AVSS class j (the `labels_rgb` palette).
     let avssColour (j: int) : byte * byte * byte =

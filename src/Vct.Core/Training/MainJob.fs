@@ -69,6 +69,15 @@ module TrainJob =
                   Seed = o.Seed; CropSize = 384; ColorJitter = true; Workers = o.Workers
                   MissingMasks = o.MissingMasks; Amp = o.Amp }
             | other -> invalidArg (nameof preset) $"unknown preset '{other}': expected tiny, s4, ms3 or avss"
+        // The options' ranges, checked before any data is read or a model is built.
+        let within (name: string) (lo: int) (hi: int) (v: int option) =
+            v |> Option.iter (fun v -> if v < lo || v > hi then raise (ArgumentException $"{name} must be in {lo}..{hi}, got {v}"))
+        within "--iterations" 1 100_000_000 o.Iterations
+        within "--batch" 1 4096 o.BatchVideos
+        within "--eval-period" 1 100_000_000 o.EvalPeriod
+        within "--workers" 0 1024 (Some o.Workers)
+        o.BaseLr |> Option.iter (fun lr ->
+            if not (lr > 0.0 && lr <= 1.0) then raise (ArgumentException $"--lr must be in (0, 1], got {lr}"))
         { cfg with
             Iterations = defaultArg o.Iterations cfg.Iterations
             BatchVideos = defaultArg o.BatchVideos cfg.BatchVideos

@@ -112,6 +112,7 @@ module Trainer =
     /// Evaluates `model` on decoded videos with the VCT metrics: scores at the GT's size; `shuffleAudio` pairs each
     /// video with another video's audio (a control that shows whether the model listens).
     let evaluate (model: VctModel) (audio: TrainData.AudioCache) (records: VideoRecord[]) (shuffleAudio: bool) (workers: int) : MetricSummary =
+        if records.Length = 0 then raise (ArgumentException "no videos to evaluate (the split is empty)")
         let subset = model.Config.Subset
         let evaluator = Metrics.evaluator (TrainData.metricSubsetOf subset) MetricVariant.Vct (int model.Config.NumClasses)
         use _ = torch.no_grad ()
@@ -148,6 +149,8 @@ module Trainer =
                 // Frames with GT only (S4/MS3 val/test annotate every frame; AVSS by the gt flags).
                 let gtFrames = v.Record.MaskFrames
                 let scores = if int64 gtFrames.Length = t then scores else scores.index_select(0L, torch.tensor(gtFrames |> Array.map int64))
+                if scores.isnan().any().item<bool> () then
+                    raise (InvalidDataException $"video '{v.Record.Id}': the model's scores hold NaN (non-finite weights?); no metric can be computed")
                 evaluator.Add(v.Record.Id, scores.cpu(), gt) |> ignore
             gate.Pulse()
         evaluator.Summary()
