@@ -45,7 +45,7 @@ internal static class EvalCommand
                 var csv = new StringBuilder("video,j,f\n");
                 foreach (var v in summary.Videos)
                     csv.Append(CultureInfo.InvariantCulture, $"{v.Id},{v.J:R},{v.F:R}\n");
-                File.WriteAllText(Path.Combine(outDir, "per_video.csv"), csv.ToString());
+                AtomicFile.writeAllText(Path.Combine(outDir, "per_video.csv"), csv.ToString());
                 var json = new JsonObject
                 {
                     ["checkpoint"] = parse.GetValue(checkpoint),
@@ -61,7 +61,7 @@ internal static class EvalCommand
                     json["m_f_audio_shuffled"] = control.MF;
                 }
                 var text = json.ToJsonString(new System.Text.Json.JsonSerializerOptions { WriteIndented = true });
-                File.WriteAllText(Path.Combine(outDir, "summary.json"), text);
+                AtomicFile.writeAllText(Path.Combine(outDir, "summary.json"), text);
                 Console.WriteLine(text);
             }
             return 0;

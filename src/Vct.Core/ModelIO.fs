@@ -240,18 +240,23 @@ module ModelIO =
     /// The JSON config file written beside a checkpoint: model.safetensors -> model.json.
     let configPathOf (checkpoint: string) = Path.ChangeExtension(checkpoint, ".json")
 
-    /// Writes the model's weights as safetensors (config JSON also in the metadata) and the config beside it.
+    /// Refuses a checkpoint path that its own config file would overwrite (`x.json`).
+    let checkCheckpointPath (path: string) =
+        if String.Equals(Path.GetFullPath(configPathOf path), Path.GetFullPath path, StringComparison.OrdinalIgnoreCase) then
+            raise (ArgumentException $"{path}: a checkpoint cannot be a .json file (its config is written beside it as <name>.json); use a .safetensors name")
+
+    /// Writes the model's weights as safetensors (config JSON also in the metadata) and the config beside it,
+    /// each atomically; a `.json` checkpoint path is refused.
     let save (path: string) (model: VctModel) =
+        checkCheckpointPath path
+        let json = configPathOf path
         let text = ConfigJson.toText model.Config
         let meta = Dictionary<string, string>()
         meta["format"] <- "pt"
         meta["vct_config"] <- text
         let tensors = [ for kv in model.state_dict () -> kv.Key, kv.Value ]
         Safetensors.write path meta tensors
-        let json = configPathOf path
-        let tmp = json + $".{Guid.NewGuid():N}.tmp"
-        File.WriteAllText(tmp, text)
-        File.Move(tmp, json, true)
+        AtomicFile.writeAllText json text
 
     /// The config of one of our checkpoints: the JSON beside it, else the one in its metadata.
     let readConfig (path: string) : VctConfig =

@@ -153,6 +153,39 @@ let tests =
                 Directory.Delete(dir, true)
         }
 
+        test "a checkpoint named .json is refused before its config could overwrite it" {
+            let dir = tempDir "outjson"
+            try
+                let out = Path.Combine(dir, "x.json")
+                runVct [ "convert"; "--subset"; "s4"; "--checkpoint"; Path.Combine(dir, "none.pth"); "--out"; out ]
+                |> expectOneLine $"{out}: a checkpoint cannot be a .json file (its config is written beside it as <name>.json); use a .safetensors name"
+                use m = new VctModel(VctConfig.Tiny(Subset.S4, 32L, 23L))
+                let e = Expect.throwsC (fun () -> ModelIO.save out m) id
+                Expect.stringStarts e.Message $"{out}: a checkpoint cannot be a .json file" "the library refuses too"
+                Expect.isEmpty (Directory.GetFiles dir) "nothing written"
+            finally
+                Directory.Delete(dir, true)
+        }
+
+        test "resuming from a checkpoint with malformed metadata names the file and the field" {
+            let dir = tempDir "resume"
+            try
+                let run = Path.Combine(dir, "runs", "r")
+                Directory.CreateDirectory run |> ignore
+                let last = Path.Combine(run, "checkpoint_last.safetensors")
+                let meta = Collections.Generic.Dictionary<string, string>()
+                for k, v in [ "format", "pt"; "iteration", "twelve"; "best_mj", "0.5"; "best_iteration", "10" ] do meta[k] <- v
+                use t = TorchSharp.torch.zeros(1L)
+                Checkpoint.Safetensors.write last meta [ "optimizer_state", t ]
+                let data = Path.Combine(dir, "data")
+                Synth.generate { SynthOptions.Default SynthKind.S4 with Train = 2; Val = 1; Test = 0; Size = 32; EvalSize = 32 } data |> ignore
+                let prev = Path.Combine(run, "checkpoint_prev.safetensors")
+                runVct [ "train"; "--preset"; "tiny"; "--data"; data; "--runs"; Path.Combine(dir, "runs"); "--name"; "r"; "--resume"; "--batch"; "1"; "--device"; "cpu"; "--workers"; "0" ]
+                |> expectOneLine $"cannot resume: {last}: metadata 'iteration' is not an iteration count ('twelve'); {prev} does not exist"
+            finally
+                Directory.Delete(dir, true)
+        }
+
         test "a malformed label2idx.json is reported naming the file" {
             let dir = tempDir "avss"
             try

@@ -112,6 +112,8 @@ module TrainJob =
         if o.Amp then Amp.require o.Device
         let kind = kindOf o.Preset o.Data
         let subset = TrainData.subsetOf kind
+        // A reused run name without --resume is refused before any data is generated or read.
+        Trainer.checkRunDir (Path.Combine(o.RunsDir, o.Name)) o.Resume
         let root =
             match o.Data with
             | Some d -> d
@@ -153,7 +155,12 @@ module TrainJob =
         summary["best_iteration"] <- JsonValue.Create result.BestIteration
         summary["amp"] <- JsonValue.Create o.Amp
         let files = RunFiles runDir
-        if File.Exists files.Best then
+        // After an interrupt (or a divergence) the final evaluations are skipped: the run stops promptly and a
+        // resumed run does them when it completes.
+        if result.Outcome <> Completed then
+            let how = match result.Outcome with Interrupted i -> $"interrupted at iteration {i}" | Diverged(i, _) -> $"diverged at iteration {i}" | Completed -> ""
+            log $"run {how}: the final evaluations are skipped"
+        elif File.Exists files.Best then
             let model, _ = ModelIO.load files.Best o.Device
             use model = model
             model.MissingMasks <- o.MissingMasks
@@ -195,5 +202,5 @@ module TrainJob =
             Report.writeHtml runDir m
             Report.writePngs runDir m
         let text = summary.ToJsonString(JsonSerializerOptions(WriteIndented = true))
-        File.WriteAllText(Path.Combine(runDir, "summary.json"), text)
+        AtomicFile.writeAllText (Path.Combine(runDir, "summary.json")) text
         result, summary
