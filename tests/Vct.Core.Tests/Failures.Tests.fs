@@ -36,6 +36,13 @@ let expectOneLine (expected: string) (code: int, out: string, err: string) =
     let lines = err.Split('\n', StringSplitOptions.RemoveEmptyEntries ||| StringSplitOptions.TrimEntries)
     Expect.equal lines [| $"vct: {expected}" |] "one line naming the file and the problem"
 
+/// Expects exit 1 and, after any progress lines, one last stderr line `vct: <expected>`, without a stack trace.
+let expectLastLine (expected: string) (code: int, out: string, err: string) =
+    Expect.equal code 1 $"exit code 1; stdout: {out}; stderr: {err}"
+    let lines = err.Split('\n', StringSplitOptions.RemoveEmptyEntries ||| StringSplitOptions.TrimEntries)
+    Expect.equal (Array.last lines) $"vct: {expected}" "the last line names the file and the problem"
+    Expect.isFalse (err.Contains "   at ") "no stack trace"
+
 let tempDir (name: string) =
     let d = Path.Combine(Path.GetTempPath(), $"vct-fail-{name}-{Guid.NewGuid():N}")
     Directory.CreateDirectory d |> ignore
@@ -181,7 +188,7 @@ let tests =
                 Synth.generate { SynthOptions.Default SynthKind.S4 with Train = 2; Val = 1; Test = 0; Size = 32; EvalSize = 32 } data |> ignore
                 let prev = Path.Combine(run, "checkpoint_prev.safetensors")
                 runVct [ "train"; "--preset"; "tiny"; "--data"; data; "--runs"; Path.Combine(dir, "runs"); "--name"; "r"; "--resume"; "--batch"; "1"; "--device"; "cpu"; "--workers"; "0" ]
-                |> expectOneLine $"cannot resume: {last}: metadata 'iteration' is not an iteration count ('twelve'); {prev} does not exist"
+                |> expectLastLine $"cannot resume: {last}: metadata 'iteration' is not an iteration count ('twelve'); {prev} does not exist"
             finally
                 Directory.Delete(dir, true)
         }
