@@ -160,6 +160,26 @@ let tests =
                 Directory.Delete(dir, true)
         }
 
+        test "a LibTorch error (frames of height 0) is one line without the native trace" {
+            let dir = tempDir "torch"
+            try
+                let ckpt = tinyCheckpoint dir
+                let inputs = Path.Combine(dir, "in.safetensors")
+                let meta = Collections.Generic.Dictionary<string, string>()
+                use images = TorchSharp.torch.zeros(1L, 3L, 0L, 32L)
+                use audio = TorchSharp.torch.zeros(1L, 1L, 96L, 64L)
+                Checkpoint.Safetensors.write inputs meta [ "images", images; "audio_log_mel", audio ]
+                let code, out, err = runVct [ "forward"; "--checkpoint"; ckpt; "--inputs"; inputs; "--out"; Path.Combine(dir, "out.safetensors"); "--device"; "cpu" ]
+                Expect.equal code 1 $"exit 1; stdout: {out}; stderr: {err}"
+                let lines = err.Split('\n', StringSplitOptions.RemoveEmptyEntries ||| StringSplitOptions.TrimEntries)
+                let last = Array.last lines
+                Expect.equal last "vct: LibTorch: Calculated padded input size per channel: (0 x 32). Kernel size: (4 x 4). Kernel size can't be greater than actual input size" "the first line of LibTorch's message, marked as such"
+                Expect.isFalse (err.Contains "Exception raised from" || err.Contains "frame #") "no native trace"
+                Expect.isFalse (err.Contains "   at ") "no managed stack trace"
+            finally
+                Directory.Delete(dir, true)
+        }
+
         test "a checkpoint named .json is refused before its config could overwrite it" {
             let dir = tempDir "outjson"
             try
