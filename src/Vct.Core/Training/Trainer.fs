@@ -260,7 +260,7 @@ module Trainer =
                         doc.RootElement.ValueKind = JsonValueKind.Object
                         && doc.RootElement.TryGetProperty("iteration", &it) && it.ValueKind = JsonValueKind.Number
                         && it.GetInt32() <= iteration
-                    with :? JsonException -> false)
+                    with :? JsonException | :? FormatException | :? InvalidOperationException -> false)
             if keep.Length <> lines.Length then
                 AtomicFile.writeAllText path (String.Join("", keep |> Array.map (fun l -> l + "\n")))
             lines.Length - keep.Length
