@@ -105,6 +105,35 @@ let tests =
                 if Directory.Exists dir then Directory.Delete(dir, true)
         }
 
+        test "non-finite weights are never saved: the run stops at the next save, the last good checkpoint kept" {
+            let dir = Path.Combine(Path.GetTempPath(), $"vct-run-nanw-{Guid.NewGuid():N}")
+            try
+                let root = data.Value
+                let train = Avsbench.records DatasetKind.S4 root "train"
+                let valr = Avsbench.records DatasetKind.S4 root "val"
+                let model = ref None
+                // After step 3, a NaN in VGGish: its (cached) audio maps of the training videos stay finite, so the
+                // losses do too, but the weights are no longer finite.
+                let log e =
+                    match e, model.Value with
+                    | Step(3, _, _, _, _), Some(m: VctModel) ->
+                        use _ = torch.no_grad ()
+                        (Seq.head (m.AudioBackbone.parameters ())).fill_(TorchSharp.Scalar.op_Implicit nan) |> ignore
+                    | _ -> ()
+                let cfg = { config 10 with BatchVideos = 8; EvalPeriod = 4; CheckpointPeriod = 2 }
+                let r = Trainer.run cfg train valr torch.CPU dir false (fun m -> model.Value <- Some m) log CancellationToken.None
+                Expect.equal r.Outcome (Diverged(4, "the weights are non-finite after iteration 4; nothing was saved, the last good checkpoint is kept")) "stops at the save"
+                let last = Path.Combine(dir, "checkpoint_last.safetensors")
+                let it =
+                    use f = Checkpoint.Safetensors.read last
+                    f.Metadata["iteration"]
+                Expect.equal it "2" "checkpoint_last is the good one of iteration 2"
+                for f in [ "checkpoint_prev.safetensors"; "model_best.safetensors"; "model_final.safetensors" ] do
+                    Expect.isFalse (File.Exists(Path.Combine(dir, f))) $"no {f}"
+            finally
+                if Directory.Exists dir then Directory.Delete(dir, true)
+        }
+
         test "reusing a run folder without resume is refused instead of mixing runs" {
             let dir = Path.Combine(Path.GetTempPath(), $"vct-run-reuse-{Guid.NewGuid():N}")
             try
