@@ -49,10 +49,45 @@ let build () =
     check (dotnet restore) "restore"
     check (dotnet [ "build"; "Vct.sln"; "-c"; configuration; "--no-restore"; "-warnaserror"; "-nologo" ]) "build"
 
+/// Runs a program like `run`, echoing its output, and returns the exit code with the output's lines.
+let runCapture (exe: string) (arguments: string list) =
+    let psi = ProcessStartInfo(exe, WorkingDirectory = root, UseShellExecute = false, RedirectStandardOutput = true)
+    for a in arguments do psi.ArgumentList.Add a
+    printfn "> %s %s" exe (String.Join(" ", arguments))
+    use p = Process.Start psi
+    let lines = ResizeArray<string>()
+    let mutable line = p.StandardOutput.ReadLine()
+    while not (isNull line) do
+        printfn "%s" line
+        lines.Add line
+        line <- p.StandardOutput.ReadLine()
+    p.WaitForExit()
+    p.ExitCode, List.ofSeq lines
+
+/// The last line of `lines` matching `pattern` as (passed, failed, skipped); a suite that printed none counts as 1 failed.
+let counts (pattern: string) (lines: string list) =
+    let m = lines |> List.map (fun l -> Text.RegularExpressions.Regex.Match(l, pattern)) |> List.filter (fun m -> m.Success) |> List.tryLast
+    match m with
+    | Some m -> (int m.Groups["passed"].Value, int m.Groups["failed"].Value, int m.Groups["skipped"].Value)
+    | None -> (0, 1, 0)
+
+/// Both suites: the Expecto suite of the F# core (options after `test` go to Expecto and then only it runs) and the
+/// xunit suite of the C# facade; the last line sums them: "N passed, N failed, N skipped".
 let test () =
     build ()
-    // Expecto is a plain program: `dotnet test` has no adapter here and would run nothing.
-    dotnet ([ "run"; "--project"; "tests/Vct.Core.Tests"; "-c"; configuration; "--no-build"; "--" ] @ List.ofArray extra)
+    // Expecto is a plain program: `dotnet test` has no adapter for it and would run nothing.
+    let coreCode, coreLines =
+        runCapture "dotnet" ([ "run"; "--project"; "tests/Vct.Core.Tests"; "-c"; configuration; "--no-build"; "--" ] @ List.ofArray extra)
+    let core = counts @"^(?<passed>\d+) passed, (?<failed>\d+) failed, (?<skipped>\d+) skipped" coreLines
+    let csCode, cs =
+        if extra.Length > 0 then 0, (0, 0, 0)
+        else
+            let code, lines = runCapture "dotnet" [ "test"; "tests/Vct.CSharp.Tests"; "-c"; configuration; "--no-build"; "--nologo" ]
+            code, counts @"Failed:\s+(?<failed>\d+), Passed:\s+(?<passed>\d+), Skipped:\s+(?<skipped>\d+)" lines
+    let (p1, f1, s1), (p2, f2, s2) = core, cs
+    printfn "\nVct.Core.Tests (Expecto): %d passed, %d failed, %d skipped; Vct.CSharp.Tests (xunit): %d passed, %d failed, %d skipped" p1 f1 s1 p2 f2 s2
+    printfn "%d passed, %d failed, %d skipped" (p1 + p2) (f1 + f2) (s1 + s2)
+    if coreCode <> 0 || csCode <> 0 || f1 + f2 > 0 then 1 else 0
 
 let notebooks () =
     build ()

@@ -94,6 +94,8 @@ if [ $# -gt 0 ]; then
         case "$nb" in /*) notebooks+=("$nb") ;; *) notebooks+=("$caller_dir/$nb") ;; esac
     done
 else
+    # A full run starts from no chart copies (artifacts/notebooks/charts/, README's pictures), so none is stale.
+    rm -rf "$root/artifacts/notebooks/charts"
     shopt -s nullglob
     notebooks=("$root"/notebooks/*.ipynb)
     shopt -u nullglob

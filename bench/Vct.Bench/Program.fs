@@ -6,7 +6,8 @@ let suites : (string * (int -> unit)) list =
     [ "checkpoint", CheckpointBench.run
       "model", ModelBench.run
       "audio", AudioBench.run
-      "training", TrainingBench.run ]
+      "training", TrainingBench.run
+      "video", VideoBench.run ]
 
 [<EntryPoint>]
 let main argv =

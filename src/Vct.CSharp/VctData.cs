@@ -20,8 +20,15 @@ public sealed record SynthesisOptions
     public int? Size { get; init; }
 }
 
+/// <summary>The official metrics of one video.</summary>
+/// <param name="Id">The video's id.</param>
+/// <param name="Frames">Frames scored.</param>
+/// <param name="J">Mean Jaccard (IoU) over its frames (the official per-video value).</param>
+/// <param name="F">Its F-score (beta^2 = 0.3, the official thresholds).</param>
+public sealed record VideoMetrics(string Id, int Frames, double J, double F);
+
 /// <summary>M_J and M_F of a scoring run, with the per-video values.</summary>
-public sealed record ScoreResult(double MJ, double MF, IReadOnlyList<VideoScore> Videos, string Json);
+public sealed record ScoreResult(double MJ, double MF, IReadOnlyList<VideoMetrics> Videos, string Json);
 
 /// <summary>Datasets and metrics for C# callers: the synthetic AVS dataset, the data check, and official scoring.</summary>
 public static class VctData
@@ -58,6 +65,6 @@ public static class VctData
         VctRuntime.Initialize();
         var s = Vct.Core.Evaluation.Score.run(MetricSubset.Parse(subset), avsbench ? MetricVariant.AvsBench : MetricVariant.Vct,
             Metrics.AvssClasses, scores, groundTruth, Microsoft.FSharp.Core.FuncConvert.FromFunc<int, int, Microsoft.FSharp.Core.Unit>((_, _) => null!));
-        return new ScoreResult(s.MJ, s.MF, s.Videos, Vct.Core.Evaluation.Score.toJson(s));
+        return new ScoreResult(s.MJ, s.MF, s.Videos.Select(v => new VideoMetrics(v.Id, v.Frames, v.J, v.F)).ToList(), Vct.Core.Evaluation.Score.toJson(s));
     }
 }

@@ -1,5 +1,23 @@
 namespace Vct;
 
+/// <summary>Versions, device and native-library set-up of this process.</summary>
+/// <param name="VctVersion">Version of the Vct assemblies.</param>
+/// <param name="TorchSharpVersion">TorchSharp's version.</param>
+/// <param name="LibTorchVersion">The native LibTorch's version.</param>
+/// <param name="DotNetVersion">The .NET runtime's version.</param>
+/// <param name="Device">The device "auto" resolves to.</param>
+/// <param name="CudaAvailable">Whether LibTorch sees a CUDA device.</param>
+/// <param name="Threads">LibTorch intra-op threads.</param>
+/// <param name="Platform">OS and architecture, e.g. "Linux X64".</param>
+/// <param name="CompatFixApplied">True when a patched copy of libLibTorchSharp.so was loaded.</param>
+/// <param name="CompatFixReason">Why the fix was or was not applied.</param>
+/// <param name="PatchedLibrary">The patched copy that was loaded ("" when none).</param>
+/// <param name="NativeDirectory">The folder LibTorch's natives were loaded from ("" when TorchSharp loaded them itself).</param>
+/// <param name="LibStdCxx">The libstdc++ that was preloaded ("" when none).</param>
+public sealed record RuntimeInfo(string VctVersion, string TorchSharpVersion, string LibTorchVersion, string DotNetVersion,
+    string Device, bool CudaAvailable, int Threads, string Platform, bool CompatFixApplied, string CompatFixReason,
+    string PatchedLibrary, string NativeDirectory, string LibStdCxx);
+
 /// <summary>Runtime set-up and environment information for C# callers.</summary>
 public static class VctRuntime
 {
@@ -7,10 +25,16 @@ public static class VctRuntime
     /// Prepares TorchSharp's native libraries (idempotent). Every facade entry point calls it; call it
     /// yourself before using TorchSharp directly.
     /// </summary>
-    public static Vct.Core.RuntimeReport Initialize() => Vct.Core.Runtime.init();
+    public static void Initialize() => Vct.Core.Runtime.init();
 
     /// <summary>Versions, default device, thread count and what <see cref="Initialize"/> did.</summary>
-    public static Vct.Core.SystemInfo Info() => Vct.Core.Api.systemInfo();
+    public static RuntimeInfo Info()
+    {
+        var i = Vct.Core.Api.systemInfo();
+        var r = i.Runtime;
+        return new RuntimeInfo(i.VctVersion, i.TorchSharpVersion, i.LibTorchVersion, i.DotNetVersion, i.Device, i.CudaAvailable, i.Threads,
+            r.Platform, r.CompatFixApplied, r.CompatFixReason, r.PatchedLibrary, r.NativeDirectory, r.LibStdCxx);
+    }
 
     /// <summary>Resolves "auto", "cpu", "cuda" or "cuda:N" to a TorchSharp device.</summary>
     public static TorchSharp.torch.Device ResolveDevice(string device) => Vct.Core.Device.parse(device);

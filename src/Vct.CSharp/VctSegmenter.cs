@@ -11,8 +11,8 @@ public sealed record SegmenterOptions
     /// <summary>"auto" (CUDA when available), "cpu", "cuda" or "cuda:N".</summary>
     public string Device { get; init; } = "auto";
 
-    /// <summary>"s4", "ms3" or "avss": required for official PyTorch checkpoints (.pth), ignored for Vct checkpoints.</summary>
-    public string? Subset { get; init; }
+    /// <summary>The released configuration of an official PyTorch checkpoint (.pth): required for those, ignored for Vct checkpoints.</summary>
+    public VctSubset? Subset { get; init; }
 
     /// <summary>Side of the output maps; null keeps the model's (224 for the released models).</summary>
     public int? OutputSize { get; init; }
@@ -20,8 +20,8 @@ public sealed record SegmenterOptions
     /// <summary>Also return the PPQG assignment, the decoder's attention masks and prototype similarities.</summary>
     public bool Intermediates { get; init; }
 
-    /// <summary>What a pre-SAM model does without mask images: "refuse" (default), "blank" or "skip".</summary>
-    public string MissingMasks { get; init; } = "refuse";
+    /// <summary>What a pre-SAM model does without mask images.</summary>
+    public MissingMasksPolicy MissingMasks { get; init; } = MissingMasksPolicy.Refuse;
 }
 
 /// <summary>The segmentation of one video; CPU tensors, dispose to free them.</summary>
@@ -64,38 +64,36 @@ public sealed class VctSegmenter : IDisposable
     private VctSegmenter(VctModel model, SegmenterOptions options) => (_model, _options) = (model, options);
 
     /// <summary>The checkpoint's load report (missing, unexpected, dropped keys).</summary>
-    public Vct.Core.Checkpoint.LoadReport LoadReport { get; private init; } = null!;
+    public CheckpointLoadReport LoadReport { get; private init; } = null!;
 
-    /// <summary>"S4", "MS3" or "AVSS".</summary>
-    public string Subset => _model.Config.Subset.ToString();
+    /// <summary>The model's subset (S4, MS3 or AVSS).</summary>
+    public VctSubset Subset => VctTypeConversions.FromCore(_model.Config.Subset);
 
-    /// <summary>Loads a Vct checkpoint (.safetensors) or an official one (.pth, with <see cref="SegmenterOptions.Subset"/>).</summary>
+    /// <summary>
+    /// Loads a Vct checkpoint (.safetensors) or an official one (.pth, with <see cref="SegmenterOptions.Subset"/>).
+    /// <paramref name="checkpointPath"/> may also be a hub reference (<c>hf:owner/repo/path</c>, an http(s) URL or a
+    /// released name such as <c>s4</c>): it is resolved through <see cref="VctWeights.Resolve(string, IProgress{DownloadProgress}?, CancellationToken)"/> first.
+    /// </summary>
     public static VctSegmenter Load(string checkpointPath, SegmenterOptions? options = null)
     {
         ArgumentException.ThrowIfNullOrEmpty(checkpointPath);
         options ??= new SegmenterOptions();
+        if (options.Subset is null && VctWeights.SubsetOf(checkpointPath) is VctSubset named) options = options with { Subset = named };
+        checkpointPath = VctWeights.Resolve(checkpointPath);
         VctRuntime.Initialize();
         var device = VctRuntime.ResolveDevice(options.Device);
-        var subset = string.IsNullOrWhiteSpace(options.Subset) ? FSharpOption<Core.Subset>.None : FSharpOption<Core.Subset>.Some(Core.Subset.Parse(options.Subset));
+        var subset = options.Subset is VctSubset v ? FSharpOption<Core.Subset>.Some(v.ToCore()) : FSharpOption<Core.Subset>.None;
         var (model, report) = Inference.loadModel(checkpointPath, subset, device).ToValueTuple();
-        model.MissingMasks = ParseMissingMasks(options.MissingMasks);
-        return new VctSegmenter(model, options) { LoadReport = report, CheckpointPath = checkpointPath };
+        model.MissingMasks = options.MissingMasks.ToCore();
+        return new VctSegmenter(model, options) { LoadReport = CheckpointLoadReport.Of(report), CheckpointPath = checkpointPath };
     }
 
-    internal static Core.Backbone.MissingMasks ParseMissingMasks(string value) => value.ToLowerInvariant() switch
-    {
-        "refuse" => Core.Backbone.MissingMasks.Refuse,
-        "blank" => Core.Backbone.MissingMasks.BlankMaskImage,
-        "skip" => Core.Backbone.MissingMasks.SkipBranch,
-        var other => throw new ArgumentException($"MissingMasks must be refuse, blank or skip, got '{other}'"),
-    };
-
     /// <summary>The audio examples of a file under the model's subset rules ([T_a, 1, 96, 64]) and, for AVSS, the temporal flags.</summary>
-    public (torch.Tensor Examples, torch.Tensor? Flags) AudioExamples(string audioPath)
+    public AudioExamples AudioExamples(string audioPath)
     {
         ArgumentException.ThrowIfNullOrEmpty(audioPath);
         var (examples, flags) = Inference.audioExamples(_model.Config.Subset, audioPath).ToValueTuple();
-        return (examples, FSharpOption<torch.Tensor>.get_IsSome(flags) ? flags.Value : null);
+        return new AudioExamples(examples, FSharpOption<torch.Tensor>.get_IsSome(flags) ? flags.Value : null);
     }
 
     /// <summary>frames: [T, 3, H, W] RGB 0..255; audioLogMel: [T_a, 1, 96, 64]; preMasks: [T, 3, H, W] 0..255 or null.</summary>
@@ -213,7 +211,7 @@ public sealed record VideoOptions
         Audio is null ? FSharpOption<string>.None : FSharpOption<string>.Some(Audio),
         SilenceWhenNoAudio ? Core.Video.AudioMissing.Silence : Core.Video.AudioMissing.Refuse,
         PreMasks is null ? FSharpOption<string>.None : FSharpOption<string>.Some(PreMasks),
-        VctSegmenter.ParseMissingMasks(segmenter.MissingMasks));
+        segmenter.MissingMasks.ToCore());
 }
 
 /// <summary>What <see cref="VctSegmenter.Predict"/> writes besides the masks and summary.json.</summary>
@@ -357,4 +355,40 @@ public sealed class SyncProgress<T>(Action<T> report) : IProgress<T>
 {
     /// <inheritdoc />
     public void Report(T value) => report(value);
+}
+
+/// <summary>What loading a checkpoint into the model did, key by key.</summary>
+/// <param name="Loaded">Model keys whose values were copied from the file.</param>
+/// <param name="Missing">Model keys that no file key fills.</param>
+/// <param name="Unexpected">File keys that the model does not have.</param>
+/// <param name="ShapeMismatched">Keys in both whose shapes differ (not copied), with both shapes.</param>
+/// <param name="Dropped">File keys dropped as documented unused (criterion.*, audio_backbone.embeddings.*).</param>
+/// <param name="Converted">Keys copied with a dtype conversion.</param>
+public sealed record CheckpointLoadReport(IReadOnlyList<string> Loaded, IReadOnlyList<string> Missing, IReadOnlyList<string> Unexpected,
+    IReadOnlyList<string> ShapeMismatched, IReadOnlyList<string> Dropped, IReadOnlyList<string> Converted)
+{
+    /// <summary>True when every model key was loaded and every file key was used or dropped.</summary>
+    public bool IsExact => Missing.Count == 0 && Unexpected.Count == 0 && ShapeMismatched.Count == 0;
+
+    internal static CheckpointLoadReport Of(Core.Checkpoint.LoadReport r) => new(
+        r.Loaded.ToList(), r.Missing.ToList(), r.Unexpected.ToList(),
+        r.ShapeMismatched.Select(m => $"{m.Key}: model [{string.Join(", ", m.Expected)}], file [{string.Join(", ", m.Got)}]")
+            .Concat(r.DtypeMismatched.Select(m => $"{m.Key}: model {m.Expected}, file {m.Got}")).ToList(),
+        r.Dropped.ToList(), r.Converted.Select(c => $"{c.Key}: {c.From} -> {c.To}").ToList());
+}
+
+/// <summary>The VGGish examples of an audio file ([T_a, 1, 96, 64]) and, for AVSS, the temporal flags; owns both tensors.</summary>
+public sealed class AudioExamples(torch.Tensor examples, torch.Tensor? flags) : IDisposable
+{
+    /// <summary>[T_a, 1, 96, 64] log-mel examples, one per second.</summary>
+    public torch.Tensor Examples { get; } = examples;
+    /// <summary>AVSS temporal flags, or null.</summary>
+    public torch.Tensor? Flags { get; } = flags;
+
+    /// <inheritdoc />
+    public void Dispose()
+    {
+        Examples.Dispose();
+        Flags?.Dispose();
+    }
 }

@@ -14,7 +14,7 @@ internal static class EvalCommand
 {
     public static Command Create()
     {
-        var checkpoint = new Option<string>("--checkpoint") { Description = "Vct .safetensors or official .pth (then --subset)", Required = true };
+        var checkpoint = new Option<string>("--checkpoint") { Description = "Vct .safetensors or official .pth (then --subset), or a hub reference (hf:owner/repo/path, https://..., a name from `vct weights list`)", Required = true };
         var subset = new Option<string?>("--subset") { Description = "s4 | ms3 | avss (default: the checkpoint's)" };
         var data = new Option<string>("--data") { Description = "Dataset root in the official AVSBench layout", Required = true };
         var split = new Option<string>("--split") { Description = "train | val | test", DefaultValueFactory = _ => "test" };
@@ -28,8 +28,8 @@ internal static class EvalCommand
         cmd.SetAction(parse =>
         {
             var dev = CommonOptions.Apply(parse.GetValue(device)!, parse.GetValue(threads));
-            var sub = parse.GetValue(subset);
-            var (model, _) = Inference.loadModel(parse.GetValue(checkpoint)!,
+            var sub = parse.GetValue(subset) ?? VctWeights.SubsetOf(parse.GetValue(checkpoint)!)?.ToString();
+            var (model, _) = Inference.loadModel(WeightsCommand.Resolve(parse.GetValue(checkpoint))!,
                 string.IsNullOrWhiteSpace(sub) ? FSharpOption<Subset>.None : FSharpOption<Subset>.Some(Subset.Parse(sub)), dev).ToValueTuple();
             using (model)
             {

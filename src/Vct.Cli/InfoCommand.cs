@@ -19,7 +19,7 @@ internal static class InfoCommand
         {
             var resolved = CommonOptions.Apply(parse.GetValue(device)!, parse.GetValue(threads));
             var info = VctRuntime.Info();
-            var rt = info.Runtime;
+            var rt = info;
             if (parse.GetValue(json))
             {
                 Console.WriteLine(JsonSerializer.Serialize(new

@@ -24,7 +24,7 @@ internal static class ModelCommands
     public static Command Convert()
     {
         var subset = new Option<string>("--subset") { Description = "s4 | ms3 | avss: the released configuration the checkpoint belongs to", Required = true };
-        var checkpoint = new Option<string>("--checkpoint") { Description = "Official model_best.pth (detectron2 format, CPU or GPU saved)", Required = true };
+        var checkpoint = new Option<string>("--checkpoint") { Description = "Official model_best.pth (detectron2 format, CPU or GPU saved), or a hub reference (hf:owner/repo/path, https://..., a name from `vct weights list`)", Required = true };
         var output = new Option<string>("--out") { Description = "Output .safetensors (a .json config is written beside it)", Required = true };
         var cmd = new Command("convert", "Convert an official VCT checkpoint to a Vct safetensors checkpoint with its JSON config");
         foreach (var o in new Option[] { subset, checkpoint, output }) cmd.Options.Add(o);
@@ -32,7 +32,7 @@ internal static class ModelCommands
         {
             CommonOptions.Apply("cpu", null);
             ModelIO.checkCheckpointPath(parse.GetValue(output)!); // before the (long) load
-            var (model, report) = ModelIO.loadOfficial(Subset.Parse(parse.GetValue(subset)!), parse.GetValue(checkpoint)!, TorchSharp.torch.CPU).ToValueTuple();
+            var (model, report) = ModelIO.loadOfficial(Subset.Parse(parse.GetValue(subset)!), WeightsCommand.Resolve(parse.GetValue(checkpoint))!, TorchSharp.torch.CPU).ToValueTuple();
             using (model)
             {
                 PrintReport(report, Console.Error);
@@ -49,7 +49,7 @@ internal static class ModelCommands
     public static Command Forward()
     {
         var subset = new Option<string>("--subset") { Description = "s4 | ms3 | avss (required for official .pth checkpoints)" };
-        var checkpoint = new Option<string>("--checkpoint") { Description = "Official .pth or Vct .safetensors checkpoint", Required = true };
+        var checkpoint = new Option<string>("--checkpoint") { Description = "Official .pth or Vct .safetensors checkpoint, or a hub reference (hf:owner/repo/path, https://..., a name from `vct weights list`)", Required = true };
         var inputs = new Option<string>("--inputs") { Description = ".pt/.pth (flat dict name -> tensor, as torch.save writes it) or .safetensors with images, pre_masks, audio_log_mel[, vid_temporal_mask_flag]", Required = true };
         var prefix = new Option<string>("--input-prefix") { Description = "Prefix of the input names, e.g. 'in.'", DefaultValueFactory = _ => "" };
         var output = new Option<string>("--out") { Description = "Output .safetensors", Required = true };
@@ -61,7 +61,7 @@ internal static class ModelCommands
         cmd.SetAction(parse =>
         {
             var dev = CommonOptions.Apply(parse.GetValue(device)!, parse.GetValue(threads));
-            var (model, report) = Inference.loadModel(parse.GetValue(checkpoint)!, SubsetOption(parse.GetValue(subset)), dev).ToValueTuple();
+            var (model, report) = Inference.loadModel(WeightsCommand.Resolve(parse.GetValue(checkpoint))!, SubsetOption(parse.GetValue(subset) ?? VctWeights.SubsetOf(parse.GetValue(checkpoint)!)?.ToString()), dev).ToValueTuple();
             using (model)
             {
                 PrintReport(report, Console.Error);

@@ -40,7 +40,7 @@ internal static class PredictCommand
 
     public static Command Create()
     {
-        var checkpoint = new Option<string>("--checkpoint") { Description = "Vct .safetensors, official .pth (with --subset), or a hub reference (hf:owner/repo/path, https://...)", Required = true };
+        var checkpoint = new Option<string>("--checkpoint") { Description = "Vct .safetensors, official .pth (with --subset), or a hub reference (hf:owner/repo/path, https://..., a name from `vct weights list`)", Required = true };
         var subset = new Option<string?>("--subset") { Description = "s4 | ms3 | avss: required for official .pth checkpoints" };
         subset.AcceptOnlyFromAmong("s4", "ms3", "avss");
         var video = new Option<string?>("--video-input") { Description = "A video file (mp4, mkv, webm, mov, avi: anything ffmpeg reads)" };
@@ -79,11 +79,11 @@ internal static class PredictCommand
         {
             CommonOptions.Apply(parse.GetValue(device)!, parse.GetValue(threads));
             var source = parse.GetValue(video) is string v ? PredictInput.FromVideo(v) : PredictInput.FromImages(ExpandInputs(parse.GetValue(input)!));
-            using var segmenter = VctSegmenter.Load(parse.GetValue(checkpoint)!, new SegmenterOptions
+            using var segmenter = VctSegmenter.Load(WeightsCommand.Resolve(parse.GetValue(checkpoint))!, new SegmenterOptions
             {
                 Device = parse.GetValue(device)!,
-                Subset = parse.GetValue(subset),
-                MissingMasks = parse.GetValue(missing)!,
+                Subset = parse.GetValue(subset) is string sub ? Enum.Parse<VctSubset>(sub, ignoreCase: true) : VctWeights.SubsetOf(parse.GetValue(checkpoint)!),
+                MissingMasks = Enum.Parse<MissingMasksPolicy>(parse.GetValue(missing)!, ignoreCase: true),
             });
             var options = new VideoOptions
             {

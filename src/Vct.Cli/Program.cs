@@ -12,6 +12,7 @@ root.Subcommands.Add(ScoreCommand.Create());
 root.Subcommands.Add(SynthCommand.Create());
 root.Subcommands.Add(DataCommand.Create());
 root.Subcommands.Add(PredictCommand.Create());
+root.Subcommands.Add(WeightsCommand.Create());
 // A failure on a background thread would otherwise abort the process (exit 134) with a stack trace.
 AppDomain.CurrentDomain.UnhandledException += (_, e) =>
 {

@@ -24,8 +24,8 @@ internal static class TrainCommand
         var seed = new Option<int>("--seed") { Description = "Seed of data order, augmentation and sampling", DefaultValueFactory = _ => 8434882 };
         var resume = new Option<bool>("--resume") { Description = "Continue the run from its checkpoint_last.safetensors" };
         var workers = new Option<int>("--workers") { Description = "Data-loading workers", DefaultValueFactory = _ => Environment.ProcessorCount };
-        var swin = new Option<string?>("--swin-weights") { Description = "ImageNet Swin file for both Swin copies (released presets)" };
-        var vggish = new Option<string?>("--vggish-weights") { Description = "torchvggish vggish-10086976.pth" };
+        var swin = new Option<string?>("--swin-weights") { Description = "ImageNet Swin file for both Swin copies (released presets); a path or a hub reference (swin-b-22k, hf:..., https://...)" };
+        var vggish = new Option<string?>("--vggish-weights") { Description = "torchvggish vggish-10086976.pth; a path or a hub reference (vggish, hf:..., https://...)" };
         var amp = new Option<bool>("--amp") { Description = "Mixed precision on CUDA: float16 autocast for forward and losses, dynamic loss scaling (refused on the CPU)" };
         var missing = new Option<string>("--missing-masks") { Description = "pre-SAM models on data without mask images: refuse | blank | skip", DefaultValueFactory = _ => "refuse" };
         var device = CommonOptions.Device();
@@ -41,7 +41,7 @@ internal static class TrainCommand
                 p, Opt(parse.GetValue(data)), parse.GetValue(runs)!, runName,
                 Opt(parse.GetValue(iterations)), Opt(parse.GetValue(batch)), Opt(parse.GetValue(lr)),
                 parse.GetValue(seed), parse.GetValue(resume), dev, parse.GetValue(workers), Opt(parse.GetValue(evalPeriod)),
-                Opt(parse.GetValue(swin)), Opt(parse.GetValue(vggish)),
+                Opt(WeightsCommand.Resolve(parse.GetValue(swin))), Opt(WeightsCommand.Resolve(parse.GetValue(vggish))),
                 parse.GetValue(missing)!.ToLowerInvariant() switch
                 {
                     "refuse" => Vct.Core.Backbone.MissingMasks.Refuse,
@@ -119,7 +119,7 @@ internal static class TrainCommand
             {
                 var o when o.IsCompleted => 0,
                 var o when o.IsInterrupted => 130,
-                TrainOutcome.Diverged d => Fail(d.diagnostic),
+                Vct.Core.Training.TrainOutcome.Diverged d => Fail(d.diagnostic),
                 _ => 1,
             };
         });

@@ -41,8 +41,15 @@ module Api =
 module Inference =
     /// Loads a model: our safetensors checkpoint (config beside it or in its metadata), or an official
     /// PyTorch checkpoint (`.pth`/`.pt`/`.pkl`; then `subset` is required). The model is in eval mode on `device`.
+    /// `path` may be a hub reference (`Checkpoint.Hub`): a released name (`s4`, `ms3`, `avss`: it implies the subset),
+    /// `hf:owner/repo/path` or an http(s) URL, downloaded into the cache first.
     let loadModel (path: string) (subset: Subset option) (device: torch.Device) : VctModel * Checkpoint.LoadReport =
         Runtime.init () |> ignore
+        let subset =
+            match subset, Checkpoint.Hub.tryFind path with
+            | None, Some e when not (File.Exists path) && List.contains e.Name [ "s4"; "ms3"; "avss" ] -> Some(Subset.Parse e.Name)
+            | s, _ -> s
+        let path = Checkpoint.Hub.resolve path
         match Path.GetExtension(path).ToLowerInvariant(), subset with
         | (".pth" | ".pt" | ".pkl"), Some s -> ModelIO.loadOfficial s path device
         | (".pth" | ".pt" | ".pkl"), None ->

@@ -160,8 +160,8 @@ module VctMath =
         let pw = (w + divisibility - 1L) / divisibility * divisibility - w
         if ph = 0L && pw = 0L then x.alias() else functional.pad(x, [| 0L; pw; 0L; ph |])
 
-    /// Semantic inference (reference §7): mask logits upsampled to the input size, then
-    /// scores[c] = sum_q softmax(logits_q)[c] * sigmoid(mask_q) over the C real classes, resized to `output`.
+    /// Semantic inference (docs/architecture.md §9.1; official VCT.semantic_inference): mask logits upsampled to
+    /// the input size, then scores[c] = sum_q softmax(logits_q)[c] * sigmoid(mask_q) over the C real classes, resized to `output`.
     ///   logits [BT, N, C+1], masks [BT, N, h, w] -> scores [BT, C, oh, ow]
     let semanticInference (inputSize: int64 * int64) (outputSize: int64 * int64) (logits: Tensor) (masks: Tensor) : Tensor =
         Scope.run (fun () ->
@@ -271,7 +271,7 @@ type VctModel(cfg: VctConfig, gen: torch.Generator) as this =
 
     override this.forward(inputs) = this.Forward(inputs)
 
-    /// Semantic scores [BT, C, OutputSize, OutputSize] of the last prediction (reference §7). AVSS scores are
+    /// Semantic scores [BT, C, OutputSize, OutputSize] of the last prediction (docs/architecture.md §9). AVSS scores are
     /// multiplied by the frames' temporal flags.
     member _.SemanticScores(output: VctOutput, ?flags: Tensor) : Tensor =
         Scope.run (fun () ->

@@ -222,7 +222,7 @@ module ConfigJson =
 /// Loading and saving VCT weights: the released PyTorch checkpoints and our own safetensors files.
 [<RequireQualifiedAccess>]
 module ModelIO =
-    /// Keys of a released checkpoint that the model does not hold (reference §11.5): the criterion's
+    /// Keys of a released checkpoint that the model does not hold (docs/architecture.md §14.3): the criterion's
     /// training-only `empty_weight` / `logit_scale`, and VGGish's FC `embeddings` that VCT never applies.
     let isDocumentedUnused (key: string) =
         key.StartsWith("criterion.", StringComparison.Ordinal)

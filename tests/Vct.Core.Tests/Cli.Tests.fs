@@ -44,7 +44,10 @@ let tests =
         test "the C# facade reports what the F# API reports" {
             let viaFacade = Vct.VctRuntime.Info()
             let viaApi = Vct.Core.Api.systemInfo ()
-            Expect.equal viaFacade viaApi "same record"
+            Expect.equal (viaFacade.VctVersion, viaFacade.TorchSharpVersion, viaFacade.LibTorchVersion, viaFacade.Device, viaFacade.Threads)
+                         (viaApi.VctVersion, viaApi.TorchSharpVersion, viaApi.LibTorchVersion, viaApi.Device, viaApi.Threads) "same versions, device, threads"
+            Expect.equal (viaFacade.Platform, viaFacade.CompatFixApplied, viaFacade.CompatFixReason)
+                         (viaApi.Runtime.Platform, viaApi.Runtime.CompatFixApplied, viaApi.Runtime.CompatFixReason) "same runtime set-up"
             Expect.equal (Vct.VctRuntime.ResolveDevice "cpu").``type`` TorchSharp.DeviceType.CPU "device"
         }
 

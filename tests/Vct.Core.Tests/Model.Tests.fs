@@ -28,7 +28,7 @@ let tinyInputs (cfg: VctConfig) (frames: int64) (withMasks: bool) =
 let tests =
     testList "Model" [
         test "released models have exactly the official state-dict keys and shapes (S4, MS3, AVSS)" {
-            // Documented differences (reference §11.5): the criterion's training-only entries, and the VGGish FC
+            // Documented differences (docs/architecture.md §14.3): the criterion's training-only entries, and the VGGish FC
             // `embeddings` that VCT never applies; both are reported when a released file is loaded.
             let unusedInModel (k: string) = k.StartsWith "criterion." || k.StartsWith "audio_backbone.embeddings."
             for subset in [ Subset.S4; Subset.MS3; Subset.AVSS ] do
@@ -65,7 +65,7 @@ let tests =
             let cfg = { (VctConfig.Tiny(Subset.S4, 64L, 4L)).WithUsePreSam true with Swin = SwinConfig.Tiny.WithDropPathRate 0.0 }
             torch.manual_seed 11L |> ignore
             use m = new VctModel(cfg)
-            // The deformable attention's offset/weight projections start at zero (reference §4.5), which blocks
+            // The deformable attention's offset/weight projections start at zero (docs/architecture.md §6.4), which blocks
             // the gradient path to the pixel decoder's level embedding at init; give them noise so every path lives.
             // The tiny Swin's first level has 32 channels, so its channel-weight block's fc1 has only two ReLU units:
             // with negative pre-activations for both frames they are legitimately dead and fc1 gets a zero gradient

@@ -32,7 +32,7 @@ let smallConfig (subset: Subset) : VctConfig =
                 Query = { VcqConfig.For(96L, 96L, protos) with Channels = width; NumQueries = queries } }
         AudioMlpHidden = 128L }
 
-/// The file keys the model does not have (reference §11.5); everything else must match exactly.
+/// The file keys the model does not have (docs/architecture.md §14.3); everything else must match exactly.
 let documentedLeftover (k: string) = k.StartsWith "criterion." || k.StartsWith "audio_backbone.embeddings."
 
 let loadOptions = { LoadOptions.Default with Remap = (fun k -> if documentedLeftover k then None else Some k); Strict = false }

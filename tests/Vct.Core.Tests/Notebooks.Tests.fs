@@ -47,7 +47,17 @@ let tests =
         test "every notebook runs without a failing cell" {
             let code, output = runRunner []
             Expect.equal code 0 (explain code output)
-            Expect.stringContains output "ok     notebooks/00-getting-started.ipynb" "one ok line per notebook"
+            let root = repoRoot.Force()
+            let notebooks = Directory.GetFiles(Path.Combine(root, "notebooks"), "*.ipynb") |> Array.map Path.GetFileName |> Array.sort
+            Expect.isGreaterThanOrEqual notebooks.Length 7 "00 and the six notebooks that explore the model"
+            for nb in notebooks do
+                Expect.stringContains output $"ok     notebooks/{nb}" $"one ok line per notebook ({nb})"
+            // Each notebook leaves copies of its charts (README's pictures are rendered from them): at least two each.
+            let charts = Path.Combine(root, "artifacts", "notebooks", "charts")
+            for nb in notebooks |> Array.filter (fun n -> not (n.StartsWith "00-")) do
+                let name = Path.GetFileNameWithoutExtension nb
+                let n = if Directory.Exists charts then Directory.GetFiles(charts, name + "-*.html").Length else 0
+                Expect.isGreaterThanOrEqual n 2 $"{name} draws at least two charts"
         }
 
         test "the runner reports a failing cell and exits non-zero" {

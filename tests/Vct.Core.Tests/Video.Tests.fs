@@ -306,4 +306,90 @@ let tests =
             Expect.isTrue (doc.RootElement.GetProperty("interrupted").GetBoolean()) "summary says interrupted"
             Expect.isEmpty (Directory.GetFiles(out, ".*")) "no temporary files left"
         }
+        test "rotation metadata is applied: frames, masks and overlay are in display orientation" {
+            let _, ckpt, _ = trained.Value
+            withTempDir "vct-video-rot" (fun dir ->
+                let plain = Path.Combine(dir, "plain.mp4")
+                ffmpeg [ "-f"; "lavfi"; "-i"; "testsrc=size=48x32:rate=10:duration=2"; "-f"; "lavfi"; "-i"; "sine=frequency=440:duration=2"
+                         "-pix_fmt"; "yuv444p"; "-c:v"; "libx264"; "-crf"; "0"; "-shortest"; plain ]
+                let rotated = Path.Combine(dir, "rotated.mp4")
+                ffmpeg [ "-i"; plain; "-c"; "copy"; "-metadata:s:v:0"; "rotate=90"; rotated ]
+                let probe = Ffmpeg.probe rotated
+                Expect.equal (probe.Rotation, probe.Width, probe.Height) (90, 32, 48) "probe: rotation and display size"
+                let first (p: string) = Video.read p 1.0 |> Seq.head |> fun f -> f.Image
+                let a, b = first plain, first rotated
+                Expect.equal (b.Width, b.Height) (32, 48) "decoded in display orientation"
+                // ffmpeg's display matrix angle (ffprobe "rotation": 90) turns counter-clockwise: display (row r,
+                // column c) shows source (row c, column W-1-r), as ffmpeg's own decoder (autorotate) shows it.
+                let diff clockwise =
+                    Seq.average [ for r in 0 .. 47 do
+                                    for c in 0 .. 31 do
+                                        let sr, sc = if clockwise then 31 - c, r else c, 47 - r
+                                        for ch in 0 .. 2 -> abs (float b.Pixels[(r * 32 + c) * 3 + ch] - float a.Pixels[(sr * 48 + sc) * 3 + ch]) ]
+                Expect.isLessThan (diff false) 2.0 "the source turned counter-clockwise"
+                Expect.isGreaterThan (diff true) 20.0 "not the other way"
+                let out = Path.Combine(dir, "out")
+                let r = predict ckpt (FrameSource.VideoFile rotated) VideoOptions.Default out
+                Expect.equal r.Frames 2 "2 masks"
+                let m = ImageIO.readLabels (Path.Combine(out, "masks", "000000.png"))
+                Expect.equal (m.Width, m.Height) (32, 48) "masks in display orientation"
+                Expect.stringContains (ffprobe (Path.Combine(out, "overlay.mp4"))) "codec_type=video|width=32|height=48" "overlay in display orientation")
+        }
+
+        test "alpha video is read as RGB with a warning" {
+            let _, ckpt, _ = trained.Value
+            withTempDir "vct-video-alpha" (fun dir ->
+                let alpha = Path.Combine(dir, "alpha.mov")
+                ffmpeg [ "-f"; "lavfi"; "-i"; "testsrc=size=32x32:rate=10:duration=2,format=rgba"; "-f"; "lavfi"; "-i"; "sine=duration=2"
+                         "-c:v"; "png"; "-c:a"; "pcm_s16le"; "-shortest"; alpha ]
+                Expect.isTrue (Video.hasAlpha (Ffmpeg.probe alpha).PixelFormat) "the test video has alpha"
+                let r = predict ckpt (FrameSource.VideoFile alpha) VideoOptions.Default (Path.Combine(dir, "out"))
+                Expect.equal r.Frames 2 "2 masks"
+                Expect.contains r.Warnings
+                    $"warning: {alpha} has an alpha channel (rgba); it is dropped (frames are read as RGB, as the official tools' PIL convert('RGB') does)" "warning")
+        }
+
+        test "frame images: 16-bit, palette, RGBA and grey PNGs decode like 8-bit RGB; truncated ones name the file" {
+            let _, ckpt, valr = trained.Value
+            withTempDir "vct-img-kinds" (fun dir ->
+                let make name pixFmt =
+                    let p = Path.Combine(dir, name)
+                    ffmpeg [ "-f"; "lavfi"; "-i"; "testsrc=size=32x32:rate=1"; "-frames:v"; "1"; "-pix_fmt"; pixFmt; p ]
+                    p
+                let rgb = ImageIO.readRgb (make "rgb24.png" "rgb24")
+                let maxDiff (a: Image) (b: Image) = Seq.zip a.Pixels b.Pixels |> Seq.map (fun (x, y) -> abs (int x - int y)) |> Seq.max
+                let deep = make "rgb48.png" "rgb48be"
+                Expect.isLessThanOrEqual (maxDiff rgb (ImageIO.readRgb deep)) 1 "16-bit RGB = 8-bit RGB (to rounding)"
+                let rgba = make "rgba.png" "rgba"
+                Expect.equal (maxDiff rgb (ImageIO.readRgb rgba)) 0 "RGBA: alpha dropped"
+                let pal = make "pal8.png" "pal8"
+                let palRgb = Path.Combine(dir, "pal8-as-rgb.png")
+                ffmpeg [ "-i"; pal; "-pix_fmt"; "rgb24"; palRgb ]
+                Expect.equal (maxDiff (ImageIO.readRgb palRgb) (ImageIO.readRgb pal)) 0 "palette: through its palette (as ffmpeg expands it)"
+                let grey = ImageIO.readRgb (make "gray16.png" "gray16be")
+                Expect.isTrue (Seq.forall (fun i -> grey.Pixels[3 * i] = grey.Pixels[3 * i + 1] && grey.Pixels[3 * i + 1] = grey.Pixels[3 * i + 2]) [ 0 .. 32 * 32 - 1 ]) "grey: equal channels"
+                let wav = wavOf valr[0]
+                let r = predict ckpt (FrameSource.Images [ deep; rgba; pal; Path.Combine(dir, "gray16.png") ]) { VideoOptions.Default with Audio = Some wav } (Path.Combine(dir, "out"))
+                Expect.equal r.Frames 4 "every kind segments"
+                let cut = Path.Combine(dir, "cut.png")
+                let bytes = File.ReadAllBytes(Path.Combine(dir, "rgb24.png"))
+                File.WriteAllBytes(cut, bytes[.. bytes.Length / 2])
+                let out2 = Path.Combine(dir, "out2")
+                Expect.equal (message (fun () -> predict ckpt (FrameSource.Images [ cut ]) { VideoOptions.Default with Audio = Some wav } out2 |> ignore))
+                    $"{cut}: truncated (incomplete image data)" "truncated PNG")
+        }
+
+        test "an output folder that cannot be written is refused naming it" {
+            let _, ckpt, valr = trained.Value
+            withTempDir "vct-video-ro" (fun dir ->
+                let ro = Path.Combine(dir, "ro")
+                Directory.CreateDirectory ro |> ignore
+                File.SetUnixFileMode(ro, UnixFileMode.UserRead ||| UnixFileMode.UserExecute)
+                // root ignores permission bits; sysfs refuses new files to everyone.
+                let target = if Environment.UserName = "root" || (try File.WriteAllText(Path.Combine(ro, "x"), ""); true with _ -> false) then "/sys/kernel" else ro
+                let wav = wavOf valr[0]
+                let msg = message (fun () -> predict ckpt (FrameSource.Images [ valr[0].Frames[0] ]) { VideoOptions.Default with Audio = Some wav } target |> ignore)
+                Expect.stringStarts msg $"{target}: cannot write to the output folder (" "read-only output folder"
+                File.SetUnixFileMode(ro, UnixFileMode.UserRead ||| UnixFileMode.UserWrite ||| UnixFileMode.UserExecute))
+        }
     ]

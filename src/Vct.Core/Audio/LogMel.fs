@@ -99,6 +99,16 @@ module LogMel =
             let m = torch.tensor(vggishMelMatrix.Value, dtype = dtype, device = device).DetachFromDisposeScope()
             struct (w, m))
 
+    /// Short-time magnitude spectrum of 16 kHz waveforms, the first half of `ofWaveform`: 25 ms periodic-Hann
+    /// frames every 10 ms, |rfft_512|. [.., N] -> [.., F, 257] (F >= 1 required: see `frameCount`).
+    let magnitude (wave: Tensor) : Tensor =
+        Scope.run (fun () ->
+            let struct (window, _) = constants wave.dtype wave.device                          // [400]
+            let fr = wave.unfold(-1L, int64 VggishParams.WindowLength, int64 VggishParams.HopLength) * window  // [.., F, 400]
+            // |z| as the 2-norm of (re, im): same values as abs() to 1e-16, in less than half the time.
+            let spec = torch.fft.rfft(fr, int64 VggishParams.FftLength, -1L)                   // [.., F, 257] complex
+            torch.linalg.vector_norm(torch.view_as_real(spec), 2, [| -1L |]))                 // [.., F, 257]
+
     /// Log-mel of 16 kHz waveforms: [.., N] -> [.., F, 64], natural log of (|rfft_512(frame * hann)| @ mel + 0.01).
     /// Computed in `wave.dtype` (float64: ~1e-12 from the numpy reference; float32: ~1e-4, up to 2e-4 on pure tones).
     let ofWaveform (wave: Tensor) : Tensor =
@@ -108,12 +118,8 @@ module LogMel =
             let frames = frameCount (int n)
             if frames = 0 then torch.zeros(Array.append lead [| 0L; int64 VggishParams.NumMelBins |], dtype = wave.dtype, device = wave.device)
             else
-                let struct (window, mel) = constants wave.dtype wave.device                   // [400], [257, 64]
-                let fr = wave.unfold(-1L, int64 VggishParams.WindowLength, int64 VggishParams.HopLength) * window  // [.., F, 400]
-                // |z| as the 2-norm of (re, im): same values as abs() to 1e-16, in less than half the time.
-                let spec = torch.fft.rfft(fr, int64 VggishParams.FftLength, -1L)               // [.., F, 257] complex
-                let mag = torch.linalg.vector_norm(torch.view_as_real(spec), 2, [| -1L |])   // [.., F, 257]
-                let m = mag.matmul(mel)                                                        // [.., F, 64]
+                let struct (_, mel) = constants wave.dtype wave.device                         // [257, 64]
+                let m = (magnitude wave).matmul(mel)                                           // [.., F, 64]
                 if wave.requires_grad then m.add(VggishParams.LogOffset.AsScalar).log()
                 else m.add_(VggishParams.LogOffset.AsScalar).log_())
 

@@ -2,7 +2,8 @@ namespace Vct.Core.Data
 
 open System
 
-/// Options of the training augmentation (vct-reference.md §6.10; detectron2 transforms of the official mappers).
+/// Options of the training augmentation (docs/architecture.md §11.4; detectron2 transforms of the official
+/// mappers in models/data/dataset_mappers/).
 type AugmentOptions =
     { /// Crop and pad side (INPUT.CROP.SIZE, 384). The short-side choices scale with it.
       CropSize: int
@@ -159,7 +160,7 @@ module Augment =
         // when the flip transform is reached, i.e. after frame 0's jitter.
         let frames = frames |> Array.map (geo false)
         let masks = masks |> Array.map (geo true)
-        // NOTE: the reference resizes Maskiges with the image (bilinear) transform.
+        // NOTE: the official mappers resize Maskiges with the image (bilinear) transform.
         let pre = pre |> Array.map (geo false)
         let jitter (img: Image) = if opts.ColorJitter then colorJitter rng img else img
         // Jitter order as the mapper's loop: frame 0 (then the flip is drawn), Maskige 0, frame 1, Maskige 1, ...

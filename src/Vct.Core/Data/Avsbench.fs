@@ -86,7 +86,8 @@ type LoadOptions =
       PreSam: bool }
     static member Default = { FrameSize = Some 384; EvalGtSize = 224; PreSam = false }
 
-/// AVSBench readers for the S4, MS3 and AVSS official layouts (vct-reference.md §9).
+/// AVSBench readers for the S4, MS3 and AVSS official layouts (docs/architecture.md §13; official:
+/// models/data/datasets/register_*_sem.py).
 [<RequireQualifiedAccess>]
 module Avsbench =
     /// Official S4 category ids (register_avss4_sem.py), used by the PAC loss.

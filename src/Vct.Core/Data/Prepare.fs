@@ -11,7 +11,7 @@ type PrepareReport =
       WithoutMasks: string list }
 
 /// The VCT S4 / MS3 trees (`s4_data_384`, `ms3_data_384`) built from AVSBench-semantic as the official tools
-/// `avs_tools/generate_data_384/{s4,ms3}_process.py` build them (reference §9.5): frames resized to 384 with
+/// `avs_tools/generate_data_384/{s4,ms3}_process.py` build them (docs/architecture.md §13.2): frames resized to 384 with
 /// Pillow's BILINEAR, Semantic-SAM mask images with NEAREST, and the ground truth re-derived from the semantic
 /// `labels_rgb` (Pillow's RGB -> L conversion, every non-zero grey -> 255, NEAREST to 224 and to 384) — the GT the
 /// VCT evaluators score against, which differs from AVSBench-object's own `gt_masks`.

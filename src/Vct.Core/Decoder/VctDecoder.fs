@@ -7,7 +7,7 @@ open Vct.Core
 open Vct.Core.QueryGen
 open Vct.Core.PixelDecoder
 
-/// Hyper-parameters of the iterative audio-visual decoder (`MultiScaleMaskedVCTDecoder`, reference §5.1).
+/// Hyper-parameters of the iterative audio-visual decoder (`MultiScaleMaskedVCTDecoder`, docs/architecture.md §8.1).
 type VctDecoderConfig =
     { /// Hidden width (256).
       HiddenDim: int64
@@ -59,11 +59,11 @@ type DecoderOutput =
             o.Assignment.Dispose()
             for m in o.AttentionMasks do m.Dispose()
 
-/// The decoder's prediction heads (shared by all predictions, reference §5.8) as pure functions.
+/// The decoder's prediction heads (shared by all predictions, docs/architecture.md §8.6) as pure functions.
 [<RequireQualifiedAccess>]
 module PredictionHeads =
-    /// Mask2Former masked attention (§5.7): bilinear resize of the mask logits to `size`, sigmoid < 0.5 = blocked,
-    /// repeated per head batch-major and detached. masks [BT, N, H, W] -> bool [BT*heads, N, h*w]
+    /// Mask2Former masked attention (docs/architecture.md §8.5): bilinear resize of the mask logits to `size`,
+    /// sigmoid < 0.5 = blocked, repeated per head batch-major and detached. masks [BT, N, H, W] -> bool [BT*heads, N, h*w]
     let attentionMask (numHeads: int64) (h: int64, w: int64) (masks: Tensor) : Tensor =
         Scope.run (fun () ->
             let resized = functional.interpolate(masks.detach(), [| h; w |], mode = torch.InterpolationMode.Bilinear, align_corners = false)
@@ -77,7 +77,7 @@ module PredictionHeads =
             mask.logical_and(full.logical_not()))
 
 /// The iterative audio-visual decoder: PPQG queries, then layers cycling audio -> res5 -> res4 -> res3 with
-/// masked cross-attention, self-attention and FFN, and shared prediction heads (reference §5; official
+/// masked cross-attention, self-attention and FFN, and shared prediction heads (docs/architecture.md §8; official
 /// `MultiScaleMaskedVCTDecoder`, state-dict prefix `sem_seg_head.predictor.`).
 type VctDecoder(cfg: VctDecoderConfig, gen: torch.Generator) as this =
     inherit Module<Tensor, Tensor[], Tensor, DecoderOutput>("VctDecoder")

@@ -5,8 +5,9 @@ open TorchSharp
 open type TorchSharp.torch.nn
 open Vct.Core
 
-/// Multi-scale deformable attention written with grid_sample (reference §4.4; ops/functions/ms_deform_attn_func.py,
-/// ms_deform_attn_core_pytorch, which is numerically the CUDA op).
+/// Multi-scale deformable attention written with grid_sample (docs/architecture.md §6.3; official:
+/// models/modeling/pixel_decoder/ops/functions/ms_deform_attn_func.py, ms_deform_attn_core_pytorch, which is
+/// numerically the CUDA op).
 [<RequireQualifiedAccess>]
 module MsDeformAttnCore =
     /// Start offset of each level in the flattened token axis. shapes: (H_l, W_l) per level.
@@ -80,9 +81,9 @@ type MSDeformAttn(dModel: int64, nLevels: int64, nHeads: int64, nPoints: int64) 
 
     do reset ()
 
-    /// Re-initialises as the reference's _reset_parameters (§4.5): offsets weight 0, bias = per head h the
-    /// direction (cos θ_h, sin θ_h), θ_h = 2πh/M, scaled to max-abs 1, times (p + 1), same for every level;
-    /// attention weights 0; value/output projections Xavier-uniform with bias 0.
+    /// Re-initialises as the official MSDeformAttn._reset_parameters (docs/architecture.md §6.4): offsets
+    /// weight 0, bias = per head h the direction (cos θ_h, sin θ_h), θ_h = 2πh/M, scaled to max-abs 1, times
+    /// (p + 1), same for every level; attention weights 0; value/output projections Xavier-uniform with bias 0.
     member _.ResetParameters() = reset ()
 
     member _.DModel = dModel

@@ -5,7 +5,8 @@ open TorchSharp
 open type TorchSharp.torch.nn
 open Vct.Core
 
-/// Hyper-parameters of MSDeformAttnPixelDecoder (reference §4.1; pixel_decoder/msdeformattn.py).
+/// Hyper-parameters of MSDeformAttnPixelDecoder (docs/architecture.md §6.1; official:
+/// models/modeling/pixel_decoder/msdeformattn.py).
 type PixelDecoderConfig =
     { InChannels: int64[]        // channels of res2..res5 (backbone OutChannels), in stride order
       InStrides: int64[]         // strides of res2..res5 (4, 8, 16, 32)
@@ -109,8 +110,8 @@ type MSDeformAttnTransformerEncoderOnly(dModel: int64, nHeads: int64, numLayers:
     let encoder = new MSDeformAttnEncoder(numLayers, fun () -> new MSDeformAttnEncoderLayer(dModel, dFfn, dropout, nLevels, nHeads, nPoints))
     do this.RegisterComponents()
 
-    /// Reference init (§4.5): Xavier-uniform on every parameter with ≥ 2 dims, then each MSDeformAttn reset, then
-    /// level_embed ~ N(0, 1).
+    /// The official init (docs/architecture.md §6.4): Xavier-uniform on every parameter with ≥ 2 dims, then each
+    /// MSDeformAttn reset, then level_embed ~ N(0, 1).
     member this.ResetParameters() =
         use _ = torch.no_grad ()
         for struct (_, p) in this.named_parameters() do
@@ -188,7 +189,7 @@ type PixelDecoderOutput =
       /// the first three maps, coarse to fine: [N, ConvDim, H/32, W/32], [.., H/16, W/16], [.., H/8, W/8]
       MultiScaleFeatures: Tensor[] }
 
-/// MSDeformAttnPixelDecoder (reference §4; pixel_decoder/msdeformattn.py). Keys as under
+/// MSDeformAttnPixelDecoder (docs/architecture.md §6; official: models/modeling/pixel_decoder/msdeformattn.py). Keys as under
 /// `sem_seg_head.pixel_decoder.`: input_proj.k.{0,1}, transformer.level_embed, transformer.encoder.layers.i.*,
 /// mask_features, adapter_k, layer_k.
 ///   features [| res2; res3; res4; res5 |] -> PixelDecoderOutput
@@ -224,8 +225,9 @@ type MSDeformAttnPixelDecoder(cfg: PixelDecoderConfig) as this =
     member _.Config = cfg
     member _.Transformer = transformer
 
-    /// Initialisation of §4.5: input_proj convs Xavier-uniform (gain 1) with bias 0, their GroupNorms 1 / 0; the
-    /// encoder's own reset; mask_features, adapter_k, layer_k c2_xavier_fill (Kaiming-uniform a = 1, bias 0).
+    /// Initialisation of docs/architecture.md §6.4: input_proj convs Xavier-uniform (gain 1) with bias 0, their
+    /// GroupNorms 1 / 0; the encoder's own reset; mask_features, adapter_k, layer_k c2_xavier_fill (Kaiming-uniform
+    /// a = 1, bias 0).
     member _.ResetParameters() =
         use _ = torch.no_grad ()
         for conv in convs do

@@ -4,7 +4,7 @@ open TorchSharp
 open type TorchSharp.torch.nn
 open Vct.Core
 
-/// Hyper-parameters of the pixel-to-query assignment attention (reference §5.4).
+/// Hyper-parameters of the pixel-to-query assignment attention (docs/architecture.md §7.3).
 type AssignConfig =
     { /// C, channels of queries and keys.
       Dim: int64
@@ -23,7 +23,7 @@ type AssignConfig =
     static member Default(dim: int64) =
         { Dim = dim; NumHeads = 1L; QkvBias = true; Hard = true; Gumbel = true; GumbelTau = 1.0; AssignEps = 1.0 }
 
-/// Parameter-free assignment functions (written from the paper's description, reference §5.4).
+/// Parameter-free assignment functions (written from the paper's description, docs/architecture.md §7.3).
 [<RequireQualifiedAccess>]
 module Grouping =
     /// Forward: one-hot of the arg-max along `dim` (first maximum on ties). Backward: the softmax gradient.

@@ -5,7 +5,7 @@ open type TorchSharp.torch.nn
 open Vct.Core
 open Vct.Core.Decoder
 
-/// Hyper-parameters of the vision-derived query block (PPQG, reference §5.3).
+/// Hyper-parameters of the vision-derived query block (PPQG, docs/architecture.md §7).
 type VcqConfig =
     { /// Channels of the mask features and of the queries (256 in every released model).
       Channels: int64
@@ -30,7 +30,7 @@ type VcqOutput =
       Assignment: Tensor }
 
 /// Prototype-prompted query generation (`ProtoVCQ`, with prototypes) or `VCQ` (without), written from the
-/// paper and the reference: pre-projection convs, token mixing from pixels to N queries, optional prototype
+/// paper and docs/architecture.md §7: pre-projection convs, token mixing from pixels to N queries, optional prototype
 /// cross-attention, and hard pixel grouping added residually.
 ///   mask features [B, C, H, W] -> queries [N, B, C]
 type VisualQueryBlock(cfg: VcqConfig, gen: torch.Generator) as this =

@@ -6,7 +6,7 @@ open type TorchSharp.torch.nn
 open Vct.Core
 open Vct.Core.Decoder
 
-/// What the prototype-audio contrastive loss compares the similarities with (reference §6.6).
+/// What the prototype-audio contrastive loss compares the similarities with (docs/architecture.md §10.6).
 [<RequireQualifiedAccess>]
 type PacTarget =
     /// MS3: no PAC loss.
@@ -16,7 +16,7 @@ type PacTarget =
     /// AVSS: multi-hot of the labels present in each supervised frame's target (background 0 included).
     | FrameLabels
 
-/// Which of the BT predicted frames have ground truth (reference §6.2), in the order of the targets, and the
+/// Which of the BT predicted frames have ground truth (docs/architecture.md §10.2), in the order of the targets, and the
 /// PAC target.
 type Supervision =
     { Frames: int64[]
@@ -53,8 +53,8 @@ module Losses =
             let q, t = matches[f]
             for k in 0 .. q.Length - 1 -> int64 f, q[k], t[k] |]
 
-    /// Weighted cross-entropy over all queries (§6.4): target = matched class, `numClasses` (no object) for the
-    /// rest; class weights `emptyWeight` [C+1]; PyTorch's weighted mean. logits [F, N, C+1] -> scalar.
+    /// Weighted cross-entropy over all queries (docs/architecture.md §10.4): target = matched class,
+    /// `numClasses` (no object) for the rest; class weights `emptyWeight` [C+1]; PyTorch's weighted mean. logits [F, N, C+1] -> scalar.
     let classification (emptyWeight: Tensor) (logits: Tensor) (matches: (int64[] * int64[])[]) (targets: FrameTarget[]) : Tensor =
         Shape.requireRank (nameof logits) 3 logits
         Scope.run (fun () ->
@@ -95,7 +95,7 @@ module Losses =
                 else functional.pad(m, [| 0L; w - m.shape[1]; 0L; h - m.shape[0] |]) |]
         torch.stack(picked).unsqueeze(1L)
 
-    /// Mask BCE and dice of the matched pairs on importance-sampled points (§6.5). masks [F, N, h, w] logits.
+    /// Mask BCE and dice of the matched pairs on importance-sampled points (docs/architecture.md §10.5). masks [F, N, h, w] logits.
     /// Draws two uniform tensors (candidates, then the random fill) even when nothing is matched, as the
     /// official code. -> (loss_mask, loss_dice)
     let masks (uniform: UniformSource) (numPoints: int64) (oversample: float) (importance: float) (numMasks: float)
@@ -142,7 +142,7 @@ module Losses =
                 t[int64 i, l] <- torch.tensor(1.0f)
         t
 
-    /// Prototype-audio contrastive loss (§6.6): BCE-with-logits of exp(logitScale) * audio · protoᵀ against
+    /// Prototype-audio contrastive loss (docs/architecture.md §10.6): BCE-with-logits of exp(logitScale) * audio · protoᵀ against
     /// `target`, mean over frames x K. audioFeat [F, C]; protoFeat [F, K, C]; target [F, K] -> scalar
     let prototype (logitScale: Tensor) (audioFeat: Tensor) (protoFeat: Tensor) (target: Tensor) : Tensor =
         Shape.requireRank (nameof audioFeat) 2 audioFeat
@@ -151,7 +151,7 @@ module Losses =
             let similarity = (logitScale.exp() * audioFeat.unsqueeze(1L)).matmul(protoFeat.transpose(1L, 2L)).squeeze(1L) // [F, K]
             functional.binary_cross_entropy_with_logits(similarity, target.``to``(similarity.device).to_type(similarity.dtype)))
 
-/// Hyper-parameters of the criterion (reference §6.3-6.7; MODEL.MASK_FORMER.*).
+/// Hyper-parameters of the criterion (docs/architecture.md §10.3-10.7; MODEL.MASK_FORMER.*).
 type CriterionConfig =
     { /// Segmentation classes C, without the no-object class.
       NumClasses: int64

@@ -27,9 +27,9 @@ type TrainJobOptions =
       Device: torch.Device
       Workers: int
       EvalPeriod: int option
-      /// Initial Swin weights (original ImageNet-22K file or converted .pkl) for both Swin copies.
+      /// Initial Swin weights (original ImageNet-22K file or converted .pkl) for both Swin copies; a path or a hub reference (`Hub.resolveWith`).
       SwinWeights: string option
-      /// torchvggish `vggish-10086976.pth`.
+      /// torchvggish `vggish-10086976.pth`; a path or a hub reference.
       VggishWeights: string option
       /// For pre-SAM models on data without mask images: Refuse (default), BlankMaskImage or SkipBranch.
       MissingMasks: Backbone.MissingMasks
@@ -127,11 +127,14 @@ module TrainJob =
         let runDir = Path.Combine(o.RunsDir, o.Name)
         let precision = if cfg.Amp then "mixed precision (float16 autocast, loss scaling)" else "float32"
         log $"training {o.Preset} ({subset}) for {cfg.Iterations} iterations of {cfg.BatchVideos} videos on {train.Length} videos in {precision}; run {runDir}"
+        // Hub references (swin-b-22k, vggish, hf:..., https://...) become cached local files before training starts.
+        let swinWeights = o.SwinWeights |> Option.map Checkpoint.Hub.resolve
+        let vggishWeights = o.VggishWeights |> Option.map Checkpoint.Hub.resolve
         let init (m: VctModel) =
-            o.SwinWeights |> Option.iter (fun path ->
+            swinWeights |> Option.iter (fun path ->
                 let swins = [ yield m.VisualEncoder.Backbone; match m.VisualEncoder.PreSamBackbone with Some p -> yield p | None -> () ]
                 for r in Backbone.SwinPretrained.loadImageNet path swins do log $"Swin weights from {path}: {r}")
-            match o.VggishWeights with
+            match vggishWeights with
             | Some path ->
                 let r = m.AudioBackbone.Load path
                 log $"VGGish weights from {path}: loaded {r.Loaded.Length}, ignored (unused FC) {r.Dropped.Length}"

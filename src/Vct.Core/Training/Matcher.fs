@@ -6,7 +6,7 @@ open TorchSharp
 open type TorchSharp.torch.nn
 open Vct.Core
 
-/// The ground truth of one supervised frame (reference §6.1): the label values present (sorted, 255 excluded)
+/// The ground truth of one supervised frame (docs/architecture.md §10.1): the label values present (sorted, 255 excluded)
 /// and one binary mask per label, padded to the input size.
 ///   Labels: int64 [M]; Masks: [M, H, W] (bool or float 0/1)
 type FrameTarget =
@@ -67,7 +67,7 @@ module Points =
                                    padding_mode = torch.GridSamplePaddingMode.Zeros, align_corners = false)
                 .squeeze(3L))
 
-    /// detectron2 `get_uncertain_point_coords_with_randomness` with uncertainty -|logit| (reference §6.5):
+    /// detectron2 `get_uncertain_point_coords_with_randomness` with uncertainty -|logit| (docs/architecture.md §10.5):
     /// draw floor(numPoints * oversample) candidates per mask, keep the floor(importance * numPoints) most
     /// uncertain and append fresh uniform points up to numPoints. logits [N, 1, H, W] -> coords [N, numPoints, 2].
     /// Two draws from `uniform`, in the official order. No gradient.
@@ -87,7 +87,7 @@ module Points =
             if numRandom > 0L then torch.cat([| chosen; (uniform [| n; numRandom; 2L |]).``to``(logits.device) |], 1L)
             else chosen)
 
-/// Weights of the matching cost (reference §6.3; official HungarianMatcher).
+/// Weights of the matching cost (docs/architecture.md §10.3; official models/modeling/matcher.py, HungarianMatcher).
 type MatcherConfig =
     { CostClass: float
       CostMask: float

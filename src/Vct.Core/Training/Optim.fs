@@ -6,7 +6,7 @@ open TorchSharp
 open TorchSharp.Modules
 open Vct.Core
 
-/// Optimiser settings (reference §6.8-6.9; SOLVER.* keys).
+/// Optimiser settings (docs/architecture.md §11.1-11.3; SOLVER.* keys).
 type OptimConfig =
     { /// SOLVER.BASE_LR (1e-4).
       BaseLr: float

@@ -105,9 +105,9 @@ module TrainData =
         interface IDisposable with
             member _.Dispose() = for t in cache.Values do t.Dispose()
 
-/// The training loop (reference §6): iteration based, periodic evaluation with the official metrics, best
-/// checkpoint by M_J, resumable checkpoints written atomically, JSONL log, progress line, Ctrl-C handling,
-/// NaN/Inf detection. Every step runs in a dispose scope so memory stays flat.
+/// The training loop (docs/architecture.md §10-11; official train_net.py, Trainer): iteration based, periodic
+/// evaluation with the official metrics, best checkpoint by M_J, resumable checkpoints written atomically, JSONL
+/// log, progress line, Ctrl-C handling, NaN/Inf detection. Every step runs in a dispose scope so memory stays flat.
 [<RequireQualifiedAccess>]
 module Trainer =
     let private seedFor (seed: int) (iteration: int) = DeterministicSeed.mix [ seed; iteration; 0x7a11 ]

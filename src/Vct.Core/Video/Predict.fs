@@ -328,6 +328,8 @@ module VideoSegmentation =
             | FrameSource.VideoFile path ->
                 let probe = Ffmpeg.probe path
                 Video.checkBudget path probe.Width probe.Height
+                if Video.hasAlpha probe.PixelFormat then
+                    warn $"warning: {path} has an alpha channel ({probe.PixelFormat}); it is dropped (frames are read as RGB, as the official tools' PIL convert('RGB') does)"
                 let feed =
                     match options.Audio, probe.Audio with
                     | Some a, _ -> new AudioFeed(a, None, Some(Media.read SampleScaling.Exact a), warn)

@@ -41,6 +41,11 @@ module Video =
     /// accepted): a frame costs 3 bytes a pixel to decode and the score maps are upsampled to it.
     let maxFramePixels = 7680L * 4320L
 
+    /// Whether an ffmpeg pixel format carries alpha (rgba, argb, yuva420p, gbrap, ya8, ...).
+    let hasAlpha (pixelFormat: string) =
+        let f = pixelFormat.ToLowerInvariant()
+        f.StartsWith "yuva" || f.StartsWith "gbrap" || f.StartsWith "ya" || f.Contains "rgba" || f.Contains "bgra" || f.Contains "argb" || f.Contains "abgr"
+
     /// AVSBench's frame in each second (`preprocess_scripts/preprocess_s4.py`, `extract_frame_for_each_video`):
     /// of 16 evenly spaced samples per second it keeps the last (index int(l*fps + 15/16*fps)), i.e. the frame on
     /// screen 15/16 of the way through the second. With `fps` frames per second, slot k is sampled at the same
