@@ -104,9 +104,18 @@ let vct (arguments: string list) =
 
 /// The main job: the tiny preset on the built-in synthetic S4-like data (generated under data/ when missing),
 /// evaluated with true and shuffled audio; everything lands in runs/main/.
+/// An earlier runs/main is moved aside first (`vct train` refuses to mix a new run into an old one).
 let train () =
     build ()
-    let args = if extra.Length > 0 then List.ofArray extra else [ "--preset"; "tiny"; "--name"; "main" ]
+    let args =
+        if extra.Length > 0 then List.ofArray extra
+        else
+            let dir = Path.Combine(root, "runs", "main")
+            if Directory.Exists dir then
+                let kept = Path.Combine(root, "runs", "main-" + DateTime.Now.ToString("yyyyMMdd-HHmmss"))
+                Directory.Move(dir, kept)
+                printfn "runs/main held an earlier run: moved to runs/%s" (Path.GetFileName kept)
+            [ "--preset"; "tiny"; "--name"; "main" ]
     vct ([ "train" ] @ args)
 
 /// Evaluates the main job's best checkpoint on the synthetic validation split.

@@ -31,7 +31,7 @@ let private trainRun (cfg: TrainConfig) (kind: DatasetKind) (root: string) (rssA
                     GC.Collect()
                     rss[it] <- rssMiB ()
                 printf "\r  step %d (%.2f s)   " it secs
-            | TrainEvent.Eval _ -> ()
+            | TrainEvent.Eval _ | TrainEvent.Warning _ -> ()
         let r = Trainer.run cfg train valr (torch.CPU) runDir false ignore onEvent CancellationToken.None
         printfn ""
         if r.Outcome <> Completed then failwithf "benchmark run ended with %A" r.Outcome

@@ -83,9 +83,11 @@ internal static class AudioCommand
                 Npy.write(Vct.Core.Data.SafePath.checkWrite(outRoot, dst), r.Examples);
                 Interlocked.Increment(ref written);
             }
-            catch (Exception e) when (e is IOException or InvalidDataException or ArgumentException or NotSupportedException)
+            catch (Exception e)
             {
-                failures.Add(e.Message);
+                // Any failure of one file (LibTorch, arithmetic, memory included) is that file's line, not the batch's end.
+                var line = Errors.Describe(e);
+                failures.Add(line.Contains(src, StringComparison.Ordinal) ? line : $"{src}: {line}");
             }
         });
         foreach (var f in failures.OrderBy(f => f, StringComparer.Ordinal)) Console.Error.WriteLine($"vct: {f}");

@@ -19,6 +19,7 @@ internal static class CommonOptions
     /// <summary>Initialises the runtime, applies --threads and resolves --device.</summary>
     public static TorchSharp.torch.Device Apply(string device, int? threads)
     {
+        if (threads is int t && (t < 1 || t > 1024)) throw new ArgumentException($"--threads must be in 1..1024, got {t}");
         VctRuntime.Initialize();
         if (threads is int n) VctRuntime.SetThreads(n);
         return VctRuntime.ResolveDevice(device);

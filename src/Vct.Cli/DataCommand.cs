@@ -21,6 +21,7 @@ internal static class DataCommand
             var videos = string.Join(", ", report.Videos.Select(v => $"{v.Item1} {v.Item2}"));
             Console.WriteLine($"{report.Root}: {kind} dataset; videos: {(videos.Length > 0 ? videos : "none")}");
             foreach (var p in report.Problems) Console.WriteLine($"error: {p}");
+            foreach (var w in report.Warnings) Console.WriteLine($"warning: {w}");
             Console.WriteLine(report.Ok ? "OK" : $"{report.Problems.Length} problem(s)");
             return report.Ok ? 0 : 2;
         });

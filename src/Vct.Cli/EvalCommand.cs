@@ -35,6 +35,8 @@ internal static class EvalCommand
             {
                 var kind = model.Config.Subset.IsS4 ? DatasetKind.S4 : model.Config.Subset.IsMS3 ? DatasetKind.Ms3 : DatasetKind.Avss;
                 var records = Avsbench.records(kind, parse.GetValue(data)!, parse.GetValue(split)!);
+                if (records.Length == 0)
+                    throw new InvalidDataException($"{parse.GetValue(data)}: the {parse.GetValue(split)} split has no videos; nothing to evaluate");
                 Console.Error.WriteLine($"evaluating {records.Length} videos of {parse.GetValue(split)}");
                 using var audio = new TrainData.AudioCache(model);
                 var summary = Trainer.evaluate(model, audio, records, false, parse.GetValue(workers));
@@ -43,7 +45,7 @@ internal static class EvalCommand
                 var csv = new StringBuilder("video,j,f\n");
                 foreach (var v in summary.Videos)
                     csv.Append(CultureInfo.InvariantCulture, $"{v.Id},{v.J:R},{v.F:R}\n");
-                File.WriteAllText(Path.Combine(outDir, "per_video.csv"), csv.ToString());
+                AtomicFile.writeAllText(Path.Combine(outDir, "per_video.csv"), csv.ToString());
                 var json = new JsonObject
                 {
                     ["checkpoint"] = parse.GetValue(checkpoint),
@@ -59,7 +61,7 @@ internal static class EvalCommand
                     json["m_f_audio_shuffled"] = control.MF;
                 }
                 var text = json.ToJsonString(new System.Text.Json.JsonSerializerOptions { WriteIndented = true });
-                File.WriteAllText(Path.Combine(outDir, "summary.json"), text);
+                AtomicFile.writeAllText(Path.Combine(outDir, "summary.json"), text);
                 Console.WriteLine(text);
             }
             return 0;

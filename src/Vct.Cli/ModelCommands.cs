@@ -31,6 +31,7 @@ internal static class ModelCommands
         cmd.SetAction(parse =>
         {
             CommonOptions.Apply("cpu", null);
+            ModelIO.checkCheckpointPath(parse.GetValue(output)!); // before the (long) load
             var (model, report) = ModelIO.loadOfficial(Subset.Parse(parse.GetValue(subset)!), WeightsCommand.Resolve(parse.GetValue(checkpoint))!, TorchSharp.torch.CPU).ToValueTuple();
             using (model)
             {

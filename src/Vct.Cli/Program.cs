@@ -13,14 +13,22 @@ root.Subcommands.Add(SynthCommand.Create());
 root.Subcommands.Add(DataCommand.Create());
 root.Subcommands.Add(PredictCommand.Create());
 root.Subcommands.Add(WeightsCommand.Create());
+// A failure on a background thread would otherwise abort the process (exit 134) with a stack trace.
+AppDomain.CurrentDomain.UnhandledException += (_, e) =>
+{
+    if (e.ExceptionObject is Exception ex) Errors.Report(ex);
+    else Console.Error.WriteLine($"vct: {e.ExceptionObject}");
+    Vct.Core.FinalizerGate.ReleaseForExit(); // a step may hold the finalizer gate; exit would wait for it
+    Environment.Exit(1);
+};
 try
 {
     return root.Parse(args).Invoke(new InvocationConfiguration { EnableDefaultExceptionHandler = false });
 }
-catch (Exception e) when (e is ArgumentException or InvalidOperationException or IOException or InvalidDataException or NotSupportedException)
+catch (Exception e)
 {
-    // Bad input or environment: one clear line, no stack trace (set VCT_DEBUG=1 for it).
-    Console.Error.WriteLine($"vct: {e.Message}");
-    if (Environment.GetEnvironmentVariable("VCT_DEBUG") == "1") Console.Error.WriteLine(e);
-    return 1;
+    // Bad input or environment: one clear line naming the file, no stack trace (set VCT_DEBUG=1 for it).
+    var code = Errors.Report(e);
+    Vct.Core.FinalizerGate.ReleaseForExit();
+    return code;
 }

@@ -65,6 +65,20 @@ internal static class TrainCommand
                 cts.Cancel();
             };
             Console.CancelKeyPress += onCancel;
+            // SIGTERM (kill, docker stop, a scheduler's pre-emption) is handled like Ctrl-C: stop after the step,
+            // write the resumable checkpoint, exit 130; a second one aborts.
+            using var onTerm = System.Runtime.InteropServices.PosixSignalRegistration.Create(System.Runtime.InteropServices.PosixSignal.SIGTERM, ctx =>
+            {
+                ctx.Cancel = true;
+                if (cts.IsCancellationRequested)
+                {
+                    Console.Error.WriteLine("\naborting without a checkpoint");
+                    Vct.Core.FinalizerGate.ReleaseForExit();
+                    Environment.Exit(130);
+                }
+                Console.Error.WriteLine("\nSIGTERM: stopping after this step; a resumable checkpoint will be written");
+                cts.Cancel();
+            });
             var total = 0;
             var sw = Stopwatch.StartNew();
             var first = -1;
@@ -81,6 +95,11 @@ internal static class TrainCommand
                     var line = $"it {s.iteration}/{total} loss {s.loss:F3} lr {s.lr:E2} {rate:F2} it/s ETA {TimeSpan.FromSeconds(left):hh\\:mm\\:ss}";
                     if (interactive) Console.Error.Write("\r" + line.PadRight(90));
                     else if (s.iteration % 50 == 0) Console.Error.WriteLine(line);
+                }
+                else if (e is TrainEvent.Warning w)
+                {
+                    if (interactive) Console.Error.WriteLine();
+                    Console.Error.WriteLine($"warning: {w.message}");
                 }
                 else if (e is TrainEvent.Eval ev)
                 {

@@ -93,7 +93,80 @@ module ConfigJson =
     let private i32s o path k = typed (path + k) (fun () -> [| for x in (get o path k).AsArray() -> x.GetValue<int>() |])
     let private opt o path k f = match (get o path k) with null -> None | _ -> Some(f o path k)
 
-    /// Reads a config written by `toJson`.
+    /// Range checks of every config value, run before a model is built: a value outside its range (or parts that do
+    /// not fit together) fails naming the field, instead of a LibTorch error, a division by zero or an allocation
+    /// that cannot succeed.
+    let checkRanges (c: VctConfig) : VctConfig =
+        let fail (field: string) (why: string) = raise (InvalidDataException $"config: field '{field}' {why}")
+        let within (field: string) (lo: int64) (hi: int64) (v: int64) =
+            if v < lo || v > hi then fail field $"must be in {lo}..{hi}, got {v}"
+        let rate (field: string) (v: float) =
+            if not (v >= 0.0 && v < 1.0) then fail field $"must be in [0, 1), got {v}"
+        let s = c.Swin
+        within "image_size" 32L 8192L c.ImageSize
+        within "size_divisibility" 1L 1024L c.SizeDivisibility
+        within "output_size" 1L 8192L c.OutputSize
+        within "audio_mlp_hidden" 1L 65536L c.AudioMlpHidden
+        within "swin.patch_size" 1L 64L s.PatchSize
+        within "swin.in_chans" 1L 16L s.InChans
+        within "swin.embed_dim" 1L 4096L s.EmbedDim
+        within "swin.depths (count)" 1L 8L (int64 s.Depths.Length)
+        s.Depths |> Array.iteri (fun i d -> within $"swin.depths[{i}]" 1L 64L (int64 d))
+        if s.NumHeads.Length <> s.Depths.Length then
+            fail "swin.num_heads" $"has {s.NumHeads.Length} entries for {s.Depths.Length} stages (swin.depths)"
+        s.NumHeads |> Array.iteri (fun i h ->
+            within $"swin.num_heads[{i}]" 1L 1024L h
+            let dim = s.EmbedDim <<< i
+            if dim % h <> 0L then fail $"swin.num_heads[{i}]" $"= {h} does not divide stage {i}'s {dim} channels")
+        within "swin.window_size" 1L 64L s.WindowSize
+        if not (s.MlpRatio > 0.0 && s.MlpRatio <= 64.0) then fail "swin.mlp_ratio" $"must be in (0, 64], got {s.MlpRatio}"
+        s.QkScale |> Option.iter (fun q -> if not (q > 0.0 && Double.IsFinite q) then fail "swin.qk_scale" $"must be positive, got {q}")
+        rate "swin.drop_rate" s.DropRate
+        rate "swin.attn_drop_rate" s.AttnDropRate
+        rate "swin.drop_path_rate" s.DropPathRate
+        if s.OutIndices.Length = 0 then fail "swin.out_indices" "is empty"
+        s.OutIndices |> Array.iteri (fun i k -> within $"swin.out_indices[{i}]" 0L (int64 s.Depths.Length - 1L) (int64 k))
+        let p = c.PixelDecoder
+        within "pixel_decoder.in_channels (count)" 1L 8L (int64 p.InChannels.Length)
+        p.InChannels |> Array.iteri (fun i v -> within $"pixel_decoder.in_channels[{i}]" 1L 65536L v)
+        if p.InStrides.Length <> p.InChannels.Length then
+            fail "pixel_decoder.in_strides" $"has {p.InStrides.Length} entries for {p.InChannels.Length} inputs (pixel_decoder.in_channels)"
+        p.InStrides |> Array.iteri (fun i v -> within $"pixel_decoder.in_strides[{i}]" 1L 1024L v)
+        within "pixel_decoder.transformer_levels" 1L (int64 p.InChannels.Length) (int64 p.TransformerLevels)
+        within "pixel_decoder.conv_dim" 1L 4096L p.ConvDim
+        within "pixel_decoder.mask_dim" 1L 4096L p.MaskDim
+        within "pixel_decoder.group_norm_groups" 1L p.ConvDim p.GroupNormGroups
+        within "pixel_decoder.num_heads" 1L p.ConvDim p.NumHeads
+        within "pixel_decoder.num_points" 1L 64L p.NumPoints
+        within "pixel_decoder.enc_layers" 0L 64L (int64 p.EncLayers)
+        within "pixel_decoder.dim_feedforward" 1L 65536L p.DimFeedforward
+        rate "pixel_decoder.dropout" p.Dropout
+        within "pixel_decoder.common_stride" 1L 1024L p.CommonStride
+        let d = c.Decoder
+        within "decoder.hidden_dim" 1L 4096L d.HiddenDim
+        within "decoder.num_queries" 1L 10000L d.NumQueries
+        within "decoder.num_heads" 1L d.HiddenDim d.NumHeads
+        if d.HiddenDim % d.NumHeads <> 0L then fail "decoder.num_heads" $"= {d.NumHeads} does not divide decoder.hidden_dim = {d.HiddenDim}"
+        within "decoder.dim_feedforward" 1L 65536L d.DimFeedforward
+        within "decoder.dec_layers" 1L 64L (int64 d.DecLayers)
+        within "decoder.num_classes" 1L 1000L d.NumClasses
+        let q = d.Query
+        within "decoder.query.channels" 1L 4096L q.Channels
+        within "decoder.query.num_pixels" 1L (8192L * 8192L) q.NumPixels
+        within "decoder.query.num_queries" 1L 10000L q.NumQueries
+        q.NumPrototypes |> Option.iter (within "decoder.query.num_prototypes" 1L 1000L)
+        within "decoder.query.prototype_heads" 1L q.Channels q.PrototypeHeads
+        if q.Channels % q.PrototypeHeads <> 0L then
+            fail "decoder.query.prototype_heads" $"= {q.PrototypeHeads} does not divide decoder.query.channels = {q.Channels}"
+        // How the parts fit together (the models' own checks, as a config error).
+        try
+            s.Validate()
+            p.Validate()
+            c.Validate()
+        with :? ArgumentException as e -> raise (InvalidDataException $"config: {e.Message}")
+        c
+
+    /// Reads a config written by `toJson`; every value is range-checked (`checkRanges`).
     let ofJson (o: JsonObject) : VctConfig =
         let s = obj o "" "swin"
         let p = obj o "" "pixel_decoder"
@@ -129,6 +202,7 @@ module ConfigJson =
                   NumQueries = i64 q "decoder.query." "num_queries"
                   NumPrototypes = opt q "decoder.query." "num_prototypes" i64
                   PrototypeHeads = i64 q "decoder.query." "prototype_heads" } } }
+        |> checkRanges
 
     /// Compact JSON text of a config.
     let toText (c: VctConfig) = (toJson c).ToJsonString(JsonSerializerOptions(WriteIndented = true))
@@ -166,18 +240,23 @@ module ModelIO =
     /// The JSON config file written beside a checkpoint: model.safetensors -> model.json.
     let configPathOf (checkpoint: string) = Path.ChangeExtension(checkpoint, ".json")
 
-    /// Writes the model's weights as safetensors (config JSON also in the metadata) and the config beside it.
+    /// Refuses a checkpoint path that its own config file would overwrite (`x.json`).
+    let checkCheckpointPath (path: string) =
+        if String.Equals(Path.GetFullPath(configPathOf path), Path.GetFullPath path, StringComparison.OrdinalIgnoreCase) then
+            raise (ArgumentException $"{path}: a checkpoint cannot be a .json file (its config is written beside it as <name>.json); use a .safetensors name")
+
+    /// Writes the model's weights as safetensors (config JSON also in the metadata) and the config beside it,
+    /// each atomically; a `.json` checkpoint path is refused.
     let save (path: string) (model: VctModel) =
+        checkCheckpointPath path
+        let json = configPathOf path
         let text = ConfigJson.toText model.Config
         let meta = Dictionary<string, string>()
         meta["format"] <- "pt"
         meta["vct_config"] <- text
         let tensors = [ for kv in model.state_dict () -> kv.Key, kv.Value ]
         Safetensors.write path meta tensors
-        let json = configPathOf path
-        let tmp = json + $".{Guid.NewGuid():N}.tmp"
-        File.WriteAllText(tmp, text)
-        File.Move(tmp, json, true)
+        AtomicFile.writeAllText json text
 
     /// The config of one of our checkpoints: the JSON beside it, else the one in its metadata.
     let readConfig (path: string) : VctConfig =

@@ -105,9 +105,86 @@ let synth =
         }
     ]
 
+/// Writes a 16-bit grey PNG (colour type 0, bit depth 16) by hand: SkiaSharp writes 8-bit only.
+let private writePng16 (path: string) (w: int) (h: int) (values: uint16[]) =
+    let table =
+        Array.init 256 (fun n ->
+            let mutable c = uint32 n
+            for _ in 0 .. 7 do c <- if c &&& 1u <> 0u then 0xEDB88320u ^^^ (c >>> 1) else c >>> 1
+            c)
+    let crc (data: byte[]) =
+        let mutable c = 0xFFFFFFFFu
+        for b in data do c <- table[int ((c ^^^ uint32 b) &&& 0xFFu)] ^^^ (c >>> 8)
+        c ^^^ 0xFFFFFFFFu
+    let be (v: uint32) = [| byte (v >>> 24); byte (v >>> 16); byte (v >>> 8); byte v |]
+    let chunk (kind: string) (data: byte[]) =
+        let body = Array.append (Text.Encoding.ASCII.GetBytes kind) data
+        Array.concat [ be (uint32 data.Length); body; be (crc body) ]
+    let raw =
+        [| for y in 0 .. h - 1 do
+               yield 0uy
+               for x in 0 .. w - 1 do
+                   let v = values[y * w + x]
+                   yield byte (v >>> 8)
+                   yield byte v |]
+    use packed = new MemoryStream()
+    (use z = new Compression.ZLibStream(packed, Compression.CompressionLevel.Fastest, true)
+     z.Write(raw, 0, raw.Length))
+    let ihdr = Array.concat [ be (uint32 w); be (uint32 h); [| 16uy; 0uy; 0uy; 0uy; 0uy |] ]
+    File.WriteAllBytes(path, Array.concat [ [| 0x89uy; byte 'P'; byte 'N'; byte 'G'; 13uy; 10uy; 26uy; 10uy |]
+                                            chunk "IHDR" ihdr; chunk "IDAT" (packed.ToArray()); chunk "IEND" [||] ])
+
 [<Tests>]
 let readers =
     testList "Data.Readers" [
+        test "the check reads what training reads: palette masks via their palette, 16-bit masks, empty GT, short audio, the pixel budget" {
+            let root = tempDir "check"
+            Synth.generate (tiny SynthKind.S4 9) root |> ignore
+            let clean = DataCheck.run root 2
+            Expect.isTrue clean.Ok $"""the synthetic set passes: {String.Join("; ", clean.Problems)}"""
+            Expect.isEmpty clean.Warnings "and gives no warning"
+            let train = Avsbench.records DatasetKind.S4 root "train"
+            let valr = Avsbench.records DatasetKind.S4 root "val" |> Array.exactlyOne
+            let test = Avsbench.records DatasetKind.S4 root "test" |> Array.exactlyOne
+            // A palette (P-mode) mask with indices {0, 1} and palette black / white: the object is white.
+            let before = (Avsbench.loadVideo LoadOptions.Default valr).Masks[0].Pixels
+            let grey = ImageIO.readLabels valr.Masks[0]
+            Vct.Core.Video.Png.write valr.Masks[0] (Vct.Core.Video.MaskPng.Palette [| (0uy, 0uy, 0uy); (255uy, 255uy, 255uy) |])
+                grey.Width grey.Height (grey.Pixels |> Array.map (fun v -> v / 255uy))
+            Expect.equal (ImageIO.readLabels valr.Masks[0]).Pixels (grey.Pixels |> Array.map (fun v -> v / 255uy)) "raw palette indices {0,1}"
+            Expect.exists before (fun v -> v = 1uy) "the mask has an object"
+            Expect.equal (Avsbench.loadVideo LoadOptions.Default valr).Masks[0].Pixels before "training reads the palette mask as the grey one"
+            // A 16-bit grey mask holding {0, 1}.
+            let m16 = test.Masks[1]
+            let g16 = ImageIO.readLabels m16
+            writePng16 m16 g16.Width g16.Height (g16.Pixels |> Array.map (fun v -> uint16 (v / 255uy)))
+            Expect.isTrue ((Avsbench.loadVideo LoadOptions.Default test).Masks[1].Pixels |> Array.forall ((=) 0uy)) "read as empty (the problem the check flags)"
+            // Every training mask empty.
+            for r in train do
+                let m = ImageIO.readLabels r.Masks[0]
+                ImageIO.write r.Masks[0] { m with Pixels = Array.zeroCreate m.Pixels.Length }
+            // Audio for 2 of the 5 frames (2.5 s).
+            let wav = match train[0].Audio with AudioSource.Wav p -> p | a -> failtestf "expected a WAV, got %A" a
+            Vct.Core.Audio.Wav.writeFloat32 wav 16000 [| Array.init 40000 (fun i -> 0.3 * sin (float i * 0.05)) |]
+            // A frame over the pixel budget (4097 x 4096 grey: only its header is read).
+            let big = test.Frames[4]
+            Vct.Core.Video.Png.write big Vct.Core.Video.MaskPng.Grey 4097 4096 (Array.zeroCreate (4097 * 4096))
+            let check = DataCheck.run root 2
+            Expect.equal check.Problems
+                [| $"{m16}: 16-bit mask: its samples are scaled to 8 bits on reading, so a 16-bit {{0,1}} mask becomes empty ground truth; save it as 8-bit grey 0/255"
+                   $"{big}: frame is 4097x4096 (16781312 pixels), over the frame pixel budget of 16777216 (4096x4096); downscale the frames" |]
+                "problems, sorted by path"
+            Expect.equal check.Warnings
+                [| $"{wav}: 2 whole example(s) of audio (1.92 s) for the 5 frames S4 uses; the last is repeated for the rest, as the official tool does"
+                   "train: all 2 ground-truth masks are empty (no object pixel); training and evaluation would see no object"
+                   $"val: 1 palette (P-mode) mask(s), e.g. {valr.Masks[0]}: decoded through their palette, white = object, every other colour = background" |]
+                "warnings, sorted"
+            let code, out, _ = CliTests.runVct [ "data"; "check"; root ]
+            Expect.equal code 2 "problems: exit 2"
+            Expect.stringContains out $"warning: val: 1 palette (P-mode) mask(s), e.g. {valr.Masks[0]}" "warnings printed"
+            Expect.stringContains out $"error: {m16}: 16-bit mask" "problems printed"
+            Expect.stringContains out "2 problem(s)" "counted"
+        }
         test "missing frame, missing mask: clear errors naming the file; the check reports both at once" {
             let root = tempDir "broken"
             Synth.generate (tiny SynthKind.S4 2) root |> ignore

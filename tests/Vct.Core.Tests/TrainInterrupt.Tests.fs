@@ -37,12 +37,14 @@ type private VctProcess(args: string list) =
                 proc.WaitForExit()
             proc.Dispose()
 
-/// Sends SIGINT (what Ctrl-C in a terminal sends) to `pid` with the system's `kill`.
-let private sigint (pid: int) =
+/// Sends a signal (INT: what Ctrl-C in a terminal sends; TERM: kill's default) to `pid` with the system's `kill`.
+let private signal (name: string) (pid: int) =
     let psi = ProcessStartInfo("kill", UseShellExecute = false)
-    for a in [ "-INT"; string pid ] do psi.ArgumentList.Add a
+    for a in [ $"-{name}"; string pid ] do psi.ArgumentList.Add a
     let code, _, err = Golden.runProcess psi
-    if code <> 0 then failtestf "kill -INT %d failed: %s" pid err
+    if code <> 0 then failtestf "kill -%s %d failed: %s" name pid err
+
+let private sigint = signal "INT"
 
 /// The iterations of the "step" lines of a metrics log (a line still being written is skipped).
 let private stepIterations (metrics: string) =
@@ -122,6 +124,51 @@ let tests =
                 Expect.equal (stepIterations metrics) [ 1 .. target ] "continues at the next iteration: no step repeated or lost"
                 Expect.equal (iterationOf last) target "checkpoint_last at the end"
                 Expect.isTrue (File.Exists(Path.Combine(run, "model_final.safetensors"))) "final model written"
+            finally
+                if Directory.Exists dir then Directory.Delete(dir, true)
+        }
+
+        test "vct train on SIGTERM stops like Ctrl-C, skips the final evaluations; the run name is not reused without --resume" {
+            let dir = Path.Combine(Path.GetTempPath(), $"vct-sigterm-{Guid.NewGuid():N}")
+            try
+                let data = Path.Combine(dir, "data")
+                Synth.generate { SynthOptions.Default SynthKind.S4 with Train = 4; Val = 2; Test = 2; Size = 64; EvalSize = 64 } data |> ignore
+                let runs = Path.Combine(dir, "runs")
+                let run = Path.Combine(runs, "r")
+                let metrics = Path.Combine(run, "metrics.jsonl")
+                // An evaluation at 2 writes model_best, so the final evaluations would have something to evaluate.
+                let common = [ "train"; "--preset"; "tiny"; "--data"; data; "--runs"; runs; "--name"; "r"; "--batch"; "2"
+                               "--eval-period"; "2"; "--device"; "cpu"; "--threads"; "2"; "--iterations"; "100000" ]
+                do
+                    use p = new VctProcess(common)
+                    let deadline = Stopwatch.StartNew()
+                    while (stepIterations metrics).Length < 3 && not p.HasExited && deadline.Elapsed < TimeSpan.FromSeconds 60.0 do
+                        Thread.Sleep 100
+                    if p.HasExited then
+                        let code, out, err = (p.Wait TimeSpan.Zero).Value
+                        failtestf "vct train ended before the signal (exit %d): %s\n%s" code out err
+                    Expect.isTrue (File.Exists(Path.Combine(run, "model_best.safetensors"))) "a best checkpoint before the signal"
+                    signal "TERM" p.Id
+                    match p.Wait(TimeSpan.FromSeconds 20.0) with
+                    | None -> failtest "vct train still runs 20 s after SIGTERM"
+                    | Some(code, out, err) ->
+                        Expect.equal code 130 $"exit code 130 after SIGTERM; stderr: {err}"
+                        Expect.stringContains err "SIGTERM: stopping after this step; a resumable checkpoint will be written" "says what it does"
+                        Expect.stringContains err "the final evaluations are skipped" "no final evaluation after an interrupt"
+                        use doc = JsonDocument.Parse out
+                        let reached = doc.RootElement.GetProperty("iterations").GetInt32()
+                        Expect.stringStarts (doc.RootElement.GetProperty("outcome").GetString()) "Interrupted" "summary says interrupted"
+                        Expect.isFalse (doc.RootElement.TryGetProperty("m_j") |> fst) "no final M_J"
+                        Expect.equal (iterationOf (Path.Combine(run, "checkpoint_last.safetensors"))) reached "checkpoint at the iteration reached"
+                // The same name again without --resume: refused, the run untouched.
+                let before = File.ReadAllBytes metrics
+                use p = new VctProcess(common)
+                match p.Wait(TimeSpan.FromSeconds 60.0) with
+                | None -> failtest "the refused run did not end within 60 s"
+                | Some(code, _, err) ->
+                    Expect.equal code 1 $"refused: {err}"
+                    Expect.stringContains err $"vct: {run}: already holds a run (checkpoint_last.safetensors, metrics.jsonl, model_best.safetensors); pass --resume to continue it, or choose another --name" "says why"
+                Expect.equal (File.ReadAllBytes metrics) before "metrics untouched"
             finally
                 if Directory.Exists dir then Directory.Delete(dir, true)
         }

@@ -38,9 +38,150 @@ let private runTo (dir: string) (iterations: int) (resume: bool) (stopAt: int op
     let r = Trainer.run (config iterations) train valr torch.CPU dir resume ignore log cts.Token
     r, List.ofSeq losses
 
+/// A run of `cfg` in `dir` that records every event.
+let private runCfg (cfg: TrainConfig) (dir: string) (resume: bool) (init: VctModel -> unit) =
+    let root = data.Value
+    let train = Avsbench.records DatasetKind.S4 root "train"
+    let valr = Avsbench.records DatasetKind.S4 root "val"
+    let events = Collections.Generic.List<TrainEvent>()
+    let r = Trainer.run cfg train valr torch.CPU dir resume init events.Add CancellationToken.None
+    r, List.ofSeq events
+
+let private warnings (events: TrainEvent list) = events |> List.choose (function Warning(_, m) -> Some m | _ -> None)
+
+let private stepLines (metrics: string) =
+    File.ReadAllLines metrics |> Array.filter (fun l -> l.Contains "\"type\":\"step\"")
+    |> Array.map (fun l -> use d = Text.Json.JsonDocument.Parse l in d.RootElement.GetProperty("iteration").GetInt32()) |> List.ofArray
+
 [<Tests>]
 let tests =
     testList "Trainer" [
+        test "a float32 step whose gradient norm is not finite is skipped: no weight update" {
+            use p = new Modules.Parameter(torch.ones(3L))
+            use opt = torch.optim.AdamW([ p ], 0.1)
+            opt.zero_grad ()
+            // sqrt at 0: a finite loss (0) whose gradient is infinite.
+            use loss = (p - 1.0).sqrt().sum()
+            let r = Amp.backwardAndStep None loss opt [ p ] (Some 0.01)
+            Expect.isTrue r.Skipped "skipped"
+            Expect.equal r.GradNorm (Some infinity) "the norm is reported"
+            Expect.equal (p.data<float32>().ToArray()) [| 1.0f; 1.0f; 1.0f |] "weights unchanged"
+            opt.zero_grad ()
+            use loss2 = (p * p).sum()
+            let r2 = Amp.backwardAndStep None loss2 opt [ p ] (Some 0.01)
+            Expect.isFalse r2.Skipped "a finite gradient steps"
+            Expect.isTrue (p.data<float32>().ToArray() |> Array.forall (fun v -> v < 1.0f)) "weights updated"
+            use bad = torch.nn.Linear(2L, 2L)
+            Expect.isTrue (Trainer.allFinite bad) "finite weights"
+            do
+                use _ = torch.no_grad ()
+                bad.weight.fill_(TorchSharp.Scalar.op_Implicit nan) |> ignore
+            Expect.isFalse (Trainer.allFinite bad) "a NaN weight is found"
+        }
+
+        test "non-finite gradients skip steps with a warning and stop the run after 5 in a row, nothing saved" {
+            let dir = Path.Combine(Path.GetTempPath(), $"vct-run-nan-{Guid.NewGuid():N}")
+            try
+                // A hook that leaves the forward values as they are but makes every gradient NaN (0 * d sqrt(0)).
+                let poison (m: VctModel) =
+                    let norm =
+                        m.named_modules () |> Seq.pick (fun struct (name, md) ->
+                            match md with
+                            | :? torch.nn.Module<torch.Tensor, torch.Tensor> as l when name.EndsWith "decoder_norm" -> Some l
+                            | _ -> None)
+                    norm.register_forward_hook(fun _ _ o -> o + (o * 0.0).sqrt()) |> ignore
+                let r, events = runCfg { config 20 with CheckpointPeriod = 2; EvalPeriod = 2 } dir false poison
+                Expect.equal r.Outcome (Diverged(4, "the gradient norm was non-finite in 5 steps in a row (iterations 1..5); the last good checkpoint is kept")) "diverged"
+                Expect.equal (warnings events)
+                    [ for i in 1 .. 4 -> $"iteration {i}: the gradient norm is NaN; step skipped (no weight update), {5 - i} more in a row stop the run" ]
+                    "one warning per skipped step"
+                let metrics = Path.Combine(dir, "metrics.jsonl")
+                Expect.equal (stepLines metrics) [ 1 .. 4 ] "the skipped steps are logged"
+                Expect.all (File.ReadAllLines metrics |> Array.filter (fun l -> l.Contains "\"step\"")) (fun l -> l.Contains "\"skipped_nonfinite_gradient\":true") "flagged as skipped"
+                // The weights never changed, so the periodic checkpoints (at 2 and 4) and the evaluations are of finite weights.
+                Expect.isTrue (File.Exists(Path.Combine(dir, "checkpoint_last.safetensors"))) "periodic checkpoint of finite weights"
+                Expect.isFalse (File.Exists(Path.Combine(dir, "model_final.safetensors"))) "no final model"
+            finally
+                if Directory.Exists dir then Directory.Delete(dir, true)
+        }
+
+        test "non-finite weights are never saved: the run stops at the next save, the last good checkpoint kept" {
+            let dir = Path.Combine(Path.GetTempPath(), $"vct-run-nanw-{Guid.NewGuid():N}")
+            try
+                let root = data.Value
+                let train = Avsbench.records DatasetKind.S4 root "train"
+                let valr = Avsbench.records DatasetKind.S4 root "val"
+                let model = ref None
+                // After step 3, a NaN in VGGish: its (cached) audio maps of the training videos stay finite, so the
+                // losses do too, but the weights are no longer finite.
+                let log e =
+                    match e, model.Value with
+                    | Step(3, _, _, _, _), Some(m: VctModel) ->
+                        use _ = torch.no_grad ()
+                        (Seq.head (m.AudioBackbone.parameters ())).fill_(TorchSharp.Scalar.op_Implicit nan) |> ignore
+                    | _ -> ()
+                let cfg = { config 10 with BatchVideos = 8; EvalPeriod = 4; CheckpointPeriod = 2 }
+                let r = Trainer.run cfg train valr torch.CPU dir false (fun m -> model.Value <- Some m) log CancellationToken.None
+                Expect.equal r.Outcome (Diverged(4, "the weights are non-finite after iteration 4; nothing was saved, the last good checkpoint is kept")) "stops at the save"
+                let last = Path.Combine(dir, "checkpoint_last.safetensors")
+                let it =
+                    use f = Checkpoint.Safetensors.read last
+                    f.Metadata["iteration"]
+                Expect.equal it "2" "checkpoint_last is the good one of iteration 2"
+                for f in [ "checkpoint_prev.safetensors"; "model_best.safetensors"; "model_final.safetensors" ] do
+                    Expect.isFalse (File.Exists(Path.Combine(dir, f))) $"no {f}"
+            finally
+                if Directory.Exists dir then Directory.Delete(dir, true)
+        }
+
+        test "reusing a run folder without resume is refused instead of mixing runs" {
+            let dir = Path.Combine(Path.GetTempPath(), $"vct-run-reuse-{Guid.NewGuid():N}")
+            try
+                let r, _ = runCfg (config 2) dir false ignore
+                Expect.equal r.Outcome Completed "first run"
+                let e = Expect.throwsC (fun () -> runCfg (config 2) dir false ignore |> ignore) id
+                Expect.isTrue (e :? InvalidOperationException) "InvalidOperationException"
+                Expect.equal e.Message $"{dir}: already holds a run (checkpoint_last.safetensors, metrics.jsonl, model_best.safetensors, model_final.safetensors); pass --resume to continue it, or choose another --name" "message"
+                Expect.equal (stepLines (Path.Combine(dir, "metrics.jsonl"))) [ 1; 2 ] "the first run's log untouched"
+            finally
+                if Directory.Exists dir then Directory.Delete(dir, true)
+        }
+
+        test "a torn checkpoint_last falls back to checkpoint_prev; a torn metrics line and later steps are dropped, none duplicated" {
+            let dir = Path.Combine(Path.GetTempPath(), $"vct-run-torn-{Guid.NewGuid():N}")
+            try
+                let cfg = { config 4 with CheckpointPeriod = 2 }
+                let r, _ = runCfg cfg dir false ignore
+                Expect.equal r.Outcome Completed "first run"
+                let last = Path.Combine(dir, "checkpoint_last.safetensors")
+                let prev = Path.Combine(dir, "checkpoint_prev.safetensors")
+                Expect.isTrue (File.Exists prev) "the previous checkpoint is kept"
+                let prevIteration =
+                    use f = Checkpoint.Safetensors.read prev
+                    f.Metadata["iteration"]
+                Expect.equal prevIteration "2" "prev at 2"
+                let bytes = File.ReadAllBytes last
+                File.WriteAllBytes(last, bytes[.. bytes.Length / 2])
+                let metrics = Path.Combine(dir, "metrics.jsonl")
+                File.AppendAllText(metrics, "{\"type\":\"step\",\"itera")
+                let r2, events = runCfg { cfg with Iterations = 6 } dir true ignore
+                Expect.equal r2.Outcome Completed "resumed run completes"
+                match warnings events with
+                | [ fallback; trimmed ] ->
+                    Expect.stringContains fallback $"; resuming from the previous checkpoint {prev} (iteration 2)" "falls back to checkpoint_prev"
+                    Expect.stringStarts fallback last "names the unreadable checkpoint"
+                    Expect.equal trimmed $"{metrics}: 4 line(s) after iteration 2 (or torn) dropped; those steps run again" "log trimmed"
+                | w -> failtestf "expected two warnings, got %A" w
+                Expect.equal (stepLines metrics) [ 1 .. 6 ] "every step once"
+                let log = Report.readLog metrics
+                Expect.equal (log.Steps |> List.map fst) [ 1 .. 6 ] "the report reads it"
+                File.AppendAllText(metrics, "{\"type\":\"eval\",\"iteration\":7,\"m_")
+                Expect.equal ((Report.readLog metrics).Evals |> List.map (fun (i, _, _) -> i)) [ 6 ] "a torn line is skipped by the report"
+            finally
+                if Directory.Exists dir then Directory.Delete(dir, true)
+        }
+
+
         test "a 30-step run interrupted at 15 and resumed gives the losses of the uninterrupted run" {
             let a = Path.Combine(Path.GetTempPath(), $"vct-run-a-{Guid.NewGuid():N}")
             let b = Path.Combine(Path.GetTempPath(), $"vct-run-b-{Guid.NewGuid():N}")
@@ -74,6 +215,7 @@ let tests =
                     match e with
                     | Step(_, l, _, _, _) -> losses.Add l
                     | Eval(_, mj, _, _) -> evals.Add mj
+                    | Warning _ -> ()
                 let r = Trainer.run { config 40 with EvalPeriod = 40 } train valr torch.CPU dir false ignore log CancellationToken.None
                 Expect.equal r.Outcome Completed "completes"
                 let early = Seq.take 5 losses |> Seq.average

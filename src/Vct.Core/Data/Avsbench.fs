@@ -317,8 +317,11 @@ module Avsbench =
         let frames = r.Frames |> Array.map (ImageIO.readRgb >> resizeFrame)
         let masks =
             r.Masks |> Array.map (fun p ->
-                let m = ImageIO.readLabels p
-                let m = if r.Kind = DatasetKind.Avss then m else { m with Pixels = m.Pixels |> Array.map (fun v -> v / 255uy) }
+                let m =
+                    if r.Kind = DatasetKind.Avss then ImageIO.readLabels p
+                    else
+                        let m, _ = ImageIO.readBinaryMask p
+                        { m with Pixels = m.Pixels |> Array.map (fun v -> v / 255uy) }
                 if r.Raw then
                     let s = if r.Split = "train" then opts.FrameSize else Some opts.EvalGtSize
                     match s with
@@ -333,12 +336,16 @@ module Avsbench =
             else [||]
         { Record = r; Frames = frames; Masks = masks; PreMasks = pre }
 
+    /// The options a video's WAV is turned into examples with (the subset's rule, exact samples, float64 STFT).
+    let exampleOptions (r: VideoRecord) =
+        let subset = match r.Kind with DatasetKind.S4 -> Subset.S4 | DatasetKind.Ms3 -> Subset.Ms3 | DatasetKind.Avss -> Subset.Avss
+        ExampleOptions.Default subset
+
     /// The [T, 1, 96, 64] VGGish log-mel examples of a video (wav through the Audio module with the subset's rule,
     /// or the official pickle).
     let audioExamples (r: VideoRecord) : Tensor =
         match r.Audio with
         | AudioSource.LogMelPickle p -> LogMelPickle.read p
         | AudioSource.Wav p ->
-            let subset = match r.Kind with DatasetKind.S4 -> Subset.S4 | DatasetKind.Ms3 -> Subset.Ms3 | DatasetKind.Avss -> Subset.Avss
-            let ex = Examples.ofFile (ExampleOptions.Default subset) p
+            let ex = Examples.ofFile (exampleOptions r) p
             ex.Examples

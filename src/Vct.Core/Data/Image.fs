@@ -19,6 +19,13 @@ type Image =
         { Width = width; Height = height; Channels = channels
           Pixels = Array.create (int n) (defaultArg fill 0uy) }
 
+/// How an S4/MS3 mask file is stored, as `ImageIO.readBinaryMask` found it.
+type MaskStorage =
+    { /// Bits per sample of the PNG (8 expected; 16-bit samples are scaled to 8 bits on reading), 8 for other formats.
+      BitDepth: int
+      /// A palette ("P" mode) PNG, decoded through its palette (white = object).
+      Palette: bool }
+
 /// Image decoding and encoding through SkiaSharp, with every decode result checked.
 [<RequireQualifiedAccess>]
 module ImageIO =
@@ -128,6 +135,22 @@ module ImageIO =
                 if r <> g || g <> b then bad path $"expected a grey or palette label image, pixel {i % w},{i / w} is colour ({r},{g},{b})"
                 px[i] <- r
         { Width = w; Height = h; Channels = 1; Pixels = px }
+
+    /// Reads an S4/MS3 binary mask as grey values 0..255 (0 = background, 255 = sounding object; the loader divides
+    /// by 255), as training reads it. A grey (or grey RGB) image gives its values. A palette ("P" mode) image is
+    /// decoded through its palette: a white pixel is the object, every other colour background (its raw indices
+    /// {0,1} would be empty after the division by 255). 16-bit PNGs are reported in the storage (their samples
+    /// are scaled to 8 bits: 16-bit {0,1} masks read as empty).
+    let readBinaryMask (path: string) : Image * MaskStorage =
+        if not (File.Exists path) then raise (FileNotFoundException($"{path}: no such file", path))
+        let bytes = File.ReadAllBytes path
+        let isPng = bytes.Length > 33 && bytes[0] = 0x89uy && bytes[1] = byte 'P' && bytes[2] = byte 'N' && bytes[3] = byte 'G'
+        let depth = if isPng then int bytes[24] else 8
+        if isPng && bytes[25] = 3uy then
+            let w, h, rgba = decodeRgba path bytes
+            let px = Array.init (w * h) (fun i -> if rgba[4 * i] = 255uy && rgba[4 * i + 1] = 255uy && rgba[4 * i + 2] = 255uy then 255uy else 0uy)
+            { Width = w; Height = h; Channels = 1; Pixels = px }, { BitDepth = depth; Palette = true }
+        else readLabels path, { BitDepth = depth; Palette = false }
 
     /// Encodes an image as PNG (grey for 1 channel, RGB otherwise) or JPEG (quality 90) by the path's extension.
     /// Deterministic: the same pixels give the same bytes.

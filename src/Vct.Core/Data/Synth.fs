@@ -219,14 +219,15 @@ module Synth =
     let private writePcm16 (path: string) (samples: float32[]) =
         let dir = Path.GetDirectoryName(Path.GetFullPath path)
         if not (Directory.Exists dir) then Directory.CreateDirectory dir |> ignore
-        use fs = File.Create path
-        use w = new BinaryWriter(fs)
-        let dataBytes = samples.Length * 2
-        w.Write(Encoding.ASCII.GetBytes "RIFF"); w.Write(36 + dataBytes); w.Write(Encoding.ASCII.GetBytes "WAVE")
-        w.Write(Encoding.ASCII.GetBytes "fmt "); w.Write(16); w.Write(1s); w.Write(1s); w.Write(sampleRate); w.Write(sampleRate * 2)
-        w.Write(2s); w.Write(16s)
-        w.Write(Encoding.ASCII.GetBytes "data"); w.Write(dataBytes)
-        for s in samples do w.Write(int16 (Math.Round(float (max -1.0f (min 1.0f s)) * 32767.0)))
+        Vct.Core.AtomicFile.writeWith path (fun tmp ->
+            use fs = File.Create tmp
+            use w = new BinaryWriter(fs)
+            let dataBytes = samples.Length * 2
+            w.Write(Encoding.ASCII.GetBytes "RIFF"); w.Write(36 + dataBytes); w.Write(Encoding.ASCII.GetBytes "WAVE")
+            w.Write(Encoding.ASCII.GetBytes "fmt "); w.Write(16); w.Write(1s); w.Write(1s); w.Write(sampleRate); w.Write(sampleRate * 2)
+            w.Write(2s); w.Write(16s)
+            w.Write(Encoding.ASCII.GetBytes "data"); w.Write(dataBytes)
+            for s in samples do w.Write(int16 (Math.Round(float (max -1.0f (min 1.0f s)) * 32767.0))))
 
     /// The clip of a video: per frame (1 s), the signatures of the sounding objects plus the distractor.
     let private audio (rng: Random) (gain: float) (v: SynthVideo) : float32[] =
@@ -357,8 +358,8 @@ module Synth =
                         ImageIO.write (Path.Combine(vd, "processed_labels_semantic", $"{t}.png")) (grey o.EvalSize (classMask v t o.EvalSize) 1uy)
                 writePcm16 (Path.Combine(vd, "audio.wav")) wav)
         let csvName = match o.Kind with SynthKind.S4 -> "s4_meta_data.csv" | SynthKind.Ms3 -> "ms3_meta_data.csv" | SynthKind.Avss -> "metadata.csv"
-        File.WriteAllText(Path.Combine(dir, csvName), csv.ToString())
+        Vct.Core.AtomicFile.writeAllText (Path.Combine(dir, csvName)) (csv.ToString())
         if o.Kind = SynthKind.Avss then
             let entries = Array.append [| "background" |] names |> Array.mapi (fun i n -> $"  \"{n}\": {i + 1}")
-            File.WriteAllText(Path.Combine(dir, "label2idx.json"), "{\n" + String.Join(",\n", entries) + "\n}\n")
+            Vct.Core.AtomicFile.writeAllText (Path.Combine(dir, "label2idx.json")) ("{\n" + String.Join(",\n", entries) + "\n}\n")
         { Root = dir; Kind = o.Kind; Videos = videos; CategoryNames = names }

@@ -44,6 +44,8 @@ module Score =
                 raise (InvalidDataException($"{scoresPath}: scores must be [V,T,C,H,W] float32, got ({String.Join(',', sh.Shape)})"))
             if gh.Shape.Length <> 4 then
                 raise (InvalidDataException($"{gtPath}: labels must be [V,T,H,W] uint8, got ({String.Join(',', gh.Shape)})"))
+            if sh.Shape[0] = 0L then
+                raise (InvalidDataException($"{scoresPath}: holds no videos (scores shape ({String.Join(',', sh.Shape)})); nothing to score"))
             if sh.Shape[0] <> gh.Shape[0] then
                 raise (InvalidDataException($"{gtPath}: {gh.Shape[0]} videos of labels for {sh.Shape[0]} videos of scores in {scoresPath}"))
             let per = sh.Count / sh.Shape[0]
@@ -58,12 +60,19 @@ module Score =
     /// Scores every video with the official metrics. `progress` is called after each video with (done, total).
     let run (subset: MetricSubset) (variant: MetricVariant) (numClasses: int) (scoresPath: string) (gtPath: string)
             (progress: int -> int -> unit) : MetricSummary =
+        if subset = MetricSubset.Avss && (numClasses < 2 || numClasses > 1000) then
+            raise (ArgumentException $"--classes must be in 2..1000, got {numClasses}")
         let ev = Metrics.evaluator subset variant numClasses
         let vs = videos scoresPath gtPath
         vs
         |> Array.iteri (fun i (id, load) ->
             use _ = torch.NewDisposeScope()
             let s, g = load ()
+            // NaN has no place in a ranking: refuse instead of scoring it as some class (or writing NaN metrics).
+            use nans = s.isnan().sum()
+            let n = nans.item<int64> ()
+            if n > 0L then
+                raise (InvalidDataException($"{scoresPath}: the scores of video '{id}' hold {n} NaN value(s); the predictions are broken (non-finite weights or a failed export)"))
             try ev.Add(id, s, g) |> ignore
             with :? ArgumentException as e -> raise (InvalidDataException($"{scoresPath}: {e.Message}"))
             progress (i + 1) vs.Length)

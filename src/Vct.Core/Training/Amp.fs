@@ -262,6 +262,11 @@ module Amp =
             s.Step(opt, parameters, clip)
         | None ->
             loss.backward ()
-            let norm = clip |> Option.map (fun c -> Optim.clipFullModel c parameters)
-            opt.step () |> ignore
-            { Skipped = false; Scale = 1.0; GradNorm = norm }
+            // The norm before clipping (without clipping: measured only, an infinite bound leaves the gradients as
+            // they are). A non-finite norm skips the step: clipping would make every gradient NaN and poison the
+            // weights and AdamW's moments.
+            let norm = Optim.clipFullModel (defaultArg clip infinity) parameters
+            if Double.IsFinite norm then
+                opt.step () |> ignore
+                { Skipped = false; Scale = 1.0; GradNorm = (if clip.IsSome then Some norm else None) }
+            else { Skipped = true; Scale = 1.0; GradNorm = Some norm }

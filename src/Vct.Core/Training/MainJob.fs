@@ -69,6 +69,15 @@ module TrainJob =
                   Seed = o.Seed; CropSize = 384; ColorJitter = true; Workers = o.Workers
                   MissingMasks = o.MissingMasks; Amp = o.Amp }
             | other -> invalidArg (nameof preset) $"unknown preset '{other}': expected tiny, s4, ms3 or avss"
+        // The options' ranges, checked before any data is read or a model is built.
+        let within (name: string) (lo: int) (hi: int) (v: int option) =
+            v |> Option.iter (fun v -> if v < lo || v > hi then raise (ArgumentException $"{name} must be in {lo}..{hi}, got {v}"))
+        within "--iterations" 1 100_000_000 o.Iterations
+        within "--batch" 1 4096 o.BatchVideos
+        within "--eval-period" 1 100_000_000 o.EvalPeriod
+        within "--workers" 0 1024 (Some o.Workers)
+        o.BaseLr |> Option.iter (fun lr ->
+            if not (lr > 0.0 && lr <= 1.0) then raise (ArgumentException $"--lr must be in (0, 1], got {lr}"))
         { cfg with
             Iterations = defaultArg o.Iterations cfg.Iterations
             BatchVideos = defaultArg o.BatchVideos cfg.BatchVideos
@@ -103,6 +112,8 @@ module TrainJob =
         if o.Amp then Amp.require o.Device
         let kind = kindOf o.Preset o.Data
         let subset = TrainData.subsetOf kind
+        // A reused run name without --resume is refused before any data is generated or read.
+        Trainer.checkRunDir (Path.Combine(o.RunsDir, o.Name)) o.Resume
         let root =
             match o.Data with
             | Some d -> d
@@ -147,7 +158,12 @@ module TrainJob =
         summary["best_iteration"] <- JsonValue.Create result.BestIteration
         summary["amp"] <- JsonValue.Create o.Amp
         let files = RunFiles runDir
-        if File.Exists files.Best then
+        // After an interrupt (or a divergence) the final evaluations are skipped: the run stops promptly and a
+        // resumed run does them when it completes.
+        if result.Outcome <> Completed then
+            let how = match result.Outcome with Interrupted i -> $"interrupted at iteration {i}" | Diverged(i, _) -> $"diverged at iteration {i}" | Completed -> ""
+            log $"run {how}: the final evaluations are skipped"
+        elif File.Exists files.Best then
             let model, _ = ModelIO.load files.Best o.Device
             use model = model
             model.MissingMasks <- o.MissingMasks
@@ -189,5 +205,5 @@ module TrainJob =
             Report.writeHtml runDir m
             Report.writePngs runDir m
         let text = summary.ToJsonString(JsonSerializerOptions(WriteIndented = true))
-        File.WriteAllText(Path.Combine(runDir, "summary.json"), text)
+        AtomicFile.writeAllText (Path.Combine(runDir, "summary.json")) text
         result, summary

@@ -23,12 +23,15 @@ module Report =
         let evals = ResizeArray()
         for line in File.ReadLines path do
             if line.Trim() <> "" then
-                use doc = JsonDocument.Parse line
-                let r = doc.RootElement
-                match r.GetProperty("type").GetString() with
-                | "step" -> steps.Add(r.GetProperty("iteration").GetInt32(), r.GetProperty("loss").GetDouble())
-                | "eval" -> evals.Add(r.GetProperty("iteration").GetInt32(), r.GetProperty("m_j").GetDouble(), r.GetProperty("m_f").GetDouble())
-                | _ -> ()
+                // A line torn by a crash (or not ours) is skipped: the charts show what was logged whole.
+                try
+                    use doc = JsonDocument.Parse line
+                    let r = doc.RootElement
+                    match r.GetProperty("type").GetString() with
+                    | "step" -> steps.Add(r.GetProperty("iteration").GetInt32(), r.GetProperty("loss").GetDouble())
+                    | "eval" -> evals.Add(r.GetProperty("iteration").GetInt32(), r.GetProperty("m_j").GetDouble(), r.GetProperty("m_f").GetDouble())
+                    | _ -> ()
+                with :? JsonException | :? InvalidOperationException | :? Collections.Generic.KeyNotFoundException | :? FormatException -> ()
         { Steps = List.ofSeq steps; Evals = List.ofSeq evals }
 
     /// Moving average over `window` points (for a readable loss curve).
@@ -63,7 +66,7 @@ module Report =
                 chart
                 |> Chart.withDisplayOptions (DisplayOptions.init (PlotlyJSReference = PlotlyJSReference.Full))
                 |> GenericChart.toEmbeddedHTML
-            File.WriteAllText(Path.Combine(dir, name), html)
+            AtomicFile.writeAllText (Path.Combine(dir, name)) html
         save lossChart "loss.html"
         save metricChart "metrics.html"
 
@@ -97,7 +100,7 @@ module Report =
                 c.DrawText(name, float32 (w - m - 220), float32 (m + 20 * (k + 1)), font, label))
         use img = surface.Snapshot()
         use data = img.Encode(SKEncodedImageFormat.Png, 100)
-        File.WriteAllBytes(path, data.ToArray())
+        AtomicFile.writeAllBytes path (data.ToArray())
 
     /// loss.png and metrics.png.
     let writePngs (dir: string) (log: MetricsLog) =
@@ -140,4 +143,4 @@ module Report =
                 row <- row + 1
         use imgOut = surface.Snapshot()
         use data = imgOut.Encode(SKEncodedImageFormat.Png, 100)
-        File.WriteAllBytes(path, data.ToArray())
+        AtomicFile.writeAllBytes path (data.ToArray())

@@ -46,6 +46,8 @@ type TrainConfig =
 type TrainEvent =
     | Step of iteration: int * loss: float * terms: Map<string, float> * lr: float * seconds: float
     | Eval of iteration: int * mj: float * mf: float * seconds: float
+    /// Something the run survived but the user should know (a skipped step, a fallback checkpoint).
+    | Warning of iteration: int * message: string
 
 /// How a run ended.
 type TrainOutcome =
@@ -63,11 +65,12 @@ type TrainResult =
       WallSeconds: float
       RunDir: string }
 
-/// Where a run keeps its files: checkpoint_last.safetensors (resumable), model_best.safetensors (+ .json),
-/// metrics.jsonl.
+/// Where a run keeps its files: checkpoint_last.safetensors (resumable), checkpoint_prev.safetensors (the one
+/// before it, the fallback when the last cannot be read), model_best.safetensors (+ .json), metrics.jsonl.
 type RunFiles(dir: string) =
     member _.Dir = dir
     member _.Last = Path.Combine(dir, "checkpoint_last.safetensors")
+    member _.Previous = Path.Combine(dir, "checkpoint_prev.safetensors")
     member _.Best = Path.Combine(dir, "model_best.safetensors")
     member _.Final = Path.Combine(dir, "model_final.safetensors")
     member _.Metrics = Path.Combine(dir, "metrics.jsonl")
@@ -109,9 +112,33 @@ module TrainData =
 module Trainer =
     let private seedFor (seed: int) (iteration: int) = DeterministicSeed.mix [ seed; iteration; 0x7a11 ]
 
+    /// Steps in a row whose gradient norm may be non-finite before a float32 run stops as diverged (each such
+    /// step is skipped: no weight or optimiser-state update, a warning).
+    let maxNonFiniteGradientSteps = 5
+
+    /// Refuses to start a new run in a folder that already holds one (its checkpoints and log would mix with
+    /// the new run's); resuming needs its checkpoint.
+    let checkRunDir (runDir: string) (resume: bool) =
+        let files = RunFiles runDir
+        if not resume then
+            let held =
+                [ files.Last; files.Previous; files.Metrics; files.Best; files.Final ]
+                |> List.filter File.Exists |> List.map Path.GetFileName
+            if not held.IsEmpty then
+                let names = String.Join(", ", held)
+                raise (InvalidOperationException $"{runDir}: already holds a run ({names}); pass --resume to continue it, or choose another --name")
+        elif not (File.Exists files.Last || File.Exists files.Previous) then
+            raise (FileNotFoundException($"nothing to resume: {files.Last} does not exist", files.Last))
+
+    /// True when every parameter of `m` is finite (checked before any weights are saved).
+    let allFinite (m: torch.nn.Module) =
+        use _ = torch.no_grad ()
+        m.parameters () |> Seq.forall (fun p -> use ok = p.isfinite().all() in ok.item<bool> ())
+
     /// Evaluates `model` on decoded videos with the VCT metrics: scores at the GT's size; `shuffleAudio` pairs each
     /// video with another video's audio (a control that shows whether the model listens).
     let evaluate (model: VctModel) (audio: TrainData.AudioCache) (records: VideoRecord[]) (shuffleAudio: bool) (workers: int) : MetricSummary =
+        if records.Length = 0 then raise (ArgumentException "no videos to evaluate (the split is empty)")
         let subset = model.Config.Subset
         let evaluator = Metrics.evaluator (TrainData.metricSubsetOf subset) MetricVariant.Vct (int model.Config.NumClasses)
         use _ = torch.no_grad ()
@@ -148,6 +175,8 @@ module Trainer =
                 // Frames with GT only (S4/MS3 val/test annotate every frame; AVSS by the gt flags).
                 let gtFrames = v.Record.MaskFrames
                 let scores = if int64 gtFrames.Length = t then scores else scores.index_select(0L, torch.tensor(gtFrames |> Array.map int64))
+                if scores.isnan().any().item<bool> () then
+                    raise (InvalidDataException $"video '{v.Record.Id}': the model's scores hold NaN (non-finite weights?); no metric can be computed")
                 evaluator.Add(v.Record.Id, scores.cpu(), gt) |> ignore
             gate.Pulse()
         evaluator.Summary()
@@ -181,13 +210,24 @@ module Trainer =
             match f.Metadata.TryGetValue k with
             | true, v -> v
             | _ -> raise (InvalidDataException $"{path}: not a Vct training checkpoint (no '{k}' in its metadata)")
+        // The metadata first: a malformed checkpoint is refused before anything is loaded.
+        let number (k: string) =
+            match Double.TryParse(get k, Globalization.NumberStyles.Float, Globalization.CultureInfo.InvariantCulture) with
+            | true, v -> v
+            | _ -> raise (InvalidDataException $"{path}: metadata '{k}' is not a number ('{get k}')")
+        let count (k: string) (least: int) =
+            match Int32.TryParse(get k, Globalization.NumberStyles.Integer, Globalization.CultureInfo.InvariantCulture) with
+            | true, v when v >= least -> v
+            | _ -> raise (InvalidDataException $"{path}: metadata '{k}' is not an iteration count ('{get k}')")
+        let iteration, bestMJ, bestIt = count "iteration" 0, number "best_mj", count "best_iteration" -1
+        if not (f.Tensors.ContainsKey "optimizer_state") then
+            raise (InvalidDataException $"{path}: not a Vct training checkpoint (no 'optimizer_state' tensor)")
         let modelPart = [ for kv in f.Tensors do if not (kv.Key.StartsWith "criterion.") && kv.Key <> "optimizer_state" then yield kv ]
         StateDict.loadInto Checkpoint.LoadOptions.Default modelPart model |> ignore
         let critPart = [ for kv in f.Tensors do if kv.Key.StartsWith "criterion." then yield KeyValuePair(kv.Key.Substring 10, kv.Value) ]
         StateDict.loadInto Checkpoint.LoadOptions.Default critPart criterion |> ignore
-        let bytes = f.Tensors["optimizer_state"].data<byte>().ToArray()
-        Optim.loadStateBytes opt bytes
-        int (get "iteration"), Double.Parse(get "best_mj", Globalization.CultureInfo.InvariantCulture), int (get "best_iteration")
+        Optim.loadStateBytes opt (f.Tensors["optimizer_state"].data<byte>().ToArray())
+        iteration, bestMJ, bestIt
 
     /// Restores the loss scaler's state from a `saveState` checkpoint; false when it has none (a float32 run's
     /// checkpoint: the scaler then starts afresh).
@@ -195,12 +235,35 @@ module Trainer =
         use f = Safetensors.read path
         match f.Metadata.TryGetValue "amp_scale", f.Metadata.TryGetValue "amp_growth_tracker" with
         | (true, s), (true, t) ->
-            scaler.Restore(Double.Parse(s, Globalization.CultureInfo.InvariantCulture), int t)
+            let inv = Globalization.CultureInfo.InvariantCulture
+            match Double.TryParse(s, Globalization.NumberStyles.Float, inv), Int32.TryParse(t, Globalization.NumberStyles.Integer, inv) with
+            | (true, scale), (true, tracker) when scale > 0.0 && Double.IsFinite scale && tracker >= 0 -> scaler.Restore(scale, tracker)
+            | _ -> raise (InvalidDataException $"{path}: metadata 'amp_scale' / 'amp_growth_tracker' malformed ('{s}', '{t}')")
             true
         | _ -> false
 
     let private appendJson (path: string) (node: JsonObject) =
         File.AppendAllText(path, node.ToJsonString() + "\n")
+
+    /// On resume: the metrics log up to `iteration`, rewritten atomically. A torn last line (the process died while
+    /// writing it) and the lines of steps after the checkpoint (they are run again) are dropped, so no step is
+    /// logged twice. Returns the number of lines dropped.
+    let trimLog (path: string) (iteration: int) : int =
+        if not (File.Exists path) then 0
+        else
+            let lines = File.ReadAllLines path |> Array.filter (fun l -> l.Trim() <> "")
+            let keep =
+                lines |> Array.filter (fun line ->
+                    try
+                        use doc = JsonDocument.Parse line
+                        let mutable it = Unchecked.defaultof<JsonElement>
+                        doc.RootElement.ValueKind = JsonValueKind.Object
+                        && doc.RootElement.TryGetProperty("iteration", &it) && it.ValueKind = JsonValueKind.Number
+                        && it.GetInt32() <= iteration
+                    with :? JsonException | :? FormatException | :? InvalidOperationException -> false)
+            if keep.Length <> lines.Length then
+                AtomicFile.writeAllText path (String.Join("", keep |> Array.map (fun l -> l + "\n")))
+            lines.Length - keep.Length
 
     /// Runs training. `log` receives every event (the CLI draws the progress line from it); `cancel` stops
     /// cleanly after the current step, saving a resumable checkpoint. With `resume`, continues from the run
@@ -212,6 +275,8 @@ module Trainer =
         if cfg.Amp then Amp.require device
         if trainRecords.Length < cfg.BatchVideos then
             invalidArg (nameof trainRecords) $"{trainRecords.Length} training videos for a batch of {cfg.BatchVideos}"
+        if valRecords.Length = 0 then raise (ArgumentException "no validation videos: the val split is empty, so the run could not be evaluated")
+        checkRunDir runDir resume
         let files = RunFiles runDir
         Directory.CreateDirectory runDir |> ignore
         let sw = Stopwatch.StartNew()
@@ -231,15 +296,32 @@ module Trainer =
         let scaler = if cfg.Amp then Some(GradScaler()) else None
         let mutable start, bestMJ, bestIt = 0, -1.0, -1
         if resume then
-            if not (File.Exists files.Last) then
-                raise (FileNotFoundException($"nothing to resume: {files.Last} does not exist", files.Last))
-            let it, b, bi = loadState files.Last model criterion opt
-            scaler |> Option.iter (fun s -> loadScalerState files.Last s |> ignore)
+            // checkpoint_last, or the one before it when the last cannot be read (torn by a crash, corrupted).
+            let tryLoad (path: string) =
+                if not (File.Exists path) then Error $"{path} does not exist"
+                else
+                    try
+                        let r = loadState path model criterion opt
+                        scaler |> Option.iter (fun s -> loadScalerState path s |> ignore)
+                        Ok r
+                    with
+                    | :? InvalidDataException | :? IOException | :? ArgumentException | :? InvalidOperationException
+                    | :? System.Runtime.InteropServices.ExternalException as e -> Error e.Message
+            let it, b, bi =
+                match tryLoad files.Last with
+                | Ok r -> r
+                | Error whyLast ->
+                    match tryLoad files.Previous with
+                    | Ok ((it, _, _) as r) ->
+                        log (Warning(it, $"{whyLast}; resuming from the previous checkpoint {files.Previous} (iteration {it})"))
+                        r
+                    | Error whyPrev -> raise (InvalidDataException $"cannot resume: {whyLast}; {whyPrev}")
             start <- it
             bestMJ <- b
             bestIt <- bi
-        elif File.Exists files.Metrics then
-            File.Delete files.Metrics
+            let dropped = trimLog files.Metrics it
+            if dropped > 0 then
+                log (Warning(it, $"{files.Metrics}: {dropped} line(s) after iteration {it} (or torn) dropped; those steps run again"))
         use audio = new TrainData.AudioCache(model)
         let subset = cfg.Model.Subset
         // Pre-SAM mask images are read when the model has the branch and the tree has them; without them the model
@@ -274,6 +356,16 @@ module Trainer =
                 bestMJ <- summary.MJ
                 bestIt <- iteration
                 ModelIO.save files.Best model
+        // checkpoint_last, the one before it kept as checkpoint_prev. Never with non-finite weights.
+        let saveLast () =
+            if File.Exists files.Last then File.Move(files.Last, files.Previous, true)
+            saveState files.Last cfg model criterion opt scaler iteration bestMJ bestIt
+        let finiteOrDiverge () =
+            if allFinite model && allFinite criterion then true
+            else
+                outcome <- Diverged(iteration, $"the weights are non-finite after iteration {iteration}; nothing was saved, the last good checkpoint is kept")
+                false
+        let mutable nonFiniteRun = 0
         model.train ()
         use gate = FinalizerGate.Hold()
         // Seconds the last step waited for its batch (0 when the workers had it ready).
@@ -300,7 +392,7 @@ module Trainer =
                 gen.manual_seed (int64 stepSeed) |> ignore
                 use pointGen = new torch.Generator(uint64 (stepSeed + 1))
                 Optim.setLr opt baseLrs (Optim.polyFactor cfg.Optim cfg.Iterations iteration)
-                let lossValue, terms, diverged, ampStep =
+                let lossValue, terms, diverged, (ampStep: ScaledStep) =
                     use scope = torch.NewDisposeScope()
                     let records, videos = Array.unzip (snd batches.Current)
                     // NOTE: only the annotated frames are run (S4 train: frame 0 of each video). VCT has no
@@ -343,9 +435,22 @@ module Trainer =
                         let bad = losses.Values |> Map.filter (fun _ v -> not (Double.IsFinite v)) |> Map.keys |> String.concat ", "
                         total, losses.Values, Some $"loss is {total} at iteration {iteration} (non-finite terms: {bad}); the last good checkpoint is kept",
                         { Skipped = true; Scale = 1.0; GradNorm = None }
+                // A float32 step whose gradient norm is not finite was skipped (Amp.backwardAndStep); too many in
+                // a row end the run.
+                let badGradient = not cfg.Amp && ampStep.Skipped && diverged.IsNone
+                nonFiniteRun <- if badGradient then nonFiniteRun + 1 else 0
                 match diverged with
                 | Some why -> outcome <- Diverged(iteration, why)
+                | None when nonFiniteRun >= maxNonFiniteGradientSteps ->
+                    outcome <- Diverged(iteration, $"the gradient norm was non-finite in {nonFiniteRun} steps in a row (iterations {iteration - nonFiniteRun + 2}..{iteration + 1}); the last good checkpoint is kept")
                 | None ->
+                    if badGradient then
+                        let norm =
+                            match ampStep.GradNorm with
+                            | Some v when Double.IsPositiveInfinity v -> "+inf"
+                            | Some v when Double.IsNegativeInfinity v -> "-inf"
+                            | _ -> "NaN"
+                        log (Warning(iteration + 1, $"iteration {iteration + 1}: the gradient norm is {norm}; step skipped (no weight update), {maxNonFiniteGradientSteps - nonFiniteRun} more in a row stop the run"))
                     iteration <- iteration + 1
                     let secs = sw.Elapsed.TotalSeconds - t0
                     let lr = (Seq.head opt.ParamGroups).LearningRate
@@ -360,15 +465,18 @@ module Trainer =
                     if cfg.Amp then
                         node["amp_scale"] <- JsonValue.Create ampStep.Scale
                         node["amp_skipped"] <- JsonValue.Create ampStep.Skipped
+                    elif badGradient then node["skipped_nonfinite_gradient"] <- JsonValue.Create true
                     appendJson files.Metrics node
-                    if iteration % cfg.EvalPeriod = 0 || iteration = cfg.Iterations then evalNow ()
-                    if iteration % cfg.CheckpointPeriod = 0 || iteration = cfg.Iterations then
-                        saveState files.Last cfg model criterion opt scaler iteration bestMJ bestIt
+                    let evalDue = iteration % cfg.EvalPeriod = 0 || iteration = cfg.Iterations
+                    let saveDue = iteration % cfg.CheckpointPeriod = 0 || iteration = cfg.Iterations
+                    if (evalDue || saveDue) && finiteOrDiverge () then
+                        if evalDue then evalNow ()
+                        if saveDue then saveLast ()
                 // Between steps this thread is in no native call: let the step's temporaries be finalized.
                 gate.Pulse()
         match outcome with
-        | Interrupted _ -> saveState files.Last cfg model criterion opt scaler iteration bestMJ bestIt
-        | Completed -> ModelIO.save files.Final model
+        | Interrupted _ -> if finiteOrDiverge () then saveLast ()
+        | Completed -> if finiteOrDiverge () then ModelIO.save files.Final model
         | Diverged _ -> ()
         gen.Dispose()
         { Outcome = outcome; Iterations = iteration; BestMJ = bestMJ; BestIteration = bestIt

@@ -3,25 +3,7 @@ namespace Vct.Core.Video
 open System
 open System.IO
 open System.IO.Compression
-
-/// Files written by temp + rename in the target's own folder: a reader never sees a torn file, and a failure
-/// leaves the previous file (if any) untouched.
-[<RequireQualifiedAccess>]
-module AtomicFile =
-    /// Writes `bytes` to `path` atomically (the folder must exist).
-    let writeAllBytes (path: string) (bytes: byte[]) =
-        let full = Path.GetFullPath path
-        let tmp = Path.Combine(Path.GetDirectoryName full, $".{Path.GetFileName full}.{Guid.NewGuid():N}.tmp")
-        try
-            File.WriteAllBytes(tmp, bytes)
-            File.Move(tmp, full, true)
-        with _ ->
-            (try File.Delete tmp with _ -> ())
-            reraise ()
-
-    /// Writes text (UTF-8, no BOM) atomically.
-    let writeAllText (path: string) (text: string) =
-        writeAllBytes path (Text.UTF8Encoding(false).GetBytes text)
+open Vct.Core
 
 /// The colour of mask images, as the official tools write them.
 [<RequireQualifiedAccess>]
