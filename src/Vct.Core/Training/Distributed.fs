@@ -97,7 +97,7 @@ type MpiCommunicator(timeoutSeconds: float) =
                 Mpi.finalize ()
 
 /// How a training run is spread: over the ranks of `Comm`, each running `Accumulate` micro-batches per step.
-type ParallelOptions =
+type DistributedOptions =
     { Comm: ICommunicator
       /// Micro-batches per optimizer step on each rank (gradient accumulation; 1: none).
       Accumulate: int
@@ -112,6 +112,16 @@ type ParallelOptions =
     member p.IsSingle = p.Comm.Size = 1 && p.Accumulate = 1
     static member Single =
         { Comm = new LocalCommunicator(); Accumulate = 1; OfficialEvalMean = false; BucketBytes = 25L * 1024L * 1024L }
+    /// `distributed`: "none" (one process) or "mpi" (the ranks of the mpirun job; MPI is initialised here).
+    /// `collectiveTimeoutSeconds`: the watchdog's limit on one collective (0: none).
+    static member Create(distributed: string, accumulate: int, officialEvalMean: bool, collectiveTimeoutSeconds: float) =
+        if accumulate < 1 then invalidArg (nameof accumulate) $"accumulate must be >= 1, got {accumulate}"
+        let comm : ICommunicator =
+            match (if isNull distributed then "none" else distributed.ToLowerInvariant()) with
+            | "" | "none" -> new LocalCommunicator()
+            | "mpi" -> new MpiCommunicator(collectiveTimeoutSeconds)
+            | other -> invalidArg (nameof distributed) $"distributed must be none or mpi, got '{other}'"
+        { DistributedOptions.Single with Comm = comm; Accumulate = accumulate; OfficialEvalMean = officialEvalMean }
 
 /// Collectives over tensors: bucketed gradient averaging, parameter broadcast, configuration check.
 [<RequireQualifiedAccess>]
@@ -152,7 +162,7 @@ module Distributed =
 
     /// Sums every parameter's gradient over the ranks and divides it by `divisor` (ranks x micro-batches), in
     /// flattened buckets. A parameter without a gradient on this rank gets zeros when another rank has one.
-    let averageGradients (p: ParallelOptions) (parameters: TorchSharp.Modules.Parameter list) (divisor: float) =
+    let averageGradients (p: DistributedOptions) (parameters: TorchSharp.Modules.Parameter list) (divisor: float) =
         let ps = parameters |> List.filter (fun q -> q.requires_grad)
         let comm = p.Comm
         if comm.Size > 1 then
@@ -171,7 +181,7 @@ module Distributed =
             for q in withGrad do q.grad.div_(divisor.AsScalar) |> ignore
 
     /// Copies rank 0's float32 parameters and buffers to every rank.
-    let broadcastState (p: ParallelOptions) (modules: torch.nn.Module list) =
+    let broadcastState (p: DistributedOptions) (modules: torch.nn.Module list) =
         if p.Comm.Size > 1 then
             use _ = torch.no_grad ()
             let tensors =
@@ -188,7 +198,7 @@ module Distributed =
         int64 (h >>> 1)
 
     /// Fails on every rank, with one line, when the ranks' `description` differ (seed, preset, data, ...).
-    let checkSame (p: ParallelOptions) (what: string) (description: string) =
+    let checkSame (p: DistributedOptions) (what: string) (description: string) =
         if p.Comm.Size > 1 then
             let h = fingerprint description
             let lo = [| h |]

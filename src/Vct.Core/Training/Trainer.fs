@@ -208,7 +208,7 @@ module Trainer =
     /// mask-count normaliser of the whole batch divided by the number of parts; the gradients are summed over the
     /// micro-batches and averaged over the ranks (bucketed allreduce), then clipped and stepped identically
     /// everywhere. Returns what the single-batch step returns: the batch's mean loss and terms over all parts.
-    let private splitStep (par: ParallelOptions) (model: VctModel) (criterion: Criterion) (audio: TrainData.AudioCache)
+    let private splitStep (par: DistributedOptions) (model: VctModel) (criterion: Criterion) (audio: TrainData.AudioCache)
                           (subset: Subset) (device: torch.Device) (gen: torch.Generator) (stepSeed: int)
                           (autocast: (DeviceType * torch.ScalarType) option) (scaler: GradScaler option) (opt: Modules.AdamW)
                           (trainable: Modules.Parameter list) (clip: float option) (iteration: int)
@@ -305,7 +305,7 @@ module Trainer =
     /// `evaluate` sharded over the ranks: rank r scores videos r, r + N, ...; the per-video scores are summed to
     /// every rank and M_J/M_F are their mean over videos (or, with `officialMean`, the mean of the per-rank
     /// means, as the official evaluator under DDP). AVSS (class totals, no per-video M_J) runs on every rank whole.
-    let evaluateSharded (par: ParallelOptions) (model: VctModel) (audio: TrainData.AudioCache) (records: VideoRecord[]) (workers: int) : MetricSummary =
+    let evaluateSharded (par: DistributedOptions) (model: VctModel) (audio: TrainData.AudioCache) (records: VideoRecord[]) (workers: int) : MetricSummary =
         let comm = par.Comm
         if comm.Size = 1 || model.Config.Subset = Subset.AVSS then evaluate model audio records false workers
         else
@@ -338,9 +338,9 @@ module Trainer =
     /// cleanly after the current step, saving a resumable checkpoint. With `resume`, continues from the run
     /// directory's checkpoint_last.
     /// `init` runs on the new model before training starts (pretrained weights); it is skipped when resuming.
-    /// `run` spread by `par` (data-parallel ranks, gradient accumulation); with `ParallelOptions.Single` it is `run`.
+    /// `run` spread by `par` (data-parallel ranks, gradient accumulation); with `DistributedOptions.Single` it is `run`.
     /// Only rank 0 writes files; every rank returns the same result.
-    let runWith (par: ParallelOptions) (cfg: TrainConfig) (trainRecords: VideoRecord[]) (valRecords: VideoRecord[]) (device: torch.Device)
+    let runWith (par: DistributedOptions) (cfg: TrainConfig) (trainRecords: VideoRecord[]) (valRecords: VideoRecord[]) (device: torch.Device)
                 (runDir: string) (resume: bool) (init: VctModel -> unit) (log: TrainEvent -> unit) (cancel: CancellationToken) : TrainResult =
         Runtime.init () |> ignore
         if cfg.Amp then Amp.require device
@@ -534,7 +534,7 @@ module Trainer =
         { Outcome = outcome; Iterations = iteration; BestMJ = bestMJ; BestIteration = bestIt
           LastEval = lastEval; WallSeconds = sw.Elapsed.TotalSeconds; RunDir = runDir }
 
-    /// Runs training in this process alone (`runWith ParallelOptions.Single`).
+    /// Runs training in this process alone (`runWith DistributedOptions.Single`).
     let run (cfg: TrainConfig) (trainRecords: VideoRecord[]) (valRecords: VideoRecord[]) (device: torch.Device)
             (runDir: string) (resume: bool) (init: VctModel -> unit) (log: TrainEvent -> unit) (cancel: CancellationToken) : TrainResult =
-        runWith ParallelOptions.Single cfg trainRecords valRecords device runDir resume init log cancel
+        runWith DistributedOptions.Single cfg trainRecords valRecords device runDir resume init log cancel
