@@ -135,7 +135,7 @@ let tests =
                       use g = new torch.Generator(7UL)
                       BatchSlice.within { Total = 4L; Offset = off; Count = 2L } (fun () -> BatchSlice.rand [| 2L; 3L; 5L |] torch.float32 torch.CPU (Some g)) ]
             use joined = torch.cat(parts |> Array.ofList, 0L)
-            Expect.isTrue (joined.equal(whole).item<bool>()) "the slices of the batch's draw"
+            Expect.isTrue (joined.eq(whole).all().item<bool>()) "the slices of the batch's draw"
             // The criterion's points: per prediction one [1, P, 2] per frame, then two [K, S, 2].
             let counts = [| 2L; 1L; 3L |]
             let draw (u: UniformSource) frames k = [ for _ in 1 .. frames -> u [| 1L; 4L; 2L |] ] @ [ u [| k; 6L; 2L |]; u [| k; 2L; 2L |] ]
@@ -146,10 +146,10 @@ let tests =
             // The part holds frames 1..2: match draws 1 and 2, then mask rows 2..5 of each prediction.
             for pred in 0 .. 1 do
                 let a, p = pred * 5, pred * 4
-                Expect.isTrue (part[p].equal(all[a + 1]).item<bool>()) "match draw of frame 1"
-                Expect.isTrue (part[p + 1].equal(all[a + 2]).item<bool>()) "match draw of frame 2"
-                Expect.isTrue (part[p + 2].equal(all[a + 3].narrow(0L, 2L, 4L)).item<bool>()) "candidate rows"
-                Expect.isTrue (part[p + 3].equal(all[a + 4].narrow(0L, 2L, 4L)).item<bool>()) "fill rows"
+                Expect.isTrue (part[p].eq(all[a + 1]).all().item<bool>()) "match draw of frame 1"
+                Expect.isTrue (part[p + 1].eq(all[a + 2]).all().item<bool>()) "match draw of frame 2"
+                Expect.isTrue (part[p + 2].eq(all[a + 3].narrow(0L, 2L, 4L)).all().item<bool>()) "candidate rows"
+                Expect.isTrue (part[p + 3].eq(all[a + 4].narrow(0L, 2L, 4L)).all().item<bool>()) "fill rows"
         }
 
         test "2 ranks equal 1 process with the same global batch, and --accumulate 2 with half the micro-batch; resume with another rank count" {

@@ -162,7 +162,13 @@ module Distributed =
 
     /// Sums every parameter's gradient over the ranks and divides it by `divisor` (ranks x micro-batches), in
     /// flattened buckets. A parameter without a gradient on this rank gets zeros when another rank has one.
+    let mutable private syncSeconds = 0.0
+
+    /// Wall seconds of the last `averageGradients` (its allreduce calls and the copies around them).
+    let lastSyncSeconds () = syncSeconds
+
     let averageGradients (p: DistributedOptions) (parameters: TorchSharp.Modules.Parameter list) (divisor: float) =
+        let t0 = Stopwatch.GetTimestamp()
         let ps = parameters |> List.filter (fun q -> q.requires_grad)
         let comm = p.Comm
         if comm.Size > 1 then
@@ -179,6 +185,7 @@ module Distributed =
                 (fun slice g -> g.copy_(slice.mul(scale.AsScalar)) |> ignore)
         elif divisor <> 1.0 then
             for q in withGrad do q.grad.div_(divisor.AsScalar) |> ignore
+        syncSeconds <- Stopwatch.GetElapsedTime(t0).TotalSeconds
 
     /// Copies rank 0's float32 parameters and buffers to every rank.
     let broadcastState (p: DistributedOptions) (modules: torch.nn.Module list) =

@@ -517,6 +517,7 @@ module Trainer =
                                                  "seconds", JsonValue.Create secs
                                                  "data_wait_seconds", JsonValue.Create dataWait ])
                     for kv in terms do node[kv.Key] <- JsonValue.Create kv.Value
+                    if not par.IsSingle then node["allreduce_seconds"] <- JsonValue.Create(Distributed.lastSyncSeconds ())
                     if cfg.Amp then
                         node["amp_scale"] <- JsonValue.Create ampStep.Scale
                         node["amp_skipped"] <- JsonValue.Create ampStep.Skipped
