@@ -204,6 +204,30 @@ let tests =
                     if not p.HasExited then p.Kill true)
         }
 
+        test "a hung rank (SIGSTOP) makes the watchdog stop the job" {
+            requireMpi ()
+            withData (fun data runs ->
+                let metrics = Path.Combine(runs, "h", "metrics.jsonl")
+                let p, err = startMpi 2 (common data runs "h" 100000 @ [ "--collective-timeout"; "8" ])
+                use p = p
+                let mutable victim = -1
+                try
+                    Expect.isTrue (waitFor (TimeSpan.FromSeconds 120.0) (fun () -> stepCount metrics >= 2)) "the ranks train"
+                    victim <- ranksOf p.Id |> List.find (fun (_, r) -> r = 1) |> fst
+                    let code, _, e = Golden.runProcess (psiOf "kill" [ "-STOP"; string victim ])
+                    if code <> 0 then failtestf "kill -STOP failed: %s" e
+                    let sw = Stopwatch.StartNew()
+                    Expect.isTrue (p.WaitForExit 30000) "the job ended within 30 s of the hang"
+                    printfn "job ended %.1f s after rank 1 stopped (watchdog limit 8 s)" sw.Elapsed.TotalSeconds
+                    p.WaitForExit()
+                    Expect.notEqual p.ExitCode 0 "non-zero exit"
+                    Expect.stringContains err.Result "waited more than 8 s" "the watchdog says why"
+                finally
+                    if victim > 0 then
+                        (try Golden.runProcess (psiOf "kill" [ "-KILL"; string victim ]) |> ignore with _ -> ())
+                    if not p.HasExited then p.Kill true)
+        }
+
         test "ranks started with different seeds refuse to train" {
             requireMpi ()
             withData (fun data runs ->

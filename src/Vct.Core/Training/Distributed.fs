@@ -119,7 +119,10 @@ type DistributedOptions =
         let comm : ICommunicator =
             match (if isNull distributed then "none" else distributed.ToLowerInvariant()) with
             | "" | "none" -> new LocalCommunicator()
-            | "mpi" -> new MpiCommunicator(collectiveTimeoutSeconds)
+            | "mpi" ->
+                // A missing or foreign libmpi is bad environment: one clear line (InvalidOperationException).
+                try new MpiCommunicator(collectiveTimeoutSeconds)
+                with :? DllNotFoundException | :? EntryPointNotFoundException as e -> raise (InvalidOperationException(e.Message, e))
             | other -> invalidArg (nameof distributed) $"distributed must be none or mpi, got '{other}'"
         { DistributedOptions.Single with Comm = comm; Accumulate = accumulate; OfficialEvalMean = officialEvalMean }
 
