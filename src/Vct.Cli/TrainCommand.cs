@@ -62,6 +62,8 @@ internal static class TrainCommand
             using var onTerm = ranks > 1 ? System.Runtime.InteropServices.PosixSignalRegistration.Create(System.Runtime.InteropServices.PosixSignal.SIGTERM, ctx =>
             {
                 ctx.Cancel = true;
+                // A peer that died also brings SIGTERM: a collective that now waits long means it is gone.
+                if (par.Comm is MpiCommunicator mpi) mpi.StopSoon(15.0);
                 if (!cts.IsCancellationRequested && par.IsRoot) Console.Error.WriteLine("\nstopping all ranks after this step; a resumable checkpoint will be written");
                 cts.Cancel();
             }) : null;

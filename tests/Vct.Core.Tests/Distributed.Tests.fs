@@ -27,7 +27,10 @@ let private requireMpi () =
     if not (File.Exists cli.Value) then failtestf "the CLI is not built: %s (run `dotnet fsi build.fsx build`)" cli.Value
 
 /// Launcher flags: root in CI containers, and more ranks than cores on small machines.
-let private mpiFlags = [ "--allow-run-as-root"; "--oversubscribe"; "--mca"; "btl"; "self,vader"; "--bind-to"; "none" ]
+/// odls_base_sigkill_timeout: mpirun's grace between SIGTERM and SIGKILL (default 1 s) long enough for a step and a
+/// checkpoint after Ctrl-C.
+let private mpiFlags = [ "--allow-run-as-root"; "--oversubscribe"; "--mca"; "btl"; "self,vader"; "--bind-to"; "none"
+                         "--mca"; "odls_base_sigkill_timeout"; "60" ]
 
 let private psiOf (exe: string) (args: string list) =
     let p = ProcessStartInfo(exe, UseShellExecute = false)

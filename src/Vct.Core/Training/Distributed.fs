@@ -50,6 +50,7 @@ type LocalCommunicator() =
 /// which then kills the others.
 type MpiCommunicator(timeoutSeconds: float) =
     let _level = Mpi.init ()
+    let mutable limit = timeoutSeconds
     let rank = Mpi.rank ()
     let size = Mpi.size ()
     let localRank = Mpi.localRank ()
@@ -62,25 +63,29 @@ type MpiCommunicator(timeoutSeconds: float) =
         Console.Error.Flush()
         Mpi.abort 1
         exit 1
+    // Always running: the limit may be set later (StopSoon).
     let _watchdog =
-        if timeoutSeconds > 0.0 then
-            let t =
-                Thread((fun () ->
-                    while not disposed do
-                        Thread.Sleep 500
-                        let s = Volatile.Read(&started)
-                        if s <> 0L && Stopwatch.GetElapsedTime(s).TotalSeconds > timeoutSeconds then
-                            abortJob $"{current} waited more than {timeoutSeconds:F0} s for the other ranks (a rank hangs or died); stopping the job"),
-                       IsBackground = true, Name = "vct-mpi-watchdog")
-            t.Start()
-            Some t
-        else None
+        let t =
+            Thread((fun () ->
+                while not disposed do
+                    Thread.Sleep 500
+                    let s = Volatile.Read(&started)
+                    let l = limit
+                    if s <> 0L && l > 0.0 && Stopwatch.GetElapsedTime(s).TotalSeconds > l then
+                        abortJob $"{current} waited more than {l:F0} s for the other ranks (a rank hangs or died); stopping the job"),
+                   IsBackground = true, Name = "vct-mpi-watchdog")
+        t.Start()
+        t
     let guarded (what: string) (f: unit -> unit) =
         current <- what
         Volatile.Write(&started, Stopwatch.GetTimestamp())
         try f () finally Volatile.Write(&started, 0L)
     member _.Rank = rank
     member _.Size = size
+    /// The job is being stopped (SIGTERM from mpirun: Ctrl-C, or another rank died): the live ranks reach the next
+    /// collective within a step's imbalance, so one that waits longer than `seconds` now means a dead peer.
+    member _.StopSoon(seconds: float) =
+        limit <- if limit > 0.0 then min limit seconds else seconds
     interface ICommunicator with
         member _.Rank = rank
         member _.Size = size
