@@ -59,9 +59,11 @@ internal static class TrainCommand
             var ranks = par.Comm.Size;
             using var cts = new CancellationTokenSource();
             // mpirun passes Ctrl-C on to the ranks as SIGTERM: stop after the step like Ctrl-C.
+            var terminated = false;
             using var onTerm = ranks > 1 ? System.Runtime.InteropServices.PosixSignalRegistration.Create(System.Runtime.InteropServices.PosixSignal.SIGTERM, ctx =>
             {
                 ctx.Cancel = true;
+                terminated = true;
                 // A peer that died also brings SIGTERM: a collective that now waits long means it is gone.
                 if (par.Comm is MpiCommunicator mpi) mpi.StopSoon(15.0);
                 if (!cts.IsCancellationRequested && par.IsRoot) Console.Error.WriteLine("\nstopping all ranks after this step; a resumable checkpoint will be written");
@@ -127,6 +129,8 @@ internal static class TrainCommand
                 Console.WriteLine(summary.ToJsonString(new System.Text.Json.JsonSerializerOptions { WriteIndented = true }));
                 Console.Error.WriteLine($"run directory: {result.RunDir}");
             }
+            // mpirun is stopping the job (SIGTERM): MPI_Finalize would wait for it; leave with the exit code now.
+            if (terminated && par.Comm is MpiCommunicator stopping) stopping.HardExit(result.Outcome.IsInterrupted ? 130 : 1);
             return result.Outcome switch
             {
                 var o when o.IsCompleted => 0,

@@ -61,8 +61,11 @@ type MpiCommunicator(timeoutSeconds: float) =
     let abortJob (message: string) =
         eprintfn "vct: rank %d of %d: %s" rank size message
         Console.Error.Flush()
-        Mpi.abort 1
-        exit 1
+        // MPI_Abort can block when mpirun is already tearing the job down: give it a few seconds, then leave.
+        let t = Thread((fun () -> Mpi.abort 1), IsBackground = true)
+        t.Start()
+        t.Join 5000 |> ignore
+        Libc.hardExit 1
     // Always running: the limit may be set later (StopSoon).
     let _watchdog =
         let t =
@@ -84,6 +87,12 @@ type MpiCommunicator(timeoutSeconds: float) =
     member _.Size = size
     /// The job is being stopped (SIGTERM from mpirun: Ctrl-C, or another rank died): the live ranks reach the next
     /// collective within a step's imbalance, so one that waits longer than `seconds` now means a dead peer.
+    /// Flushes the console and ends the process with `code` without MPI_Finalize (which can wait forever once
+    /// mpirun is stopping the job).
+    member _.HardExit(code: int) : unit =
+        Console.Out.Flush()
+        Console.Error.Flush()
+        Libc.hardExit code
     member _.StopSoon(seconds: float) =
         limit <- if limit > 0.0 then min limit seconds else seconds
     interface ICommunicator with

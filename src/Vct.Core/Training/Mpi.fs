@@ -22,6 +22,11 @@ type internal MpiAbort = delegate of nativeint * int -> int
 [<UnmanagedFunctionPointer(CallingConvention.Cdecl)>]
 type internal MpiVoid = delegate of unit -> int
 
+module internal Libc =
+    /// Ends the process at once (no finalizers, no atexit): a rank stopping a broken job must not wait for anything.
+    [<DllImport("libc", EntryPoint = "_exit")>]
+    extern void hardExit(int code)
+
 /// Reduction operations of `Mpi.allreduce`.
 type MpiOp =
     | Sum
