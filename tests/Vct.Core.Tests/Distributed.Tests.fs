@@ -65,6 +65,14 @@ let private losses (metrics: string) =
           if doc.RootElement.GetProperty("type").GetString() = "step" then
               yield doc.RootElement.GetProperty("loss").GetDouble() ]
 
+/// (M_J, M_F) of the last "eval" line of a metrics log.
+let private lastEval (metrics: string) =
+    [ for line in File.ReadAllLines metrics do
+          use doc = JsonDocument.Parse line
+          if doc.RootElement.GetProperty("type").GetString() = "eval" then
+              yield doc.RootElement.GetProperty("m_j").GetDouble(), doc.RootElement.GetProperty("m_f").GetDouble() ]
+    |> List.last
+
 let private iterationOf (checkpoint: string) =
     use f = Checkpoint.Safetensors.read checkpoint
     int f.Metadata["iteration"]
@@ -170,6 +178,10 @@ let tests =
                     let b = losses (Path.Combine(runs, "single", "metrics.jsonl"))
                     Expect.equal a.Length 3 $"{name}: one log line per step (rank 0 alone writes)"
                     for x, y in List.zip a b do Expect.floatClose { absolute = 0.0; relative = 1e-5 } x y $"{name}: the step's loss"
+                // The final evaluation, sharded over the 2 ranks (one video each) and gathered: the mean over videos.
+                let (j1, f1), (j2, f2) = lastEval (Path.Combine(runs, "single", "metrics.jsonl")), lastEval (Path.Combine(runs, "ranks2", "metrics.jsonl"))
+                Expect.floatClose { absolute = 1e-4; relative = 0.0 } j2 j1 "sharded M_J = one process's"
+                Expect.floatClose { absolute = 1e-4; relative = 0.0 } f2 f1 "sharded M_F = one process's"
                 // Resume with another number of ranks: 2 steps in one process, then on to 3 with 1 and with 2 ranks.
                 vct (common data runs "first" 2) |> ok "first 2 steps"
                 copyDir (Path.Combine(runs, "first")) (Path.Combine(runs, "first2"))
