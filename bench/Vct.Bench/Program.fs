@@ -7,7 +7,8 @@ let suites : (string * (int -> unit)) list =
       "model", ModelBench.run
       "audio", AudioBench.run
       "training", TrainingBench.run
-      "video", VideoBench.run ]
+      "video", VideoBench.run
+      "distributed", DistributedBench.run ]
 
 [<EntryPoint>]
 let main argv =

@@ -39,6 +39,15 @@ public sealed record TrainOptions
     public bool MixedPrecision { get; init; }
     /// <summary>"auto", "cpu", "cuda" or "cuda:N".</summary>
     public string Device { get; init; } = "auto";
+    /// <summary>"none" (this process alone) or "mpi": data-parallel over the ranks of the mpirun job this process belongs
+    /// to (every rank calls <see cref="VctTrainer.Train"/> with the same options; rank 0 writes the files; on CUDA the
+    /// local rank picks the device). MPI is finalised when the run ends.</summary>
+    public string Distributed { get; init; } = "none";
+    /// <summary>Micro-batches per optimizer step (gradient accumulation); 1: none.</summary>
+    public int Accumulate { get; init; } = 1;
+    /// <summary>Sharded evaluation: the mean of the per-rank means (as the official evaluator under DDP) instead of the
+    /// mean over videos.</summary>
+    public bool OfficialEvalMean { get; init; }
 }
 
 /// <summary>What a training run reports while it runs: a step, or an evaluation on the validation split.</summary>
@@ -134,7 +143,9 @@ public static class VctTrainer
                 progress.Report(new TrainProgress(TrainProgressKind.Evaluation, ev.iteration, total, double.NaN,
                     new Dictionary<string, double>(), double.NaN, ev.mj, ev.mf, ev.seconds));
         }
-        var (r, summary) = TrainJob.run(o, FuncConvert.FromAction(write), FuncConvert.FromAction<TrainEvent>(OnEvent), cancellationToken).ToValueTuple();
+        var par = DistributedOptions.Create(options.Distributed, options.Accumulate, options.OfficialEvalMean, 600.0);
+        using var comm = par.Comm;
+        var (r, summary) = TrainJob.runWith(par, o, FuncConvert.FromAction(write), FuncConvert.FromAction<TrainEvent>(OnEvent), cancellationToken).ToValueTuple();
         var files = new RunFiles(r.RunDir);
         var outcome = r.Outcome.IsCompleted ? TrainOutcome.Completed : r.Outcome.IsInterrupted ? TrainOutcome.Interrupted : TrainOutcome.Diverged;
         var diagnostic = r.Outcome is Core.Training.TrainOutcome.Diverged d ? d.diagnostic : null;

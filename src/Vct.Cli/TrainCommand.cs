@@ -28,10 +28,14 @@ internal static class TrainCommand
         var vggish = new Option<string?>("--vggish-weights") { Description = "torchvggish vggish-10086976.pth; a path or a hub reference (vggish, hf:..., https://...)" };
         var amp = new Option<bool>("--amp") { Description = "Mixed precision on CUDA: float16 autocast for forward and losses, dynamic loss scaling (refused on the CPU)" };
         var missing = new Option<string>("--missing-masks") { Description = "pre-SAM models on data without mask images: refuse | blank | skip", DefaultValueFactory = _ => "refuse" };
+        var distributed = new Option<string>("--distributed") { Description = "none | mpi: data-parallel over the ranks of an mpirun job (every rank trains its share of each batch; rank 0 writes the files)", DefaultValueFactory = _ => "none" };
+        var accumulate = new Option<int>("--accumulate") { Description = "Micro-batches per optimizer step (gradient accumulation): the same step as one batch, in K parts", DefaultValueFactory = _ => 1 };
+        var officialMean = new Option<bool>("--official-eval-mean") { Description = "Sharded evaluation: M_J/M_F as the mean of the per-rank means (the official evaluator under DDP) instead of the mean over videos" };
+        var collectiveTimeout = new Option<double>("--collective-timeout") { Description = "--distributed mpi: abort the job when one collective waits longer than this many seconds (0: never)", DefaultValueFactory = _ => 600 };
         var device = CommonOptions.Device();
         var threads = CommonOptions.Threads();
         var cmd = new Command("train", "Train VCT: iteration based, periodic evaluation, best checkpoint by M_J, resumable; Ctrl-C saves and exits");
-        foreach (var o in new Option[] { preset, data, runs, name, iterations, batch, lr, evalPeriod, seed, resume, workers, swin, vggish, missing, amp, device, threads }) cmd.Options.Add(o);
+        foreach (var o in new Option[] { preset, data, runs, name, iterations, batch, lr, evalPeriod, seed, resume, workers, swin, vggish, missing, amp, distributed, accumulate, officialMean, collectiveTimeout, device, threads }) cmd.Options.Add(o);
         cmd.SetAction(parse =>
         {
             var dev = CommonOptions.Apply(parse.GetValue(device)!, parse.GetValue(threads));
@@ -50,7 +54,21 @@ internal static class TrainCommand
                     var other => throw new ArgumentException($"--missing-masks must be refuse, blank or skip, got '{other}'"),
                 },
                 parse.GetValue(amp));
+            var par = DistributedOptions.Create(parse.GetValue(distributed)!, parse.GetValue(accumulate), parse.GetValue(officialMean), parse.GetValue(collectiveTimeout));
+            using var comm = par.Comm;
+            var ranks = par.Comm.Size;
             using var cts = new CancellationTokenSource();
+            // mpirun passes Ctrl-C on to the ranks as SIGTERM: stop after the step like Ctrl-C.
+            var terminated = false;
+            using var onTerm = ranks > 1 ? System.Runtime.InteropServices.PosixSignalRegistration.Create(System.Runtime.InteropServices.PosixSignal.SIGTERM, ctx =>
+            {
+                ctx.Cancel = true;
+                terminated = true;
+                // A peer that died also brings SIGTERM: a collective that now waits long means it is gone.
+                if (par.Comm is MpiCommunicator mpi) mpi.StopSoon(15.0);
+                if (!cts.IsCancellationRequested && par.IsRoot) Console.Error.WriteLine("\nstopping all ranks after this step; a resumable checkpoint will be written");
+                cts.Cancel();
+            }) : null;
             ConsoleCancelEventHandler onCancel = (_, e) =>
             {
                 e.Cancel = true;
@@ -82,7 +100,7 @@ internal static class TrainCommand
             var total = 0;
             var sw = Stopwatch.StartNew();
             var first = -1;
-            var interactive = !Console.IsErrorRedirected;
+            var interactive = !Console.IsErrorRedirected && ranks == 1;
             void Log(string s) => Console.Error.WriteLine(s);
             void Event(TrainEvent e)
             {
@@ -109,12 +127,29 @@ internal static class TrainCommand
             }
             var kind = p == "tiny" ? Vct.Core.Subset.S4 : Vct.Core.Subset.Parse(p);
             total = TrainJob.config(p, kind, options).Iterations;
-            var (result, summary) = TrainJob.run(options,
-                FuncConvert.FromAction<string>(Log), FuncConvert.FromAction<TrainEvent>(Event), cts.Token).ToValueTuple();
+            Vct.Core.Training.TrainResult result;
+            System.Text.Json.Nodes.JsonObject summary;
+            try
+            {
+                (result, summary) = TrainJob.runWith(par, options,
+                    FuncConvert.FromAction<string>(Log), FuncConvert.FromAction<TrainEvent>(Event), cts.Token).ToValueTuple();
+            }
+            catch (Exception e) when (ranks > 1)
+            {
+                // One rank failing stops the job: the others would wait for it in the next collective.
+                var inner = e is AggregateException { InnerException: { } ie } ? ie : e;
+                par.Comm.Abort(inner.Message);
+                throw;
+            }
             Console.CancelKeyPress -= onCancel;
             if (interactive) Console.Error.WriteLine();
-            Console.WriteLine(summary.ToJsonString(new System.Text.Json.JsonSerializerOptions { WriteIndented = true }));
-            Console.Error.WriteLine($"run directory: {result.RunDir}");
+            if (par.IsRoot)
+            {
+                Console.WriteLine(summary.ToJsonString(new System.Text.Json.JsonSerializerOptions { WriteIndented = true }));
+                Console.Error.WriteLine($"run directory: {result.RunDir}");
+            }
+            // mpirun is stopping the job (SIGTERM): MPI_Finalize would wait for it; leave with the exit code now.
+            if (terminated && par.Comm is MpiCommunicator stopping) stopping.HardExit(result.Outcome.IsInterrupted ? 130 : 1);
             return result.Outcome switch
             {
                 var o when o.IsCompleted => 0,

@@ -78,10 +78,7 @@ module DropPath =
             Scope.run (fun () ->
                 let keep = 1.0 - rate
                 let shape = Array.init (int x.Dimensions) (fun i -> if i = 0 then x.shape[0] else 1L)
-                let u =
-                    match gen with
-                    | Some g -> torch.rand(shape, dtype = x.dtype, device = x.device, generator = g)
-                    | None -> torch.rand(shape, dtype = x.dtype, device = x.device)
+                let u = BatchSlice.rand shape x.dtype x.device gen
                 let mask = (u + keep.AsScalar).floor_()
                 x.div(keep.AsScalar) * mask)
 

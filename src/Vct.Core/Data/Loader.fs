@@ -24,8 +24,14 @@ type LoaderOptions =
 /// Decodes and transforms videos in parallel on background threads, keeping at most `Prefetch` batches ready,
 /// so the training step does not wait on data. `transform` receives the record and a `Random` seeded from
 /// (Seed, epoch, position), so an epoch's batches are the same whatever the thread timing.
-type BatchLoader<'T>(records: VideoRecord[], opts: LoaderOptions, transform: VideoRecord -> Random -> 'T) =
+type BatchLoader<'T>(records: VideoRecord[], opts: LoaderOptions, transform: VideoRecord -> Random -> 'T, ?positional: int -> VideoRecord -> Random -> 'T) =
+    let transformAt = match positional with Some f -> f | None -> fun (_: int) r rng -> transform r rng
     do if opts.BatchSize < 1 then invalidArg (nameof opts) $"BatchSize must be >= 1, got {opts.BatchSize}"
+
+    /// A loader whose transform also receives the video's position in its batch (data-parallel training decodes
+    /// only its own part of each batch; the seeds stay those of the whole batch).
+    static member Positional(records: VideoRecord[], opts: LoaderOptions, transformAt: int -> VideoRecord -> Random -> 'T) =
+        BatchLoader<'T>(records, opts, (fun r rng -> transformAt 0 r rng), transformAt)
 
     /// The video order of an epoch.
     member _.Order(epoch: int) : int[] =
@@ -45,7 +51,7 @@ type BatchLoader<'T>(records: VideoRecord[], opts: LoaderOptions, transform: Vid
         let nBatches = if opts.DropLast then records.Length / opts.BatchSize else (records.Length + opts.BatchSize - 1) / opts.BatchSize
         let make (epoch: int) (b: int) (i: int) (item: int) =
             let pos = b * opts.BatchSize + i
-            transform records[item] (Random(DeterministicSeed.mix [ opts.Seed; epoch; pos ]))
+            transformAt i records[item] (Random(DeterministicSeed.mix [ opts.Seed; epoch; pos ]))
         let itemsOf (order: int[]) (b: int) = order[b * opts.BatchSize .. min order.Length ((b + 1) * opts.BatchSize) - 1]
         if opts.Workers <= 0 then
             // Synchronous mode: each batch is made on the caller's thread when it is asked for (same seeds, same

@@ -37,7 +37,7 @@ module Grouping =
     /// Standard Gumbel(0, 1) noise of `shape` from `gen` (never infinite).
     let gumbelNoise (shape: int64[]) (dtype: torch.ScalarType) (device: torch.Device) (gen: torch.Generator) =
         Scope.run (fun () ->
-            let u = torch.rand(shape, dtype = dtype, device = device, generator = gen)
+            let u = BatchSlice.rand shape dtype device (Some gen)
             u.clamp(min = (1e-10).AsScalar, max = (1.0 - 1e-7).AsScalar).log().neg().log().neg())
 
     /// Gumbel-softmax along `dim` with the given noise: softmax((logits + noise) / tau), hard or soft.

@@ -254,6 +254,23 @@ module Amp =
     /// `GradScaler.Step` (unscale, skip on inf/NaN, clip, step, update); without, plain backward, clipping and
     /// step. Call `opt.zero_grad()` before. Returns whether the step was skipped and the scale it used (1 without
     /// a scaler).
+    /// The backward pass of `loss` alone (scaled when `scaler` is given): a gradient-accumulation micro-batch.
+    let backward (scaler: GradScaler option) (loss: Tensor) =
+        match scaler with
+        | Some s ->
+            use scaled = s.ScaleLoss loss
+            scaled.backward ()
+        | None -> loss.backward ()
+
+    /// Clipping and the optimiser step over gradients already computed (unscaled first when `scaler` is given).
+    let step (scaler: GradScaler option) (opt: torch.optim.Optimizer) (parameters: Parameter list) (clip: float option) : ScaledStep =
+        match scaler with
+        | Some s -> s.Step(opt, parameters, clip)
+        | None ->
+            let norm = clip |> Option.map (fun c -> Optim.clipFullModel c parameters)
+            opt.step () |> ignore
+            { Skipped = false; Scale = 1.0; GradNorm = norm }
+
     let backwardAndStep (scaler: GradScaler option) (loss: Tensor) (opt: torch.optim.Optimizer) (parameters: Parameter list) (clip: float option) : ScaledStep =
         match scaler with
         | Some s ->

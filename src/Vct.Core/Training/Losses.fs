@@ -230,6 +230,10 @@ type Criterion(cfg: CriterionConfig) as this =
     do this.RegisterComponents()
 
     member _.Config = cfg
+    /// The mask losses' normaliser for the next calls instead of this call's target count (data-parallel
+    /// training: the batch's count over all ranks divided by the number of parts, at least 1, as Mask2Former's
+    /// criterion does under DDP). None: this call's count (at least 1).
+    member val NumMasksOverride: float option = None with get, set
     member _.LogitScale = logit_scale
     member _.EmptyWeight = empty_weight
 
@@ -238,7 +242,7 @@ type Criterion(cfg: CriterionConfig) as this =
     /// (`supervision.Frames`, in that order); `uniform` supplies the random point coordinates in the official
     /// order (for each prediction, main first then aux 0..8: one [1, P, 2] draw per frame for matching, then
     /// the candidate and fill draws of the mask loss).
-    member _.Compute(output: DecoderOutput, targets: FrameTarget[], supervision: Supervision, uniform: UniformSource) : LossResult =
+    member this.Compute(output: DecoderOutput, targets: FrameTarget[], supervision: Supervision, uniform: UniformSource) : LossResult =
         if supervision.Frames.Length <> targets.Length then
             invalidArg (nameof targets) $"{targets.Length} targets for {supervision.Frames.Length} supervised frames"
         for t in targets do
@@ -249,7 +253,10 @@ type Criterion(cfg: CriterionConfig) as this =
         let device = mainPred.Logits.device
         let frames = torch.tensor(supervision.Frames, dtype = torch.int64, device = device)
         let select (t: Tensor) = t.index_select(0L, frames)
-        let numMasks = max 1.0 (targets |> Array.sumBy (fun t -> float t.Labels.shape[0]))
+        let numMasks =
+            match this.NumMasksOverride with
+            | Some n -> n
+            | None -> max 1.0 (targets |> Array.sumBy (fun t -> float t.Labels.shape[0]))
         let raw = Collections.Generic.List<string * Tensor>()
         let matches = Collections.Generic.List<(int64[] * int64[])[]>()
         let supervise (suffix: string) (pred: Prediction) =

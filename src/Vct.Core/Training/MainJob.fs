@@ -106,8 +106,16 @@ module TrainJob =
         normal, shuffled
 
     /// Runs a whole job: data, training, evaluation, summary.json, plots and overlays in the run directory.
-    let run (o: TrainJobOptions) (log: string -> unit) (events: TrainEvent -> unit) (cancel: CancellationToken) : TrainResult * JsonObject =
+    /// Spread by `par` (MPI ranks, gradient accumulation): every rank trains its share; rank 0 alone logs, writes
+    /// the synthetic set, the checkpoints and the report (the other ranks return a summary without scores). On
+    /// CUDA, the local rank picks the device.
+    let runWith (par: DistributedOptions) (o: TrainJobOptions) (log: string -> unit) (events: TrainEvent -> unit) (cancel: CancellationToken) : TrainResult * JsonObject =
         Runtime.init () |> ignore
+        let o =
+            if par.Comm.Size > 1 && o.Device.``type`` = DeviceType.CUDA then { o with Device = torch.Device(DeviceType.CUDA, par.Comm.LocalRank) }
+            else o
+        let log = if par.IsRoot then log else ignore
+        let events = if par.IsRoot then events else ignore
         // Refused before any data is generated or read.
         if o.Amp then Amp.require o.Device
         let kind = kindOf o.Preset o.Data
@@ -119,7 +127,8 @@ module TrainJob =
             | Some d -> d
             | None ->
                 let d = Path.Combine("data", "synth-s4")
-                log (ensureSynthetic d)
+                if par.IsRoot then log (ensureSynthetic d)
+                par.Comm.Barrier()
                 d
         let cfg = config o.Preset subset o
         let train = Avsbench.records kind root "train"
@@ -127,6 +136,8 @@ module TrainJob =
         let runDir = Path.Combine(o.RunsDir, o.Name)
         let precision = if cfg.Amp then "mixed precision (float16 autocast, loss scaling)" else "float32"
         log $"training {o.Preset} ({subset}) for {cfg.Iterations} iterations of {cfg.BatchVideos} videos on {train.Length} videos in {precision}; run {runDir}"
+        if not par.IsSingle then
+            log $"  split over {par.Comm.Size} rank(s) x {par.Accumulate} micro-batch(es) of {cfg.BatchVideos / max 1 par.Parts} videos"
         // Hub references (swin-b-22k, vggish, hf:..., https://...) become cached local files before training starts.
         let swinWeights = o.SwinWeights |> Option.map Checkpoint.Hub.resolve
         let vggishWeights = o.VggishWeights |> Option.map Checkpoint.Hub.resolve
@@ -147,7 +158,7 @@ module TrainJob =
                     if name.EndsWith "weight" then torch.nn.init.kaiming_normal_(p, nonlinearity = torch.nn.init.NonlinearityType.ReLU) |> ignore
                     else p.zero_() |> ignore
                 log "VGGish: no weights given (--vggish-weights); using a frozen He-initialised VGGish"
-        let result = Trainer.run cfg train valr o.Device runDir o.Resume init events cancel
+        let result = Trainer.runWith par cfg train valr o.Device runDir o.Resume init events cancel
         let summary = JsonObject()
         summary["preset"] <- JsonValue.Create o.Preset
         summary["subset"] <- JsonValue.Create(string subset)
@@ -157,7 +168,12 @@ module TrainJob =
         summary["outcome"] <- JsonValue.Create(sprintf "%A" result.Outcome)
         summary["best_iteration"] <- JsonValue.Create result.BestIteration
         summary["amp"] <- JsonValue.Create o.Amp
+        if not par.IsSingle then
+            summary["ranks"] <- JsonValue.Create par.Comm.Size
+            summary["accumulate"] <- JsonValue.Create par.Accumulate
         let files = RunFiles runDir
+        // The report is rank 0's: the others return what they trained.
+        if not par.IsRoot then result, summary else
         // After an interrupt (or a divergence) the final evaluations are skipped: the run stops promptly and a
         // resumed run does them when it completes.
         if result.Outcome <> Completed then
@@ -207,3 +223,7 @@ module TrainJob =
         let text = summary.ToJsonString(JsonSerializerOptions(WriteIndented = true))
         AtomicFile.writeAllText (Path.Combine(runDir, "summary.json")) text
         result, summary
+
+    /// Runs a whole job in this process alone (`runWith DistributedOptions.Single`).
+    let run (o: TrainJobOptions) (log: string -> unit) (events: TrainEvent -> unit) (cancel: CancellationToken) : TrainResult * JsonObject =
+        runWith DistributedOptions.Single o log events cancel

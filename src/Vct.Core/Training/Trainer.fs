@@ -265,12 +265,146 @@ module Trainer =
                 AtomicFile.writeAllText path (String.Join("", keep |> Array.map (fun l -> l + "\n")))
             lines.Length - keep.Length
 
+    /// One optimizer step of a split batch (data-parallel ranks and/or accumulated micro-batches): this rank's
+    /// videos [rank * B/N, (rank + 1) * B/N) of the batch run as `Accumulate` micro-batches, each under a
+    /// `BatchSlice` and a sliced point source (the same random numbers per sample as the whole batch), with the
+    /// mask-count normaliser of the whole batch divided by the number of parts; the gradients are summed over the
+    /// micro-batches and averaged over the ranks (bucketed allreduce), then clipped and stepped identically
+    /// everywhere. Returns what the single-batch step returns: the batch's mean loss and terms over all parts.
+    let private splitStep (par: DistributedOptions) (model: VctModel) (criterion: Criterion) (audio: TrainData.AudioCache)
+                          (subset: Subset) (device: torch.Device) (gen: torch.Generator) (stepSeed: int)
+                          (autocast: (DeviceType * torch.ScalarType) option) (scaler: GradScaler option) (opt: Modules.AdamW)
+                          (trainable: Modules.Parameter list) (clip: float option) (iteration: int)
+                          (batch: (VideoRecord * AugmentedVideo)[]) =
+        let comm = par.Comm
+        let records = batch |> Array.map fst
+        let b = records.Length
+        let parts = par.Parts
+        if b % parts <> 0 then
+            invalidOp $"a batch of {b} videos does not split into {comm.Size} rank(s) x {par.Accumulate} micro-batch(es); choose a batch divisible by {parts}"
+        let per = b / parts
+        let framesOf (r: VideoRecord) = r.MaskFrames.Length
+        let frameStart = Array.scan (fun acc r -> acc + framesOf r) 0 records
+        let totalFrames = frameStart[b]
+        let pick (r: VideoRecord) = torch.tensor(r.MaskFrames |> Array.map int64)
+        // This rank's micro-batches: video ranges of the batch.
+        let micro = [| for k in 0 .. par.Accumulate - 1 -> (comm.Rank * par.Accumulate + k) * per |]
+        use scope = torch.NewDisposeScope()
+        let targetsOf (first: int) =
+            [| for i in first .. first + per - 1 do
+                   let l = (Batch.labels (snd batch[i]).Masks).``to``(device)
+                   for k in 0L .. l.shape[0] - 1L -> FrameTarget.ofLabelMap 255L (l.select(0L, k)) |]
+        let targets = micro |> Array.map targetsOf
+        // Matched masks per frame of the whole batch (each rank fills its frames), and Mask2Former's DDP normaliser.
+        let counts = Array.zeroCreate<int64> totalFrames
+        for k in 0 .. micro.Length - 1 do
+            targets[k] |> Array.iteri (fun j t -> counts[frameStart[micro[k]] + j] <- t.Labels.shape[0])
+        comm.AllReduceInt64(counts, MpiOp.Sum)
+        criterion.NumMasksOverride <- Some(max 1.0 (float (Array.sum counts) / float parts))
+        let mutable lossSum = 0.0
+        let mutable finite = 0.0
+        let termSums = Dictionary<string, float>()
+        let termNames = List<string>()
+        try
+            opt.zero_grad ()
+            for k in 0 .. micro.Length - 1 do
+                use microScope = torch.NewDisposeScope()
+                let first = micro[k]
+                let rs = records[first .. first + per - 1]
+                let vs = batch[first .. first + per - 1] |> Array.map snd
+                // Every micro-batch replays the step's random streams; its slice keeps its own samples' share.
+                torch.manual_seed (int64 stepSeed) |> ignore
+                gen.manual_seed (int64 stepSeed) |> ignore
+                use pointGen = new torch.Generator(uint64 (stepSeed + 1))
+                let frames = torch.cat([| for r, v in Array.zip rs vs -> (Batch.frames v.Frames).index_select(0L, pick r) |], 0L)
+                let preMasks =
+                    if vs |> Array.forall (fun v -> v.PreMasks.Length > 0) then
+                        Some(torch.cat([| for r, v in Array.zip rs vs -> (Batch.frames v.PreMasks).index_select(0L, pick r) |], 0L).``to``(device))
+                    else None
+                let maps = torch.cat([| for r in rs -> (audio.FrameMaps r).index_select(0L, pick r) |], 0L)
+                let n = frames.shape[0]
+                let inputs =
+                    { Images = frames.``to``(device); PreMasks = preMasks
+                      AudioLogMel = torch.zeros(n, 1L, 96L, 64L, device = device); TemporalFlags = None }
+                let supervision =
+                    match subset with
+                    | Subset.S4 -> Supervision.s4 n 1L (rs |> Array.collect (fun r -> Array.create r.MaskFrames.Length r.CategoryLabel))
+                    | Subset.MS3 -> Supervision.ms3 n
+                    | Subset.AVSS -> Supervision.avss (Array.create (int n) 1)
+                let slice = { Total = int64 totalFrames; Offset = int64 frameStart[first]; Count = n }
+                let uniform = Distributed.slicedUniform (UniformSource.ofGenerator device pointGen) totalFrames frameStart[first] (int n) counts
+                use losses =
+                    BatchSlice.within slice (fun () ->
+                        Amp.within autocast (fun () ->
+                            let out = model.Forward(inputs, audioMaps = maps.``to``(device))
+                            criterion.Compute(out.Decoder, targets[k], supervision, uniform)))
+                let total = (if losses.Total.dtype = torch.float32 then losses.Total else losses.Total.to_type(torch.float32)).item<float32> () |> float
+                for kv in losses.Values do
+                    if not (termSums.ContainsKey kv.Key) then
+                        termSums[kv.Key] <- 0.0
+                        termNames.Add kv.Key
+                    termSums[kv.Key] <- termSums[kv.Key] + kv.Value
+                if Double.IsFinite total then
+                    finite <- finite + 1.0
+                    lossSum <- lossSum + total
+                    Amp.backward scaler losses.Total
+                else lossSum <- lossSum + total
+        finally
+            criterion.NumMasksOverride <- None
+        // The batch's loss, its terms and how many parts were finite, over all ranks.
+        let names = termNames |> Seq.sort |> Array.ofSeq
+        let stats = Array.append [| finite; lossSum |] [| for nm in names -> termSums[nm] |]
+        comm.AllReduceDouble(stats, MpiOp.Sum)
+        let loss = stats[1] / float parts
+        let terms = names |> Array.mapi (fun i nm -> nm, stats[2 + i] / float parts) |> Map.ofArray
+        if int stats[0] < parts then
+            let bad = terms |> Map.filter (fun _ v -> not (Double.IsFinite v)) |> Map.keys |> String.concat ", "
+            loss, terms, Some $"loss is {loss} at iteration {iteration} (non-finite terms: {bad}); the last good checkpoint is kept",
+            { Skipped = true; Scale = 1.0; GradNorm = None }
+        else
+            Distributed.averageGradients par trainable (float parts)
+            loss, terms, None, Amp.step scaler opt trainable clip
+
+    /// `evaluate` sharded over the ranks: rank r scores videos r, r + N, ...; the per-video scores are summed to
+    /// every rank and M_J/M_F are their mean over videos (or, with `officialMean`, the mean of the per-rank
+    /// means, as the official evaluator under DDP). AVSS (class totals, no per-video M_J) runs on every rank whole.
+    let evaluateSharded (par: DistributedOptions) (model: VctModel) (audio: TrainData.AudioCache) (records: VideoRecord[]) (workers: int) : MetricSummary =
+        let comm = par.Comm
+        if comm.Size = 1 || model.Config.Subset = Subset.AVSS then evaluate model audio records false workers
+        else
+            let mine = [| for i in comm.Rank .. comm.Size .. records.Length - 1 -> records[i] |]
+            let local = evaluate model audio mine false workers
+            let v = records.Length
+            let j = Array.zeroCreate<float> v
+            let f = Array.zeroCreate<float> v
+            let fr = Array.zeroCreate<float> v
+            local.Videos |> Array.iteri (fun k s ->
+                let i = comm.Rank + k * comm.Size
+                j[i] <- s.J
+                f[i] <- s.F
+                fr[i] <- float s.Frames)
+            let all = Array.concat [ j; f; fr ]
+            comm.AllReduceDouble(all, MpiOp.Sum)
+            let j, f, fr = all[0 .. v - 1], all[v .. 2 * v - 1], all[2 * v ..]
+            let videos = Array.init v (fun i -> { Id = records[i].Id; Frames = int fr[i]; J = j[i]; F = f[i] })
+            let mean (a: float[]) (idx: int[]) = if idx.Length = 0 then nan else (idx |> Array.sumBy (fun i -> a[i])) / float idx.Length
+            let mj, mf =
+                if par.OfficialEvalMean then
+                    let ranks = [| for r in 0 .. comm.Size - 1 -> [| for i in r .. comm.Size .. v - 1 -> i |] |] |> Array.filter (fun a -> a.Length > 0)
+                    (ranks |> Array.averageBy (mean j)), (ranks |> Array.averageBy (mean f))
+                else
+                    let idx = Array.init v id
+                    mean j idx, mean f idx
+            { local with MJ = mj; MF = mf; Videos = videos }
+
     /// Runs training. `log` receives every event (the CLI draws the progress line from it); `cancel` stops
     /// cleanly after the current step, saving a resumable checkpoint. With `resume`, continues from the run
     /// directory's checkpoint_last.
     /// `init` runs on the new model before training starts (pretrained weights); it is skipped when resuming.
-    let run (cfg: TrainConfig) (trainRecords: VideoRecord[]) (valRecords: VideoRecord[]) (device: torch.Device)
-            (runDir: string) (resume: bool) (init: VctModel -> unit) (log: TrainEvent -> unit) (cancel: CancellationToken) : TrainResult =
+    /// `run` spread by `par` (data-parallel ranks, gradient accumulation); with `DistributedOptions.Single` it is `run`.
+    /// Only rank 0 writes files; every rank returns the same result.
+    let runWith (par: DistributedOptions) (cfg: TrainConfig) (trainRecords: VideoRecord[]) (valRecords: VideoRecord[]) (device: torch.Device)
+                (runDir: string) (resume: bool) (init: VctModel -> unit) (log: TrainEvent -> unit) (cancel: CancellationToken) : TrainResult =
         Runtime.init () |> ignore
         if cfg.Amp then Amp.require device
         if trainRecords.Length < cfg.BatchVideos then
@@ -278,7 +412,9 @@ module Trainer =
         if valRecords.Length = 0 then raise (ArgumentException "no validation videos: the val split is empty, so the run could not be evaluated")
         checkRunDir runDir resume
         let files = RunFiles runDir
-        Directory.CreateDirectory runDir |> ignore
+        // Only rank 0 writes the run's files.
+        let appendJson path node = if par.IsRoot then appendJson path node
+        if par.IsRoot then Directory.CreateDirectory runDir |> ignore
         let sw = Stopwatch.StartNew()
         let gen = new torch.Generator(uint64 cfg.Seed)
         torch.manual_seed (int64 cfg.Seed) |> ignore
@@ -291,6 +427,13 @@ module Trainer =
         let opt, baseLrs = Optim.adamW cfg.Optim settings
         use _opt = opt
         let trainable = settings |> List.map snd
+        if not par.IsSingle then
+            if par.Accumulate < 1 then invalidArg (nameof par) $"accumulate must be >= 1, got {par.Accumulate}"
+            if cfg.BatchVideos % par.Parts <> 0 then
+                invalidArg (nameof cfg) $"a batch of {cfg.BatchVideos} videos does not split into {par.Comm.Size} rank(s) x {par.Accumulate} micro-batch(es); choose a batch divisible by {par.Parts}"
+            let ids = trainRecords |> Array.map (fun r -> r.Id) |> String.concat ","
+            Distributed.checkSame par "configurations (seed, preset, batch or data)"
+                $"seed {cfg.Seed}, batch {cfg.BatchVideos}, iterations {cfg.Iterations}, accumulate {par.Accumulate}, model {ConfigJson.toText cfg.Model}, {trainRecords.Length} training videos {Distributed.fingerprint ids}, {valRecords.Length} validation videos"
         // Mixed precision: forward and losses under float16 autocast on the device, dynamic loss scaling.
         let autocast = if cfg.Amp then Some(device.``type``, Amp.dtype) else None
         let scaler = if cfg.Amp then Some(GradScaler()) else None
@@ -319,9 +462,14 @@ module Trainer =
             start <- it
             bestMJ <- b
             bestIt <- bi
-            let dropped = trimLog files.Metrics it
-            if dropped > 0 then
-                log (Warning(it, $"{files.Metrics}: {dropped} line(s) after iteration {it} (or torn) dropped; those steps run again"))
+            if par.IsRoot then
+                let dropped = trimLog files.Metrics it
+                if dropped > 0 then
+                    log (Warning(it, $"{files.Metrics}: {dropped} line(s) after iteration {it} (or torn) dropped; those steps run again"))
+        elif par.IsRoot && File.Exists files.Metrics then
+            File.Delete files.Metrics
+        // Every rank continues from rank 0's weights (the same seed builds the same model; this makes sure).
+        if not par.IsSingle then Distributed.broadcastState par [ model; criterion ]
         use audio = new TrainData.AudioCache(model)
         let subset = cfg.Model.Subset
         // Pre-SAM mask images are read when the model has the branch and the tree has them; without them the model
@@ -336,7 +484,14 @@ module Trainer =
         // true", seen after a few hundred steps before the gate). The finalizer gate below holds the finalizer
         // thread during steps and lets it run between them (FinalizerGate); the workers never call TorchSharp.
         let loaderOpts = { LoaderOptions.Default with BatchSize = cfg.BatchVideos; Seed = cfg.Seed; Workers = max 0 cfg.Workers; Prefetch = 2 }
-        let loader = BatchLoader(trainRecords, loaderOpts, fun r rng -> r, Augment.video aug rng (Avsbench.loadVideo loadOpts r))
+        let loader =
+            if par.IsSingle then BatchLoader(trainRecords, loaderOpts, fun r rng -> r, Augment.video aug rng (Avsbench.loadVideo loadOpts r))
+            else
+                // Each rank decodes only its own videos of every batch (the others stay null); seeds are the batch's.
+                let per = cfg.BatchVideos / par.Comm.Size
+                BatchLoader.Positional(trainRecords, loaderOpts, fun i r rng ->
+                    if i / per = par.Comm.Rank then r, Augment.video aug rng (Avsbench.loadVideo loadOpts r)
+                    else r, Unchecked.defaultof<AugmentedVideo>)
         let perEpoch = loader.BatchesPerEpoch
         let mutable lastEval = None
         let mutable outcome = Completed
@@ -344,7 +499,7 @@ module Trainer =
         let evalNow () =
             Runtime.trimNativeHeap ()
             let t0 = sw.Elapsed.TotalSeconds
-            let summary = evaluate model audio valRecords false cfg.Workers
+            let summary = if par.IsSingle then evaluate model audio valRecords false cfg.Workers else evaluateSharded par model audio valRecords cfg.Workers
             model.train ()
             lastEval <- Some summary
             log (Eval(iteration, summary.MJ, summary.MF, sw.Elapsed.TotalSeconds - t0))
@@ -355,11 +510,12 @@ module Trainer =
             if summary.MJ > bestMJ then
                 bestMJ <- summary.MJ
                 bestIt <- iteration
-                ModelIO.save files.Best model
-        // checkpoint_last, the one before it kept as checkpoint_prev. Never with non-finite weights.
+                if par.IsRoot then ModelIO.save files.Best model
+        // checkpoint_last, the one before it kept as checkpoint_prev (rank 0 only). Never with non-finite weights.
         let saveLast () =
-            if File.Exists files.Last then File.Move(files.Last, files.Previous, true)
-            saveState files.Last cfg model criterion opt scaler iteration bestMJ bestIt
+            if par.IsRoot then
+                if File.Exists files.Last then File.Move(files.Last, files.Previous, true)
+                saveState files.Last cfg model criterion opt scaler iteration bestMJ bestIt
         let finiteOrDiverge () =
             if allFinite model && allFinite criterion then true
             else
@@ -378,7 +534,12 @@ module Trainer =
         use batches = (loader.Stream(start / perEpoch)).GetEnumerator()   // runs on across epochs
         let mutable more = true
         while more && iteration < cfg.Iterations && outcome = Completed do
-            if cancel.IsCancellationRequested then
+            if (if par.IsSingle then cancel.IsCancellationRequested
+                else
+                    // Ctrl-C reaches the ranks at different moments: they stop together after the same step.
+                    let flag = [| (if cancel.IsCancellationRequested then 1L else 0L) |]
+                    par.Comm.AllReduceInt64(flag, MpiOp.Max)
+                    flag[0] > 0L) then
                 outcome <- Interrupted iteration
             elif (let w0 = sw.Elapsed.TotalSeconds
                   let moved = batches.MoveNext()
@@ -393,6 +554,9 @@ module Trainer =
                 use pointGen = new torch.Generator(uint64 (stepSeed + 1))
                 Optim.setLr opt baseLrs (Optim.polyFactor cfg.Optim cfg.Iterations iteration)
                 let lossValue, terms, diverged, (ampStep: ScaledStep) =
+                    if not par.IsSingle then
+                        splitStep par model criterion audio subset device gen stepSeed autocast scaler opt trainable cfg.Optim.ClipNorm iteration (snd batches.Current)
+                    else
                     use scope = torch.NewDisposeScope()
                     let records, videos = Array.unzip (snd batches.Current)
                     // NOTE: only the annotated frames are run (S4 train: frame 0 of each video). VCT has no
@@ -462,6 +626,7 @@ module Trainer =
                                                  "seconds", JsonValue.Create secs
                                                  "data_wait_seconds", JsonValue.Create dataWait ])
                     for kv in terms do node[kv.Key] <- JsonValue.Create kv.Value
+                    if not par.IsSingle then node["allreduce_seconds"] <- JsonValue.Create(Distributed.lastSyncSeconds ())
                     if cfg.Amp then
                         node["amp_scale"] <- JsonValue.Create ampStep.Scale
                         node["amp_skipped"] <- JsonValue.Create ampStep.Skipped
@@ -476,8 +641,13 @@ module Trainer =
                 gate.Pulse()
         match outcome with
         | Interrupted _ -> if finiteOrDiverge () then saveLast ()
-        | Completed -> if finiteOrDiverge () then ModelIO.save files.Final model
+        | Completed -> if finiteOrDiverge () && par.IsRoot then ModelIO.save files.Final model
         | Diverged _ -> ()
         gen.Dispose()
         { Outcome = outcome; Iterations = iteration; BestMJ = bestMJ; BestIteration = bestIt
           LastEval = lastEval; WallSeconds = sw.Elapsed.TotalSeconds; RunDir = runDir }
+
+    /// Runs training in this process alone (`runWith DistributedOptions.Single`).
+    let run (cfg: TrainConfig) (trainRecords: VideoRecord[]) (valRecords: VideoRecord[]) (device: torch.Device)
+            (runDir: string) (resume: bool) (init: VctModel -> unit) (log: TrainEvent -> unit) (cancel: CancellationToken) : TrainResult =
+        runWith DistributedOptions.Single cfg trainRecords valRecords device runDir resume init log cancel
