@@ -153,7 +153,7 @@ module ImageIO =
         else readLabels path, { BitDepth = depth; Palette = false }
 
     /// Encodes an image as PNG (grey for 1 channel, RGB otherwise) or JPEG (quality 90) by the path's extension.
-    /// Deterministic: the same pixels give the same bytes.
+    /// Deterministic: the same pixels give the same bytes. Written by temp + rename (a reader never sees a torn file).
     let write (path: string) (img: Image) =
         let ct = if img.Channels = 1 then SKColorType.Gray8 else SKColorType.Rgba8888
         let info = SKImageInfo(img.Width, img.Height, ct, SKAlphaType.Opaque)
@@ -179,7 +179,7 @@ module ImageIO =
         if isNull data then invalidOp $"{path}: SkiaSharp could not encode the image"
         let dir = Path.GetDirectoryName(Path.GetFullPath path)
         if not (Directory.Exists dir) then Directory.CreateDirectory dir |> ignore
-        File.WriteAllBytes(path, data.ToArray())
+        AtomicFile.writeAllBytes path (data.ToArray())
 
 /// Pure resampling on `Image`.
 [<RequireQualifiedAccess>]
