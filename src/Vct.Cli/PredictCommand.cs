@@ -108,6 +108,16 @@ internal static class PredictCommand
                 Console.Error.WriteLine("\nvct: stopping after the current batch (Ctrl-C again to abort)");
             };
             Console.CancelKeyPress += onCancel;
+            // SIGTERM (a service manager, `kill`) stops like Ctrl-C: the masks written so far stay valid.
+            using var onTerm = System.Runtime.InteropServices.PosixSignalRegistration.Create(System.Runtime.InteropServices.PosixSignal.SIGTERM, ctx =>
+            {
+                ctx.Cancel = true;
+                if (!cts.IsCancellationRequested)
+                {
+                    cts.Cancel();
+                    Console.Error.WriteLine("\nvct: SIGTERM: stopping after the current batch");
+                }
+            });
             PredictSummary result;
             try
             {

@@ -58,17 +58,7 @@ internal static class TrainCommand
             using var comm = par.Comm;
             var ranks = par.Comm.Size;
             using var cts = new CancellationTokenSource();
-            // mpirun passes Ctrl-C on to the ranks as SIGTERM: stop after the step like Ctrl-C.
             var terminated = false;
-            using var onTerm = ranks > 1 ? System.Runtime.InteropServices.PosixSignalRegistration.Create(System.Runtime.InteropServices.PosixSignal.SIGTERM, ctx =>
-            {
-                ctx.Cancel = true;
-                terminated = true;
-                // A peer that died also brings SIGTERM: a collective that now waits long means it is gone.
-                if (par.Comm is MpiCommunicator mpi) mpi.StopSoon(15.0);
-                if (!cts.IsCancellationRequested && par.IsRoot) Console.Error.WriteLine("\nstopping all ranks after this step; a resumable checkpoint will be written");
-                cts.Cancel();
-            }) : null;
             ConsoleCancelEventHandler onCancel = (_, e) =>
             {
                 e.Cancel = true;
@@ -84,8 +74,19 @@ internal static class TrainCommand
             };
             Console.CancelKeyPress += onCancel;
             // SIGTERM (kill, docker stop, a scheduler's pre-emption) is handled like Ctrl-C: stop after the step,
-            // write the resumable checkpoint, exit 130; a second one aborts.
-            using var onTerm = System.Runtime.InteropServices.PosixSignalRegistration.Create(System.Runtime.InteropServices.PosixSignal.SIGTERM, ctx =>
+            // write the resumable checkpoint, exit 130; a second one aborts. Under mpirun (several ranks) Ctrl-C
+            // reaches the ranks as SIGTERM: all stop after the same step.
+            using var onTerm = System.Runtime.InteropServices.PosixSignalRegistration.Create(System.Runtime.InteropServices.PosixSignal.SIGTERM, ranks > 1
+                ? ctx =>
+            {
+                ctx.Cancel = true;
+                terminated = true;
+                // A peer that died also brings SIGTERM: a collective that now waits long means it is gone.
+                if (par.Comm is MpiCommunicator mpi) mpi.StopSoon(15.0);
+                if (!cts.IsCancellationRequested && par.IsRoot) Console.Error.WriteLine("\nstopping all ranks after this step; a resumable checkpoint will be written");
+                cts.Cancel();
+            }
+                : ctx =>
             {
                 ctx.Cancel = true;
                 if (cts.IsCancellationRequested)

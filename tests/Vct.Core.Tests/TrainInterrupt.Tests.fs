@@ -172,4 +172,43 @@ let tests =
             finally
                 if Directory.Exists dir then Directory.Delete(dir, true)
         }
+        test "vct predict on SIGTERM stops after the current batch; the masks written so far stay valid" {
+            let dir = Path.Combine(Path.GetTempPath(), $"vct-predict-term-{Guid.NewGuid():N}")
+            try
+                Directory.CreateDirectory dir |> ignore
+                let ckpt = Path.Combine(dir, "tiny.safetensors")
+                do
+                    use model = new VctModel(VctConfig.Tiny(Subset.S4, 64L, 23L))
+                    ModelIO.save ckpt model
+                let video = Path.Combine(dir, "long.mp4")
+                let psi = ProcessStartInfo("ffmpeg", UseShellExecute = false)
+                for a in [ "-nostdin"; "-y"; "-v"; "error"; "-f"; "lavfi"; "-i"; "testsrc=size=64x64:rate=25:duration=60"
+                           "-f"; "lavfi"; "-i"; "sine=duration=60"; "-pix_fmt"; "yuv420p"; "-shortest"; video ] do psi.ArgumentList.Add a
+                let code, _, err = Golden.runProcess psi
+                if code <> 0 then failtestf "ffmpeg: %s" err
+                let out = Path.Combine(dir, "out")
+                let masks () = if Directory.Exists(Path.Combine(out, "masks")) then Directory.GetFiles(Path.Combine(out, "masks"), "*.png").Length else 0
+                use p = new VctProcess([ "predict"; "--checkpoint"; ckpt; "--video-input"; video; "--output"; out; "--fps"; "5"; "--device"; "cpu" ])
+                let deadline = Stopwatch.StartNew()
+                while masks () < 3 && not p.HasExited && deadline.Elapsed < TimeSpan.FromSeconds 120.0 do
+                    Thread.Sleep 100
+                if p.HasExited then
+                    let code, o, e = (p.Wait TimeSpan.Zero).Value
+                    failtestf "vct predict ended before the signal (exit %d): %s\n%s" code o e
+                signal "TERM" p.Id
+                match p.Wait(TimeSpan.FromSeconds 30.0) with
+                | None -> failtest "vct predict still runs 30 s after SIGTERM"
+                | Some(code, _, err) ->
+                    Expect.equal code 130 $"exit code 130 after SIGTERM; stderr: {err}"
+                    Expect.stringContains err "SIGTERM: stopping after the current batch" "says what it does"
+                    use doc = JsonDocument.Parse(File.ReadAllText(Path.Combine(out, "summary.json")))
+                    Expect.isTrue (doc.RootElement.GetProperty("interrupted").GetBoolean()) "summary says interrupted"
+                    let n = doc.RootElement.GetProperty("frames").GetArrayLength()
+                    Expect.isLessThan n 300 "stopped early"
+                    Expect.equal (masks ()) n "one valid mask per summary entry"
+                    for m in Directory.GetFiles(Path.Combine(out, "masks"), "*.png") do
+                        Expect.equal (ImageIO.readLabels m).Width 64 "valid PNG"
+            finally
+                if Directory.Exists dir then Directory.Delete(dir, true)
+        }
     ]

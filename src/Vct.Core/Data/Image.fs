@@ -179,7 +179,7 @@ module ImageIO =
         if isNull data then invalidOp $"{path}: SkiaSharp could not encode the image"
         let dir = Path.GetDirectoryName(Path.GetFullPath path)
         if not (Directory.Exists dir) then Directory.CreateDirectory dir |> ignore
-        AtomicFile.writeAllBytes path (data.ToArray())
+        Vct.Core.AtomicFile.writeAllBytes path (data.ToArray())
 
 /// Pure resampling on `Image`.
 [<RequireQualifiedAccess>]
