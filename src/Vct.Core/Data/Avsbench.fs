@@ -283,15 +283,16 @@ module Avsbench =
     let avssClasses (root: string) : string[] =
         let path = Path.Combine(subsetRoot DatasetKind.Avss root, "label2idx.json")
         if not (File.Exists path) then raise (FileNotFoundException($"{path}: no such file", path))
+        let notAMap (why: string) = bad path $"not a JSON object of class name -> index ({why})"
         let classes =
             try
                 use doc = Text.Json.JsonDocument.Parse(File.ReadAllText path)
-                if doc.RootElement.ValueKind <> Text.Json.JsonValueKind.Object then bad path "not a JSON object of class name -> index"
+                if doc.RootElement.ValueKind <> Text.Json.JsonValueKind.Object then notAMap $"the top level is {doc.RootElement.ValueKind}"
                 [| for p in doc.RootElement.EnumerateObject() ->
-                       match p.Value.ValueKind, p.Value.TryGetInt32() with
-                       | Text.Json.JsonValueKind.Number, (true, i) when i >= 0 -> p.Name, i
-                       | _ -> bad path $"class '{p.Name}' has index {p.Value.GetRawText()}, not a non-negative integer" |]
-            with :? Text.Json.JsonException as e -> bad path $"not valid JSON ({e.Message})"
+                       let mutable i = 0
+                       if p.Value.ValueKind = Text.Json.JsonValueKind.Number && p.Value.TryGetInt32(&i) && i >= 0 then p.Name, i
+                       else notAMap $"class '{p.Name}' has index {p.Value.GetRawText()}, not a non-negative integer" |]
+            with :? Text.Json.JsonException as e -> notAMap $"not valid JSON: {e.Message}"
         classes |> Array.sortBy snd |> Array.map fst
 
     /// PASCAL-VOC bit-interleaved colour of AVSS class j (the `labels_rgb` palette).
