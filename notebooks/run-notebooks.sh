@@ -20,14 +20,14 @@
 # The kernel starts in notebooks/ (as in VS Code, where it starts in the notebook's folder), so relative `#r`
 # paths in notebooks resolve against notebooks/ also for notebooks given from elsewhere.
 #
-# Environment: VCT_NOTEBOOK_TIMEOUT (seconds per notebook, default 600).
+# Environment: VCT_NOTEBOOK_TIMEOUT (seconds per notebook, default 1500: the first notebook that needs the tiny model trains it).
 set -uo pipefail
 
 caller_dir="$PWD"
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root" || exit 3
 export DOTNET_CLI_TELEMETRY_OPTOUT=1 DOTNET_INTERACTIVE_CLI_TELEMETRY_OPTOUT=1 DOTNET_NOLOGO=1
-timeout_s="${VCT_NOTEBOOK_TIMEOUT:-600}"
+timeout_s="${VCT_NOTEBOOK_TIMEOUT:-1500}"
 
 die() { echo "run-notebooks: $*" >&2; exit 3; }
 

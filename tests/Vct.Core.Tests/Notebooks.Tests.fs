@@ -25,9 +25,9 @@ let private runRunner (args: string list) =
     p.StandardInput.Close()
     let out = p.StandardOutput.ReadToEndAsync()
     let err = p.StandardError.ReadToEndAsync()
-    if not (p.WaitForExit(TimeSpan.FromMinutes 15.0)) then
+    if not (p.WaitForExit(TimeSpan.FromMinutes 40.0)) then
         p.Kill true
-        failtestf "run-notebooks.sh did not finish in 15 minutes; output so far:\n%s%s" out.Result err.Result
+        failtestf "run-notebooks.sh did not finish in 40 minutes; output so far:\n%s%s" out.Result err.Result
     p.WaitForExit()
     p.ExitCode, out.Result + err.Result
 
