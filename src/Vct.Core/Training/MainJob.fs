@@ -92,7 +92,8 @@ module TrainJob =
 
     /// Writes the default synthetic set when `dir` has none; returns the report line.
     let ensureSynthetic (dir: string) =
-        if File.Exists(Path.Combine(dir, "metadata.csv")) then $"using the synthetic S4-like set in {dir}"
+        // The metadata CSV is written after every video, so its presence means a complete set.
+        if File.Exists(Path.Combine(dir, "Single-source", "s4_meta_data.csv")) then $"using the synthetic S4-like set in {dir}"
         else
             let r = Synth.generate tinySynth dir
             let names = String.Join(", ", r.CategoryNames)
