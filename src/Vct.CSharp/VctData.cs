@@ -2,6 +2,7 @@ namespace Vct;
 
 using Vct.Core.Data;
 using Vct.Core.Evaluation;
+using Subset = Vct.Core.Subset;
 
 /// <summary>Options of <see cref="VctData.Synthesize"/>. Unset values keep the small defaults.</summary>
 public sealed record SynthesisOptions
@@ -39,7 +40,7 @@ public static class VctData
         ArgumentException.ThrowIfNullOrEmpty(outputDirectory);
         options ??= new SynthesisOptions();
         VctRuntime.Initialize();
-        var kind = SynthKind.Parse(options.Kind);
+        var kind = Subset.Parse(options.Kind);
         var d = SynthOptions.Default(kind);
         var o = new SynthOptions(kind, options.Seed, options.Train ?? d.Train, options.Val ?? d.Val, options.Test ?? d.Test,
             options.Size ?? d.Size, d.EvalSize, d.Categories, d.DistractorGain);
@@ -63,7 +64,7 @@ public static class VctData
         ArgumentException.ThrowIfNullOrEmpty(scores);
         ArgumentException.ThrowIfNullOrEmpty(groundTruth);
         VctRuntime.Initialize();
-        var s = Vct.Core.Evaluation.Score.run(MetricSubset.Parse(subset), avsbench ? MetricVariant.AvsBench : MetricVariant.Vct,
+        var s = Vct.Core.Evaluation.Score.run(Subset.Parse(subset), avsbench ? MetricVariant.AvsBench : MetricVariant.Vct,
             Metrics.AvssClasses, scores, groundTruth, Microsoft.FSharp.Core.FuncConvert.FromFunc<int, int, Microsoft.FSharp.Core.Unit>((_, _) => null!));
         return new ScoreResult(s.MJ, s.MF, s.Videos.Select(v => new VideoMetrics(v.Id, v.Frames, v.J, v.F)).ToList(), Vct.Core.Evaluation.Score.toJson(s));
     }

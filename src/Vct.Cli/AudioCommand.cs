@@ -44,7 +44,10 @@ internal static class AudioCommand
             // processes about 1.5x more audio per second than 2 threads x 1 clip on 2 cores; docs/benchmarks.md).
             var threadCount = parse.GetValue(threads) ?? (folder ? Math.Max(1, Environment.ProcessorCount / jobCount) : null);
             CommonOptions.Apply("cpu", threadCount);
-            var sub = Subset.Parse(parse.GetValue(subset)!);
+            var subsetName = parse.GetValue(subset)!;
+            var sub = subsetName.Trim().ToLowerInvariant() == "none"
+                ? Microsoft.FSharp.Core.FSharpOption<Vct.Core.Subset>.None
+                : Microsoft.FSharp.Core.FSharpOption<Vct.Core.Subset>.Some(Vct.Core.Subset.Parse(subsetName));
             var opts = new ExampleOptions(
                 sub,
                 parse.GetValue(zeroPad) ? ShortClip.ZeroPad : ShortClip.Error,

@@ -1,3 +1,4 @@
+using Vct.Core;
 using System.CommandLine;
 using Vct.Core.Data;
 
@@ -35,7 +36,7 @@ internal static class DataCommand
         prepare.SetAction(parse =>
         {
             VctRuntime.Initialize();
-            var kind = DatasetKind.Parse(parse.GetValue(subset)!);
+            var kind = Subset.Parse(parse.GetValue(subset)!);
             var report = Prepare.objectTree(kind, parse.GetValue(semantic)!, parse.GetValue(objectRoot)!,
                 Microsoft.FSharp.Core.FuncConvert.FromAction<string>(line => Console.Error.WriteLine(line)));
             Console.WriteLine($"{report.Videos} video(s), {report.Files} file(s) written");

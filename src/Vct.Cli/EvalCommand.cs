@@ -33,7 +33,7 @@ internal static class EvalCommand
                 string.IsNullOrWhiteSpace(sub) ? FSharpOption<Subset>.None : FSharpOption<Subset>.Some(Subset.Parse(sub)), dev).ToValueTuple();
             using (model)
             {
-                var kind = model.Config.Subset.IsS4 ? DatasetKind.S4 : model.Config.Subset.IsMS3 ? DatasetKind.Ms3 : DatasetKind.Avss;
+                var kind = model.Config.Subset.IsS4 ? Subset.S4 : model.Config.Subset.IsMS3 ? Subset.MS3 : Subset.AVSS;
                 var records = Avsbench.records(kind, parse.GetValue(data)!, parse.GetValue(split)!);
                 if (records.Length == 0)
                     throw new InvalidDataException($"{parse.GetValue(data)}: the {parse.GetValue(split)} split has no videos; nothing to evaluate");

@@ -1,3 +1,4 @@
+using Vct.Core;
 using System.CommandLine;
 using Vct.Core.Evaluation;
 
@@ -26,7 +27,7 @@ internal static class ScoreCommand
         cmd.SetAction(parse =>
         {
             CommonOptions.Apply("cpu", null);
-            var sub = MetricSubset.Parse(parse.GetValue(subset)!);
+            var sub = Subset.Parse(parse.GetValue(subset)!);
             var variant = parse.GetValue(avsbench) ? MetricVariant.AvsBench : MetricVariant.Vct;
             var showProgress = !parse.GetValue(quiet) && !Console.IsErrorRedirected;
             var summary = Score.run(sub, variant, parse.GetValue(classes), parse.GetValue(scores)!, parse.GetValue(gt)!,

@@ -1,3 +1,4 @@
+using Vct.Core;
 using System.CommandLine;
 using Vct.Core.Data;
 using Vct.Core.Evaluation;
@@ -22,7 +23,7 @@ internal static class SynthCommand
         cmd.SetAction(parse =>
         {
             VctRuntime.Initialize();
-            var k = SynthKind.Parse(parse.GetValue(kind)!);
+            var k = Subset.Parse(parse.GetValue(kind)!);
             var d = SynthOptions.Default(k);
             var o = new SynthOptions(k, parse.GetValue(seed), parse.GetValue(train) ?? d.Train, parse.GetValue(val) ?? d.Val,
                 parse.GetValue(test) ?? d.Test, parse.GetValue(size) ?? d.Size, d.EvalSize, parse.GetValue(categories) ?? d.Categories, d.DistractorGain);
