@@ -72,12 +72,10 @@ internal static class ModelCommands
                     var moved = new VctInputs(
                         vctInputs.Images.to(dev),
                         vctInputs.PreMasks == null ? null : FSharpOption<TorchSharp.torch.Tensor>.Some(vctInputs.PreMasks.Value.to(dev)),
-                        vctInputs.AudioLogMel.to(dev),
-                        vctInputs.TemporalFlags);
+                        vctInputs.Audio);
                     var named = Parity.run(model, moved, parse.GetValue(intermediates));
                     var outPath = parse.GetValue(output)!;
-                    var meta = new Dictionary<string, string> { ["format"] = "pt", ["producer"] = "vct forward" };
-                    Safetensors.write(outPath, meta, named);
+                    Parity.write(outPath, named);
                     Console.WriteLine($"wrote {named.Length} tensors to {outPath}");
                     foreach (var t in named) t.Item2.Dispose();
                 }
