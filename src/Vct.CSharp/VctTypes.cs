@@ -35,11 +35,11 @@ internal static class VctTypeConversions
     internal static VctSubset FromCore(Core.Subset s) =>
         s.IsS4 ? VctSubset.S4 : s.IsMS3 ? VctSubset.MS3 : VctSubset.AVSS;
 
-    internal static Core.Backbone.MissingMasks ToCore(this MissingMasksPolicy m) => m switch
+    internal static Core.Fusion.MissingMasks ToCore(this MissingMasksPolicy m) => m switch
     {
-        MissingMasksPolicy.Refuse => Core.Backbone.MissingMasks.Refuse,
-        MissingMasksPolicy.Blank => Core.Backbone.MissingMasks.BlankMaskImage,
-        MissingMasksPolicy.Skip => Core.Backbone.MissingMasks.SkipBranch,
+        MissingMasksPolicy.Refuse => Core.Fusion.MissingMasks.Refuse,
+        MissingMasksPolicy.Blank => Core.Fusion.MissingMasks.BlankMaskImage,
+        MissingMasksPolicy.Skip => Core.Fusion.MissingMasks.SkipBranch,
         _ => throw new ArgumentOutOfRangeException(nameof(m), m, "not a missing-masks policy"),
     };
 }

@@ -74,8 +74,8 @@ internal static class AudioCommand
         if (work.Length == 0) throw new ArgumentException($"{root}: no .wav files below this folder");
         var failures = new System.Collections.Concurrent.ConcurrentBag<string>();
         var written = 0;
-        // Every worker runs TorchSharp: the finalizer gate is held while they do (Vct.Core.FinalizerGate).
-        Vct.Core.FinalizerGate.ParallelForEach(work, Math.Max(1, jobs), job =>
+        // Every worker runs TorchSharp: the finalizer gate is held while they do (Vct.Core.Platform.FinalizerGate).
+        Vct.Core.Platform.FinalizerGate.ParallelForEach(work, Math.Max(1, jobs), job =>
         {
             var (src, dst) = job;
             try

@@ -1,4 +1,5 @@
 using Vct.Core;
+using Vct.Core.Platform;
 using System.CommandLine;
 using Vct.Core.Data;
 

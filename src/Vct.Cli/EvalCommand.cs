@@ -4,6 +4,7 @@ using System.Text;
 using System.Text.Json.Nodes;
 using Microsoft.FSharp.Core;
 using Vct.Core;
+using Vct.Core.Platform;
 using Vct.Core.Data;
 using Vct.Core.Training;
 

@@ -30,7 +30,7 @@ internal static class InfoCommand
                     dotnet = info.DotNetVersion,
                     device = resolved.ToString(),
                     cuda_available = info.CudaAvailable,
-                    threads = Vct.Core.Device.threads(),
+                    threads = Vct.Core.Platform.Device.threads(),
                     platform = rt.Platform,
                     compat_fix_applied = rt.CompatFixApplied,
                     compat_fix_reason = rt.CompatFixReason,
@@ -45,7 +45,7 @@ internal static class InfoCommand
             Console.WriteLine($".NET         {info.DotNetVersion}");
             Console.WriteLine($"Platform     {rt.Platform}");
             Console.WriteLine($"Device       {resolved} (CUDA available: {(info.CudaAvailable ? "yes" : "no")})");
-            Console.WriteLine($"Threads      {Vct.Core.Device.threads()}");
+            Console.WriteLine($"Threads      {Vct.Core.Platform.Device.threads()}");
             Console.WriteLine($"Compat fix   {(rt.CompatFixApplied ? "applied" : "not applied")}: {rt.CompatFixReason}");
             if (rt.PatchedLibrary.Length > 0) Console.WriteLine($"  patched    {rt.PatchedLibrary}");
             if (rt.NativeDirectory.Length > 0) Console.WriteLine($"  LibTorch   {rt.NativeDirectory}");

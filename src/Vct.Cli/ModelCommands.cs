@@ -2,6 +2,7 @@ using System.CommandLine;
 using System.Text.Json;
 using Microsoft.FSharp.Core;
 using Vct.Core;
+using Vct.Core.Platform;
 using Vct.Core.Checkpoint;
 
 namespace Vct.Cli;

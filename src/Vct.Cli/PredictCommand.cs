@@ -101,7 +101,7 @@ internal static class PredictCommand
                 if (cts.IsCancellationRequested)
                 {
                     Console.Error.WriteLine("\naborting");
-                    Vct.Core.FinalizerGate.ReleaseForExit(); // inference holds the finalizer gate; exit would wait for it
+                    Vct.Core.Platform.FinalizerGate.ReleaseForExit(); // inference holds the finalizer gate; exit would wait for it
                     Environment.Exit(130);
                 }
                 cts.Cancel();

@@ -18,7 +18,7 @@ AppDomain.CurrentDomain.UnhandledException += (_, e) =>
 {
     if (e.ExceptionObject is Exception ex) Errors.Report(ex);
     else Console.Error.WriteLine($"vct: {e.ExceptionObject}");
-    Vct.Core.FinalizerGate.ReleaseForExit(); // a step may hold the finalizer gate; exit would wait for it
+    Vct.Core.Platform.FinalizerGate.ReleaseForExit(); // a step may hold the finalizer gate; exit would wait for it
     Environment.Exit(1);
 };
 try
@@ -29,6 +29,6 @@ catch (Exception e)
 {
     // Bad input or environment: one clear line naming the file, no stack trace (set VCT_DEBUG=1 for it).
     var code = Errors.Report(e);
-    Vct.Core.FinalizerGate.ReleaseForExit();
+    Vct.Core.Platform.FinalizerGate.ReleaseForExit();
     return code;
 }

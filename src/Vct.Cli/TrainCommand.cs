@@ -48,9 +48,9 @@ internal static class TrainCommand
                 Opt(WeightsCommand.Resolve(parse.GetValue(swin))), Opt(WeightsCommand.Resolve(parse.GetValue(vggish))),
                 parse.GetValue(missing)!.ToLowerInvariant() switch
                 {
-                    "refuse" => Vct.Core.Backbone.MissingMasks.Refuse,
-                    "blank" => Vct.Core.Backbone.MissingMasks.BlankMaskImage,
-                    "skip" => Vct.Core.Backbone.MissingMasks.SkipBranch,
+                    "refuse" => Vct.Core.Fusion.MissingMasks.Refuse,
+                    "blank" => Vct.Core.Fusion.MissingMasks.BlankMaskImage,
+                    "skip" => Vct.Core.Fusion.MissingMasks.SkipBranch,
                     var other => throw new ArgumentException($"--missing-masks must be refuse, blank or skip, got '{other}'"),
                 },
                 parse.GetValue(amp));
@@ -66,7 +66,7 @@ internal static class TrainCommand
                 {
                     Console.Error.WriteLine("\naborting without a checkpoint");
                     // The trainer holds the finalizer gate during steps; exit would otherwise wait for it forever.
-                    Vct.Core.FinalizerGate.ReleaseForExit();
+                    Vct.Core.Platform.FinalizerGate.ReleaseForExit();
                     Environment.Exit(130);
                 }
                 Console.Error.WriteLine("\nstopping after this step; a resumable checkpoint will be written (Ctrl-C again to abort)");
@@ -92,7 +92,7 @@ internal static class TrainCommand
                 if (cts.IsCancellationRequested)
                 {
                     Console.Error.WriteLine("\naborting without a checkpoint");
-                    Vct.Core.FinalizerGate.ReleaseForExit();
+                    Vct.Core.Platform.FinalizerGate.ReleaseForExit();
                     Environment.Exit(130);
                 }
                 Console.Error.WriteLine("\nSIGTERM: stopping after this step; a resumable checkpoint will be written");
