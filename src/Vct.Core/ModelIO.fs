@@ -1,5 +1,6 @@
 namespace Vct.Core
 
+open Vct.Core.Checkpoint
 open Vct.Core.Platform
 open System
 open System.Collections.Generic
@@ -13,7 +14,6 @@ open Vct.Core.PixelDecoder
 open Vct.Core.QueryGen
 open Vct.Core.Decoder
 open Vct.Core.Layers
-open Vct.Core.Checkpoint
 
 /// VctConfig <-> JSON (every field written; reading fails naming the missing or malformed field).
 [<RequireQualifiedAccess>]

@@ -30,8 +30,10 @@ type PthFile internal (path: string, format: PthFormat, root: PyValue, tensors: 
     member _.Root = root
     /// Every tensor the reader created (whole storages and the tensors viewing them), in creation order.
     member _.Tensors = tensors
+    interface ITensorOwner with
+        member _.Tensors = Seq.ofList tensors
     interface IDisposable with
-        member _.Dispose() = for t in tensors do t.Dispose()
+        member this.Dispose() = Scope.disposeOwned this
 
 /// Reader of PyTorch `torch.save` files. Reference: torch/serialization.py (`_load`, `_legacy_load`,
 /// `persistent_load`) and torch/_utils.py (`_rebuild_tensor_v2`, `_rebuild_parameter`).

@@ -1,5 +1,6 @@
 namespace Vct.Core.Checkpoint
 
+open Vct.Core.Platform
 open System
 open System.Collections.Generic
 open System.IO
@@ -7,7 +8,6 @@ open System.Text
 open System.Text.Json
 open TorchSharp
 open Vct.Core
-open Vct.Core.Platform
 
 /// Tensors and string metadata of a safetensors file. Disposing it frees the tensors.
 [<Sealed>]

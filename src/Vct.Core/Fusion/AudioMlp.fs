@@ -1,11 +1,11 @@
 namespace Vct.Core.Fusion
 
+open Vct.Core.Platform
 open System
 open System.Collections.Generic
 open TorchSharp
 open type TorchSharp.torch.nn
 open Vct.Core
-open Vct.Core.Platform
 open Vct.Core.Checkpoint
 
 /// The audio MLP of the head (reference: `models/modeling/misc/audio_transformation.py`, audio_mlp, as

@@ -1,5 +1,6 @@
 namespace Vct.Core.Training
 
+open Vct.Core.Platform
 open System
 open System.IO
 open System.Text.Json
@@ -7,7 +8,6 @@ open System.Text.Json.Nodes
 open System.Threading
 open TorchSharp
 open Vct.Core
-open Vct.Core.Platform
 open Vct.Core.Data
 open Vct.Core.Evaluation
 

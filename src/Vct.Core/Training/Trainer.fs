@@ -100,6 +100,29 @@ module TrainData =
         interface IDisposable with
             member _.Dispose() = for t in cache.Values do t.Dispose()
 
+/// Batch assembly: the annotated frames of a batch of videos as model inputs (VGGish maps from the cache) and
+/// their supervision. NOTE: only the annotated frames are run (S4 train: frame 0 of each video). VCT has no
+/// interaction between frames (every module works per frame), so the losses and gradients equal those of the
+/// official step, which also runs the unannotated frames and discards them; only the random streams differ.
+[<RequireQualifiedAccess>]
+module TrainBatch =
+    let private pick (r: VideoRecord) = torch.tensor(r.MaskFrames |> Array.map int64)
+
+    /// The annotated frames, mask images (when every video has them) and audio maps, on `device`.
+    let inputs (audio: TrainData.AudioCache) (device: torch.Device) (records: VideoRecord[]) (videos: AugmentedVideo[]) : VctInputs =
+        let gather (images: AugmentedVideo -> Image[]) =
+            torch.cat([| for r, v in Array.zip records videos -> (Batch.frames (images v)).index_select(0L, pick r) |], 0L).``to``(device)
+        let preMasks = if videos |> Array.forall (fun v -> v.PreMasks.Length > 0) then Some(gather (fun v -> v.PreMasks)) else None
+        let maps = torch.cat([| for r in records -> (audio.FrameMaps r).index_select(0L, pick r) |], 0L)
+        { Images = gather (fun v -> v.Frames); PreMasks = preMasks; Audio = AudioInput.Maps(maps.``to``(device)) }
+
+    /// What the losses supervise for `n` annotated frames of `records`.
+    let supervision (subset: Subset) (records: VideoRecord[]) (n: int64) =
+        match subset with
+        | Subset.S4 -> Supervision.s4 n 1L (records |> Array.collect (fun r -> Array.create r.MaskFrames.Length r.CategoryLabel))
+        | Subset.MS3 -> Supervision.ms3 n
+        | Subset.AVSS -> Supervision.avss (Array.create (int n) 1)
+
 /// The training loop (docs/architecture.md §10-11; official train_net.py, Trainer): iteration based, periodic
 /// evaluation with the official metrics, best checkpoint by M_J, resumable checkpoints written atomically, JSONL
 /// log, progress line, Ctrl-C handling, NaN/Inf detection. Every step runs in a dispose scope so memory stays flat.
@@ -276,7 +299,6 @@ module Trainer =
         let framesOf (r: VideoRecord) = r.MaskFrames.Length
         let frameStart = Array.scan (fun acc r -> acc + framesOf r) 0 records
         let totalFrames = frameStart[b]
-        let pick (r: VideoRecord) = torch.tensor(r.MaskFrames |> Array.map int64)
         // This rank's micro-batches: video ranges of the batch.
         let micro = [| for k in 0 .. par.Accumulate - 1 -> (comm.Rank * par.Accumulate + k) * per |]
         use scope = torch.NewDisposeScope()
@@ -306,19 +328,9 @@ module Trainer =
                 torch.manual_seed (int64 stepSeed) |> ignore
                 gen.manual_seed (int64 stepSeed) |> ignore
                 use pointGen = new torch.Generator(uint64 (stepSeed + 1))
-                let frames = torch.cat([| for r, v in Array.zip rs vs -> (Batch.frames v.Frames).index_select(0L, pick r) |], 0L)
-                let preMasks =
-                    if vs |> Array.forall (fun v -> v.PreMasks.Length > 0) then
-                        Some(torch.cat([| for r, v in Array.zip rs vs -> (Batch.frames v.PreMasks).index_select(0L, pick r) |], 0L).``to``(device))
-                    else None
-                let maps = torch.cat([| for r in rs -> (audio.FrameMaps r).index_select(0L, pick r) |], 0L)
-                let n = frames.shape[0]
-                let inputs = { Images = frames.``to``(device); PreMasks = preMasks; Audio = AudioInput.Maps(maps.``to``(device)) }
-                let supervision =
-                    match subset with
-                    | Subset.S4 -> Supervision.s4 n 1L (rs |> Array.collect (fun r -> Array.create r.MaskFrames.Length r.CategoryLabel))
-                    | Subset.MS3 -> Supervision.ms3 n
-                    | Subset.AVSS -> Supervision.avss (Array.create (int n) 1)
+                let inputs = TrainBatch.inputs audio device rs vs
+                let n = inputs.Images.shape[0]
+                let supervision = TrainBatch.supervision subset rs n
                 let slice = { Total = int64 totalFrames; Offset = int64 frameStart[first]; Count = n }
                 let uniform = Distributed.slicedUniform (UniformSource.ofGenerator device pointGen) totalFrames frameStart[first] (int n) counts
                 use losses =
@@ -547,19 +559,9 @@ module Trainer =
                     else
                     use scope = torch.NewDisposeScope()
                     let records, videos = Array.unzip (snd batches.Current)
-                    // NOTE: only the annotated frames are run (S4 train: frame 0 of each video). VCT has no
-                    // interaction between frames (every module works per frame), so the losses and gradients
-                    // equal those of the official step, which also runs the unannotated frames and discards
-                    // them; only the random streams differ. S4 steps get about 5x cheaper.
-                    let pick (r: VideoRecord) = torch.tensor(r.MaskFrames |> Array.map int64)
-                    let frames = torch.cat([| for r, v in Array.zip records videos -> (Batch.frames v.Frames).index_select(0L, pick r) |], 0L)
-                    let preMasks =
-                        if videos |> Array.forall (fun v -> v.PreMasks.Length > 0) then
-                            Some(torch.cat([| for r, v in Array.zip records videos -> (Batch.frames v.PreMasks).index_select(0L, pick r) |], 0L).``to``(device))
-                        else None
-                    let maps = torch.cat([| for r in records -> (audio.FrameMaps r).index_select(0L, pick r) |], 0L)
-                    let n = frames.shape[0]
-                    let inputs = { Images = frames.``to``(device); PreMasks = preMasks; Audio = AudioInput.Maps(maps.``to``(device)) }
+                    // Annotated frames only (TrainBatch): S4 steps get about 5x cheaper.
+                    let inputs = TrainBatch.inputs audio device records videos
+                    let n = inputs.Images.shape[0]
                     // One label map per annotated frame, in frame order.
                     let targets =
                         [| for v in videos do
@@ -567,11 +569,7 @@ module Trainer =
                                for k in 0L .. l.shape[0] - 1L -> FrameTarget.ofLabelMap 255L (l.select(0L, k)) |]
                     if int64 targets.Length <> n then
                         invalidOp $"{targets.Length} label maps for {n} annotated frames in a batch of {records.Length} videos"
-                    let supervision =
-                        match subset with
-                        | Subset.S4 -> Supervision.s4 n 1L (records |> Array.collect (fun r -> Array.create r.MaskFrames.Length r.CategoryLabel))
-                        | Subset.MS3 -> Supervision.ms3 n
-                        | Subset.AVSS -> Supervision.avss (Array.create (int n) 1)
+                    let supervision = TrainBatch.supervision subset records n
                     use losses =
                         Amp.within autocast (fun () ->
                             let out = model.Forward inputs

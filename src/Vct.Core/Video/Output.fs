@@ -2,6 +2,7 @@ namespace Vct.Core.Video
 
 #nowarn "3395" // JsonNode's implicit conversions from numbers and strings are what they are for
 
+open Vct.Core.Platform
 open System
 open System.Collections.Concurrent
 open System.Diagnostics
@@ -11,7 +12,6 @@ open System.Text.Json.Nodes
 open System.Threading
 open TorchSharp
 open Vct.Core
-open Vct.Core.Platform
 open Vct.Core.Data
 
 /// Writes `overlay.mp4`: every source frame (source size and frame rate) blended with the mask of its slot as

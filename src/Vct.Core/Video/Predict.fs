@@ -1,5 +1,6 @@
 namespace Vct.Core.Video
 
+open Vct.Core.Platform
 open System
 open System.Collections.Concurrent
 open System.Collections.Generic
@@ -9,7 +10,6 @@ open System.Text.Json
 open System.Threading
 open TorchSharp
 open Vct.Core
-open Vct.Core.Platform
 open Vct.Core.Audio
 open Vct.Core.Backbone
 open Vct.Core.Fusion
