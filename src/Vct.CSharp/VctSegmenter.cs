@@ -8,8 +8,11 @@ namespace Vct;
 /// <summary>Inference options. Unset values keep the released models' behaviour.</summary>
 public sealed record SegmenterOptions
 {
-    /// <summary>"auto" (CUDA when available), "cpu", "cuda" or "cuda:N".</summary>
-    public string Device { get; init; } = "auto";
+    /// <summary>"auto" (CUDA when available), "cpu", "cuda" or "cuda:N"; anything else is refused when set.</summary>
+    public string Device { get; init => field = VctDevices.Validate(value); } = "auto";
+
+    /// <summary>Numeric precision of the forward pass (default float32). Reduced precisions are refused by <see cref="VctSegmenter.Load"/> with <see cref="NotSupportedException"/> until the core provides them.</summary>
+    public VctPrecision Precision { get; init; } = VctPrecision.Float32;
 
     /// <summary>The released configuration of an official PyTorch checkpoint (.pth): required for those, ignored for Vct checkpoints.</summary>
     public VctSubset? Subset { get; init; }
@@ -78,14 +81,11 @@ public sealed class VctSegmenter : IDisposable
     {
         ArgumentException.ThrowIfNullOrEmpty(checkpointPath);
         options ??= new SegmenterOptions();
-        if (options.Subset is null && VctWeights.SubsetOf(checkpointPath) is VctSubset named) options = options with { Subset = named };
-        checkpointPath = VctWeights.Resolve(checkpointPath);
         VctRuntime.Initialize();
-        var device = VctRuntime.ResolveDevice(options.Device);
-        var subset = options.Subset is VctSubset v ? FSharpOption<Core.Subset>.Some(v.ToCore()) : FSharpOption<Core.Subset>.None;
-        var (model, report) = Inference.loadModel(checkpointPath, subset, device).ToValueTuple();
+        VctTypeConversions.CheckPrecision(options.Precision, VctRuntime.ResolveDevice(options.Device));
+        var (model, report, path) = ModelLoading.Load(checkpointPath, options.Subset, options.Device);
         model.MissingMasks = options.MissingMasks.ToCore();
-        return new VctSegmenter(model, options) { LoadReport = CheckpointLoadReport.Of(report), CheckpointPath = checkpointPath };
+        return new VctSegmenter(model, options) { LoadReport = report, CheckpointPath = path };
     }
 
     /// <summary>The audio examples of a file under the model's subset rules ([T_a, 1, 96, 64]) and, for AVSS, the temporal flags.</summary>
