@@ -364,17 +364,23 @@ public sealed class SyncProgress<T>(Action<T> report) : IProgress<T>
 /// <param name="ShapeMismatched">Keys in both whose shapes differ (not copied), with both shapes.</param>
 /// <param name="Dropped">File keys dropped as documented unused (criterion.*, audio_backbone.embeddings.*).</param>
 /// <param name="Converted">Keys copied with a dtype conversion.</param>
+/// <param name="DtypeMismatched">Keys in both whose dtypes differ and were not converted, with both dtypes.</param>
 public sealed record CheckpointLoadReport(IReadOnlyList<string> Loaded, IReadOnlyList<string> Missing, IReadOnlyList<string> Unexpected,
-    IReadOnlyList<string> ShapeMismatched, IReadOnlyList<string> Dropped, IReadOnlyList<string> Converted)
+    IReadOnlyList<string> ShapeMismatched, IReadOnlyList<string> Dropped, IReadOnlyList<string> Converted, IReadOnlyList<string> DtypeMismatched)
 {
     /// <summary>True when every model key was loaded and every file key was used or dropped.</summary>
-    public bool IsExact => Missing.Count == 0 && Unexpected.Count == 0 && ShapeMismatched.Count == 0;
+    public bool IsExact => Missing.Count == 0 && Unexpected.Count == 0 && ShapeMismatched.Count == 0 && DtypeMismatched.Count == 0;
+
+    /// <summary>The one-line count <c>vct convert</c> and <c>vct forward</c> print: loaded, missing, unexpected, shape-mismatched, dropped, converted.</summary>
+    public override string ToString() =>
+        $"loaded {Loaded.Count} tensors; missing {Missing.Count}, unexpected {Unexpected.Count}, " +
+        $"shape-mismatched {ShapeMismatched.Count}, dropped {Dropped.Count}, converted {Converted.Count}";
 
     internal static CheckpointLoadReport Of(Core.Checkpoint.LoadReport r) => new(
         r.Loaded.ToList(), r.Missing.ToList(), r.Unexpected.ToList(),
-        r.ShapeMismatched.Select(m => $"{m.Key}: model [{string.Join(", ", m.Expected)}], file [{string.Join(", ", m.Got)}]")
-            .Concat(r.DtypeMismatched.Select(m => $"{m.Key}: model {m.Expected}, file {m.Got}")).ToList(),
-        r.Dropped.ToList(), r.Converted.Select(c => $"{c.Key}: {c.From} -> {c.To}").ToList());
+        r.ShapeMismatched.Select(m => $"{m.Key}: model [{string.Join(", ", m.Expected)}], file [{string.Join(", ", m.Got)}]").ToList(),
+        r.Dropped.ToList(), r.Converted.Select(c => $"{c.Key}: {c.From} -> {c.To}").ToList(),
+        r.DtypeMismatched.Select(m => $"{m.Key}: model {m.Expected}, file {m.Got}").ToList());
 }
 
 /// <summary>The VGGish examples of an audio file ([T_a, 1, 96, 64]) and, for AVSS, the temporal flags; owns both tensors.</summary>
