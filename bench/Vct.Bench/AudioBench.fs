@@ -29,7 +29,7 @@ let run (repeats: int) =
     let runs = max 21 (7 * repeats)
     let clips = 16
     let threads = torch.get_num_threads ()
-    let opts = ExampleOptions.Default Subset.NoClip
+    let opts = ExampleOptions.Default None
     let dir = Path.Combine(Path.GetTempPath(), $"vct-audio-bench-{Environment.ProcessId}")
     Directory.CreateDirectory dir |> ignore
     let wave (rate: int) = { Channels = [| signal rate |]; SampleRate = rate; Source = $"signal_{rate}"; Encoding = "synthetic" }

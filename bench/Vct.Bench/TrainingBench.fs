@@ -16,7 +16,7 @@ open Vct.Core.Training
 open Vct.Bench.Harness
 
 /// Step seconds (by iteration) and RSS samples of a trainer run on `root`.
-let private trainRun (cfg: TrainConfig) (kind: DatasetKind) (root: string) (rssAt: int list) =
+let private trainRun (cfg: TrainConfig) (kind: Subset) (root: string) (rssAt: int list) =
     let train = Avsbench.records kind root "train"
     let valr = Avsbench.records kind root "val" |> Array.truncate 2
     let runDir = Path.Combine(Path.GetTempPath(), $"vct-train-bench-{Environment.ProcessId}-{Guid.NewGuid():N}")
@@ -54,7 +54,7 @@ let private jobOptions (preset: string) (iterations: int) (batch: int) =
 
 /// Mean seconds to decode and augment one batch (as the trainer's loader does it) over `batches` batches,
 /// and the RSS growth over them.
-let private loading (cfg: TrainConfig) (kind: DatasetKind) (root: string) (batches: int) =
+let private loading (cfg: TrainConfig) (kind: Subset) (root: string) (batches: int) =
     let records = Avsbench.records kind root "train"
     let loadOpts = { LoadOptions.Default with FrameSize = Some cfg.CropSize; PreSam = cfg.Model.UsePreSam && records[0].PreMasks.Length > 0 }
     let aug = { AugmentOptions.Default with CropSize = cfg.CropSize; ColorJitter = cfg.ColorJitter }
@@ -87,10 +87,10 @@ let run (repeats: int) =
                 printfn "training: official, %s" preset
                 let o = pythonJson "train_step_official.py" [ preset; string runs ]
                 preset, (o.GetProperty("seconds").GetDouble(), o.GetProperty("peak_mib").GetDouble()) ] |> Map.ofList
-        let presetRow (preset: string) (kind: SynthKind) (dkind: DatasetKind) =
+        let presetRow (preset: string) (kind: Subset) (dkind: Subset) =
             let root = Path.Combine(dataRoot, preset)
             Synth.generate { SynthOptions.Default kind with Train = 2; Val = 1; Test = 1; Size = 384 } root |> ignore
-            let cfg = TrainJob.config preset (TrainData.subsetOf dkind) (jobOptions preset (1 + runs) 1)
+            let cfg = TrainJob.config preset dkind (jobOptions preset (1 + runs) 1)
             printfn "training: ours, %s preset, %d steps" preset (1 + runs)
             let steps, _, _ = trainRun cfg dkind root []
             let ours = median (List.tail steps)
@@ -103,14 +103,14 @@ let run (repeats: int) =
         let tinyCfg = { TrainJob.config "tiny" Subset.S4 (jobOptions "tiny" 500 16) with EvalPeriod = 250 }
         printfn "training: ours, tiny preset, 500 steps"
         let rssPoints = [ 20; 100; 250; 500 ]
-        let tinySteps, rss, waits = trainRun tinyCfg DatasetKind.S4 tinyRoot rssPoints
+        let tinySteps, rss, waits = trainRun tinyCfg Subset.S4 tinyRoot rssPoints
         let waitAfterFirst = waits |> List.skip 1
         let meanWait = List.average waitAfterFirst
         let waited = waitAfterFirst |> List.filter (fun w -> w > 0.001) |> List.length
         let tinyStep = median (tinySteps |> List.skip 20)
-        let tinyLoad, tinyLoadGrowth, perEpoch = loading tinyCfg DatasetKind.S4 tinyRoot (3 * 15)
-        let s4 = presetRow "s4" SynthKind.S4 DatasetKind.S4
-        let ms3 = presetRow "ms3" SynthKind.Ms3 DatasetKind.Ms3
+        let tinyLoad, tinyLoadGrowth, perEpoch = loading tinyCfg Subset.S4 tinyRoot (3 * 15)
+        let s4 = presetRow "s4" Subset.S4 Subset.S4
+        let ms3 = presetRow "ms3" Subset.MS3 Subset.MS3
         let row (name: string) (ours: float, official: float, officialPeak: float, load: float) (note: string) =
             $"| {name} | {ours:F2} | {official:F2} | {ours / official:F2} | {officialPeak:F0} | {1000.0 * load:F0} ({100.0 * load / ours:F1}%%) | {note} |"
         let md =

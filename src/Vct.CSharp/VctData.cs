@@ -82,7 +82,7 @@ public static class VctData
         ArgumentException.ThrowIfNullOrEmpty(outputDirectory);
         options ??= new SynthesisOptions();
         VctRuntime.Initialize();
-        var kind = options.Kind.ToSynthKind();
+        var kind = options.Kind.ToCore();
         var d = SynthOptions.Default(kind);
         var o = new SynthOptions(kind, options.Seed, options.Train ?? d.Train, options.Val ?? d.Val, options.Test ?? d.Test,
             options.Size ?? d.Size, d.EvalSize, options.Categories ?? d.Categories, d.DistractorGain);
@@ -104,7 +104,7 @@ public static class VctData
         ArgumentException.ThrowIfNullOrEmpty(directory);
         VctRuntime.Initialize();
         var r = DataCheck.run(directory, Math.Max(1, parallelism));
-        return new DataCheckReport(r.Root, r.Kind.OrNull() is { } k ? FromDatasetKind(k) : null,
+        return new DataCheckReport(r.Root, r.Kind.OrNull() is { } k ? FromCore(k) : null,
             r.Videos.Select(v => new SplitCount(v.Item1, v.Item2)).ToList(), r.Problems, r.Warnings);
     }
 
@@ -122,7 +122,7 @@ public static class VctData
         ArgumentException.ThrowIfNullOrEmpty(objectRoot);
         if (subset == VctSubset.AVSS) throw new ArgumentException("Prepare builds the S4 or MS3 tree; AVSS reads AVSBench_semantic as it is", nameof(subset));
         VctRuntime.Initialize();
-        var r = Core.Data.Prepare.objectTree(subset.ToDatasetKind(), semanticRoot, objectRoot, Fun(log));
+        var r = Core.Data.Prepare.objectTree(subset.ToCore(), semanticRoot, objectRoot, Fun(log));
         return new PrepareResult(r.Videos, r.Files, r.WithoutMasks.ToList());
     }
 }

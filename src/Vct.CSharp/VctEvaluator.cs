@@ -122,8 +122,7 @@ public static class VctEvaluator
         var (model, _, _) = ModelLoading.Load(checkpoint, options.Subset, options.Device);
         using (model)
         {
-            var kind = VctTypeConversions.FromCore(model.Config.Subset).ToDatasetKind();
-            var records = Avsbench.records(kind, data, split);
+            var records = Avsbench.records(model.Config.Subset, data, split);
             if (records.Length == 0) throw new InvalidDataException($"{data}: the {split} split has no videos; nothing to evaluate");
             log?.Invoke($"evaluating {records.Length} videos of {split}");
             var workers = Math.Max(1, options.Workers);
@@ -157,7 +156,7 @@ public static class VctEvaluator
         ArgumentException.ThrowIfNullOrEmpty(groundTruth);
         options ??= new ScoreOptions();
         VctRuntime.Initialize();
-        var s = Core.Evaluation.Score.run(subset.ToMetricSubset(), options.Variant.ToCore(), options.Classes, scores, groundTruth,
+        var s = Core.Evaluation.Score.run(subset.ToCore(), options.Variant.ToCore(), options.Classes, scores, groundTruth,
             Microsoft.FSharp.Core.FuncConvert.FromFunc<int, int, Microsoft.FSharp.Core.Unit>((done, total) =>
             {
                 progress?.Report(new ScoreProgress(done, total));

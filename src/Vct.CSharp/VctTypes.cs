@@ -92,18 +92,8 @@ internal static class VctTypeConversions
     /// <summary>The lower-case name the core and the CLI use ("s4", "ms3", "avss").</summary>
     internal static string Name(this VctSubset s) => s.ToString().ToLowerInvariant();
 
-    // The core still has one subset union per layer (issue #10 merges them into Core.Subset); these four
-    // conversions become ToCore once it does.
-    internal static Core.Data.DatasetKind ToDatasetKind(this VctSubset s) => Core.Data.DatasetKind.Parse(s.Name());
-    internal static Core.Data.SynthKind ToSynthKind(this VctSubset s) => Core.Data.SynthKind.Parse(s.Name());
-    internal static Core.Evaluation.MetricSubset ToMetricSubset(this VctSubset s) => Core.Evaluation.MetricSubset.Parse(s.Name());
-
     /// <summary>The audio example rule of a subset; null: every whole example, no clipping or padding.</summary>
-    internal static Core.Audio.Subset ToAudioRule(VctSubset? s) =>
-        s is VctSubset v ? Core.Audio.Subset.Parse(v.Name()) : Core.Audio.Subset.NoClip;
-
-    internal static VctSubset? FromDatasetKind(Core.Data.DatasetKind k) =>
-        k.IsS4 ? VctSubset.S4 : k.IsMs3 ? VctSubset.MS3 : VctSubset.AVSS;
+    internal static FSharpOption<Core.Subset> ToAudioRule(VctSubset? s) => OptRef(s?.ToCore());
 
     internal static string Name(this VctSplit s) => s.ToString().ToLowerInvariant();
 

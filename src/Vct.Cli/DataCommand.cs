@@ -15,7 +15,7 @@ internal static class DataCommand
         check.SetAction(parse =>
         {
             var report = VctData.Check(parse.GetValue(dir)!, parse.GetValue(jobs));
-            var kind = report.Kind switch { VctSubset.S4 => "S4", VctSubset.MS3 => "Ms3", VctSubset.AVSS => "Avss", _ => "unknown" };
+            var kind = report.Kind?.ToString() ?? "unknown";
             var videos = string.Join(", ", report.Splits.Select(v => $"{v.Split} {v.Videos}"));
             Console.WriteLine($"{report.Root}: {kind} dataset; videos: {(videos.Length > 0 ? videos : "none")}");
             foreach (var p in report.Problems) Console.WriteLine($"error: {p}");

@@ -58,8 +58,7 @@ module Inference =
 
     /// The audio examples of a file under the model's subset rules: [T_a, 1, 96, 64] and, for AVSS, the flags.
     let audioExamples (subset: Subset) (path: string) : Tensor * Tensor option =
-        let rule = match subset with Subset.S4 -> Audio.Subset.S4 | Subset.MS3 -> Audio.Subset.Ms3 | Subset.AVSS -> Audio.Subset.Avss
-        let clip = Audio.Audio.examplesOfFile (Audio.ExampleOptions.Default rule) path
+        let clip = Audio.Audio.examplesOfFile (Audio.ExampleOptions.Default(Some subset)) path
         let flags = match subset with Subset.AVSS -> Some(torch.tensor(clip.Real |> Array.map float32)) | _ -> None
         clip.Examples, flags
 

@@ -9,27 +9,6 @@ open Vct.Core.PixelDecoder
 open Vct.Core.QueryGen
 open Vct.Core.Decoder
 
-/// The three AVSBench settings the released models cover.
-[<RequireQualifiedAccess>]
-type Subset =
-    /// Single sound source (2 classes, ProtoVCQ with the 23 video categories).
-    | S4
-    /// Multiple sound sources (2 classes, VCQ without prototypes).
-    | MS3
-    /// Audio-visual semantic segmentation (71 classes, ProtoVCQ with K = 71).
-    | AVSS
-
-    /// Parses "s4", "ms3" or "avss" (case-insensitive).
-    static member Parse(text: string) =
-        match (if isNull text then "" else text.Trim().ToLowerInvariant()) with
-        | "s4" -> Subset.S4
-        | "ms3" -> Subset.MS3
-        | "avss" | "ss" -> Subset.AVSS
-        | _ -> invalidArg (nameof text) $"unknown subset '{text}': expected s4, ms3 or avss"
-
-    /// Examples of audio per video: 5 (S4, MS3) or 10 (AVSS, zero-padded, filtered by the temporal flags).
-    member s.AudioExamples = match s with Subset.AVSS -> 10 | _ -> 5
-
 /// Every hyper-parameter of a VCT model. `Released` is the paper's Swin-B/384 setting per subset; `Tiny`
 /// keeps every code path at sizes that train on a CPU.
 type VctConfig =

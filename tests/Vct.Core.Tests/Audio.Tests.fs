@@ -37,7 +37,7 @@ let fixtures =
 let maxAbs (a: Tensor) (b: Tensor) = Scope.runValue (fun () -> (a - b).abs().max().ToDouble())
 
 let examplesOf (scaling: SampleScaling) (path: string) =
-    let opts = { ExampleOptions.Default Subset.NoClip with Scaling = scaling }
+    let opts = { ExampleOptions.Default None with Scaling = scaling }
     (Examples.ofFile opts path).Examples
 
 let sine (rate: int) (freq: float) (amp: float) (n: int) =
@@ -224,27 +224,27 @@ let clipping =
             fun (n: byte) (which: byte) ->
                 use _ = torch.NewDisposeScope()
                 let n = int n % 16
-                let subset = [| Subset.S4; Subset.Ms3; Subset.Avss; Subset.NoClip |][int which % 4]
+                let subset = [| Some Subset.S4; Some Subset.MS3; Some Subset.AVSS; None |][int which % 4]
                 let ex = examplesFrom n
                 match subset, n with
-                | (Subset.S4 | Subset.Ms3), 0 ->
+                | Some (Subset.S4 | Subset.MS3), 0 ->
                     Expect.throwsT<InvalidDataException> (fun () -> Examples.clip subset "clip.wav" ex |> ignore) "no example"
                 | _ ->
                     let r = Examples.clip subset "clip.wav" ex
                     let rows = [| for i in 0L .. r.Examples.shape[0] - 1L -> r.Examples[i].mean().ToDouble() |]
-                    match subset.Target with
+                    match subset |> Option.map (fun s -> s.Preset.Frames) with
                     | None -> Expect.equal rows.Length n "all examples"
                     | Some t ->
                         Expect.equal rows.Length t "target count"
                         for i in 0 .. t - 1 do
                             let expected =
                                 if i < n then float i
-                                elif subset = Subset.Avss then 0.0
+                                elif subset = Some Subset.AVSS then 0.0
                                 else float (n - 1)
                             Expect.equal rows[i] expected $"row {i}"
                         Expect.equal r.Available n "available"
-                        Expect.equal (r.Warnings.Length > 0) (n > t || (subset = Subset.Avss && n = 0)) "warned"
-                        if subset = Subset.Avss then
+                        Expect.equal (r.Warnings.Length > 0) (n > t || (subset = Some Subset.AVSS && n = 0)) "warned"
+                        if subset = Some Subset.AVSS then
                             Expect.equal r.Real (Array.init 10 (fun i -> if i < n then 1 else 0)) "flags"
 
         test "AVSS flags per label" {
@@ -258,7 +258,7 @@ let clipping =
         test "a 5 s clip gives exactly 5 examples with no warning (S4)" {
             use _ = torch.NewDisposeScope()
             let w = Audio.ofSamples 16000 (sine 16000 440.0 0.5 80000)
-            let r = Examples.ofWaveform (ExampleOptions.Default Subset.S4) w
+            let r = Examples.ofWaveform (ExampleOptions.Default(Some Subset.S4)) w
             Expect.equal r.Available 5 "5 examples in 80 000 samples"
             Expect.isEmpty r.Warnings "no warning"
         }
@@ -271,7 +271,7 @@ let badInputs =
         let e = Expect.throwsC f id
         Expect.stringContains e.Message path "names the file"
         Expect.stringContains e.Message part "says the problem"
-    let s4 = ExampleOptions.Default Subset.S4
+    let s4 = ExampleOptions.Default(Some Subset.S4)
     testList "Audio.BadInput" [
         for file, part in
             [ "truncated.wav", "truncated: the header declares 16800 bytes of audio but the file holds 8378"
@@ -299,7 +299,7 @@ let badInputs =
         test "short_0.2s.wav for AVSS gives 10 zero rows, as the official tool" {
             use _ = torch.NewDisposeScope()
             let path = golden [ "bad"; "short_0.2s.wav" ]
-            let r = Examples.ofFile (ExampleOptions.Default Subset.Avss) path
+            let r = Examples.ofFile (ExampleOptions.Default(Some Subset.AVSS)) path
             Expect.equal r.Examples.shape [| 10L; 1L; 96L; 64L |] "10 rows"
             Expect.equal (r.Examples.abs().sum().ToDouble()) 0.0 "all zero"
             Expect.equal r.Real (Array.zeroCreate 10) "no real example"
@@ -315,7 +315,7 @@ let badInputs =
                 Expect.equal r.Available 41 "41 whole examples in 40 s"
                 Expect.stringContains (String.Join("\n", r.Warnings)) "kept the first 5" "warned"
                 Expect.stringContains (String.Join("\n", r.Warnings)) path "names the file"
-                let all = Examples.ofFile (ExampleOptions.Default Subset.NoClip) path
+                let all = Examples.ofFile (ExampleOptions.Default None) path
                 Expect.equal all.Examples.shape[0] 41L "none: every whole example"
             finally
                 File.Delete path
@@ -356,7 +356,7 @@ let containers =
                     Expect.equal flac.SampleRate 44100 "rate"
                     Expect.equal flac.Channels.Length 2 "channels"
                     Expect.equal flac.Channels wav.Channels "lossless: same samples"
-                    let mp3 = Examples.ofFile (ExampleOptions.Default Subset.NoClip) (conv "mp3")
+                    let mp3 = Examples.ofFile (ExampleOptions.Default None) (conv "mp3")
                     Expect.equal mp3.Examples.shape[1..] [| 1L; 96L; 64L |] "mp3 decodes to examples"
                     let bogus = Path.Combine(dir, "bogus.mp4")
                     File.WriteAllText(bogus, "not a video")
@@ -375,7 +375,7 @@ let pickles =
             let t = LogMelPickle.read (golden [ "pkl"; "s4_style.pkl" ])
             Expect.equal t.shape [| 5L; 1L; 96L; 64L |] "shape"
             // Written by the official front end from speech_16k_mono_pcm16.wav (PCM16: the int16 path is exact).
-            let ours = Examples.ofFile (ExampleOptions.Default Subset.S4) (golden [ "wav"; "speech_16k_mono_pcm16.wav" ])
+            let ours = Examples.ofFile (ExampleOptions.Default(Some Subset.S4)) (golden [ "wav"; "speech_16k_mono_pcm16.wav" ])
             let err = maxAbs ours.Examples t
             Expect.isLessThanOrEqual err 1e-4 $"our S4 examples vs the pickle: {err:E2}"
             Expect.equal (maxAbs t[3] t[4]) 0.0 "last example repeated"
@@ -385,7 +385,7 @@ let pickles =
             use _ = torch.NewDisposeScope()
             let t = LogMelPickle.read (golden [ "pkl"; "avss_style.pkl" ])
             Expect.equal t.shape [| 10L; 1L; 96L; 64L |] "shape"
-            let ours = Examples.ofFile (ExampleOptions.Default Subset.Avss) (golden [ "wav"; "speech_16k_mono_pcm16.wav" ])
+            let ours = Examples.ofFile (ExampleOptions.Default(Some Subset.AVSS)) (golden [ "wav"; "speech_16k_mono_pcm16.wav" ])
             Expect.isLessThanOrEqual (maxAbs ours.Examples t) 1e-4 "our AVSS examples vs the pickle"
             Expect.equal ours.Real [| 1; 1; 1; 0; 0; 0; 0; 0; 0; 0 |] "three real rows"
             Expect.equal (t.narrow(0L, 3L, 7L).abs().sum().ToDouble()) 0.0 "zero rows"
@@ -537,7 +537,7 @@ let cli =
                 Expect.equal code 0 $"exit code; stderr: {err}"
                 Expect.stringContains stdout "1 example(s)" "reports the count"
                 let written = Npy.read out
-                let lib = (Examples.ofFile (ExampleOptions.Default Subset.Avss) src).Examples
+                let lib = (Examples.ofFile (ExampleOptions.Default(Some Subset.AVSS)) src).Examples
                 Expect.equal written.shape [| 10L; 1L; 96L; 64L |] "AVSS shape"
                 Expect.equal (maxAbs written lib) 0.0 "same as the library"
             finally

@@ -1,5 +1,6 @@
 module Vct.Core.Tests.DataTests
 
+open Vct.Core
 open System
 open System.IO
 open Expecto
@@ -11,7 +12,7 @@ let private tempDir (name: string) =
     Directory.CreateDirectory d |> ignore
     d
 
-let private tiny (kind: SynthKind) (seed: int) =
+let private tiny (kind: Subset) (seed: int) =
     { SynthOptions.Default kind with Seed = seed; Train = 2; Val = 1; Test = 1; Size = 40; EvalSize = 56 }
 
 let private filesOf (root: string) =
@@ -31,9 +32,9 @@ let synth =
     testList "Data.Synth" [
         test "same seed, same bytes; another seed, other bytes" {
             let a, b, c = tempDir "a", tempDir "b", tempDir "c"
-            Synth.generate (tiny SynthKind.Ms3 5) a |> ignore
-            Synth.generate (tiny SynthKind.Ms3 5) b |> ignore
-            Synth.generate (tiny SynthKind.Ms3 6) c |> ignore
+            Synth.generate (tiny Subset.MS3 5) a |> ignore
+            Synth.generate (tiny Subset.MS3 5) b |> ignore
+            Synth.generate (tiny Subset.MS3 6) c |> ignore
             let fa, fb, fc = filesOf a, filesOf b, filesOf c
             Expect.equal (Array.map fst fa) (Array.map fst fb) "same files"
             Array.iter2 (fun (n, x: byte[]) (_, y: byte[]) -> Expect.isTrue (x.AsSpan().SequenceEqual(ReadOnlySpan y)) $"{n} identical") fa fb
@@ -43,18 +44,18 @@ let synth =
             let a, b = tempDir "proc-a", tempDir "proc-b"
             let code, _, err = CliTests.runVct [ "synth"; "--kind"; "avss"; "--out"; a; "--train"; "1"; "--val"; "1"; "--test"; "0"; "--size"; "40"; "--seed"; "12" ]
             Expect.equal code 0 $"synth: {err}"
-            Synth.generate { SynthOptions.Default SynthKind.Avss with Seed = 12; Train = 1; Val = 1; Test = 0; Size = 40 } b |> ignore
+            Synth.generate { SynthOptions.Default Subset.AVSS with Seed = 12; Train = 1; Val = 1; Test = 0; Size = 40 } b |> ignore
             let fa, fb = filesOf a, filesOf b
             Expect.equal (Array.map fst fa) (Array.map fst fb) "same files"
             Array.iter2 (fun (n, x: byte[]) (_, y: byte[]) -> Expect.isTrue (x.AsSpan().SequenceEqual(ReadOnlySpan y)) $"{n} identical") fa fb
         }
-        for kind in [ SynthKind.S4; SynthKind.Ms3; SynthKind.Avss ] do
+        for kind in [ Subset.S4; Subset.MS3; Subset.AVSS ] do
             test $"{kind}: output passes the data check and loads back through the readers" {
                 let root = tempDir "synth"
                 let rep = Synth.generate (tiny kind 1) root
                 let check = DataCheck.run root 2
                 Expect.isTrue check.Ok $"""no problems: {String.Join("; ", check.Problems)}"""
-                let dk = match kind with SynthKind.S4 -> DatasetKind.S4 | SynthKind.Ms3 -> DatasetKind.Ms3 | SynthKind.Avss -> DatasetKind.Avss
+                let dk = kind
                 for split, n in [ "train", 2; "val", 1; "test", 1 ] do
                     let recs = Avsbench.records dk root split
                     Expect.equal recs.Length n $"{split} videos"
@@ -63,27 +64,27 @@ let synth =
                         let planned = rep.Videos |> Array.find (fun p -> p.Id = r.Id)
                         Expect.equal v.Frames.Length planned.Frames "frames"
                         Expect.equal v.Frames[0].Width 40 "frame size"
-                        let expectedMasks = if kind = SynthKind.S4 && split = "train" then 1 else planned.Frames
+                        let expectedMasks = if kind = Subset.S4 && split = "train" then 1 else planned.Frames
                         Expect.equal v.Masks.Length expectedMasks "annotated frames"
                         Expect.equal v.Masks[0].Width (if split = "train" then 40 else 56) "train GT at frame size, eval GT at EvalSize"
-                        let gt0 = if kind = SynthKind.Avss then Synth.classMask planned 0 v.Masks[0].Width else Synth.binaryMask planned 0 v.Masks[0].Width
+                        let gt0 = if kind = Subset.AVSS then Synth.classMask planned 0 v.Masks[0].Width else Synth.binaryMask planned 0 v.Masks[0].Width
                         Expect.equal v.Masks[0].Pixels gt0 "mask decodes to the planned GT (0/1 or class ids)"
                         use a = Avsbench.audioExamples r
-                        Expect.equal a.shape [| (if kind = SynthKind.Avss then 10L else 5L); 1L; 96L; 64L |] "log-mel examples"
-                        if kind = SynthKind.Avss then
+                        Expect.equal a.shape [| (if kind = Subset.AVSS then 10L else 5L); 1L; 96L; 64L |] "log-mel examples"
+                        if kind = Subset.AVSS then
                             Expect.equal r.VidTemporalFlag.Length 10 "vid flag"
                             Expect.equal r.GtTemporalFlag.Length planned.Frames "gt flag"
-                if kind = SynthKind.Avss then Expect.equal (Avsbench.avssClasses root).Length 9 "background + 8 classes"
+                if kind = Subset.AVSS then Expect.equal (Avsbench.avssClasses root).Length 9 "background + 8 classes"
             }
         test "audio matters: a vision-only model (other videos' audio) is far below what the GT allows" {
             // statistics of the default S4-like set (no files written)
-            let videos = Synth.plan (SynthOptions.Default SynthKind.S4)
-            let b = SynthStats.baselines SynthKind.S4 64 videos
+            let videos = Synth.plan (SynthOptions.Default Subset.S4)
+            let b = SynthStats.baselines Subset.S4 64 videos
             Expect.floatClose Accuracy.medium (fst b.Oracle) 1.0 "the GT scores 1"
             Expect.isLessThan (fst b.AllObjects) 0.55 "audio-blind, every object: M_J < 0.55"
             Expect.isLessThan (fst b.OneObject) 0.55 "audio-blind, one object: M_J < 0.55"
             Expect.isLessThan (fst b.ShuffledAudioOracle) 0.3 "perfect model with shuffled audio: M_J < 0.3"
-            for kind in [ SynthKind.Ms3; SynthKind.Avss ] do
+            for kind in [ Subset.MS3; Subset.AVSS ] do
                 let b = SynthStats.baselines kind 48 (Synth.plan (SynthOptions.Default kind))
                 Expect.isLessThan (fst b.ShuffledAudioOracle) (fst b.Oracle - 0.2) $"{kind}: shuffled audio is measurably worse"
                 Expect.isLessThan (fst b.AllObjects) (fst b.Oracle - 0.2) $"{kind}: audio-blind is measurably worse"
@@ -139,13 +140,13 @@ let readers =
     testList "Data.Readers" [
         test "the check reads what training reads: palette masks via their palette, 16-bit masks, empty GT, short audio, the pixel budget" {
             let root = tempDir "check"
-            Synth.generate (tiny SynthKind.S4 9) root |> ignore
+            Synth.generate (tiny Subset.S4 9) root |> ignore
             let clean = DataCheck.run root 2
             Expect.isTrue clean.Ok $"""the synthetic set passes: {String.Join("; ", clean.Problems)}"""
             Expect.isEmpty clean.Warnings "and gives no warning"
-            let train = Avsbench.records DatasetKind.S4 root "train"
-            let valr = Avsbench.records DatasetKind.S4 root "val" |> Array.exactlyOne
-            let test = Avsbench.records DatasetKind.S4 root "test" |> Array.exactlyOne
+            let train = Avsbench.records Subset.S4 root "train"
+            let valr = Avsbench.records Subset.S4 root "val" |> Array.exactlyOne
+            let test = Avsbench.records Subset.S4 root "test" |> Array.exactlyOne
             // A palette (P-mode) mask with indices {0, 1} and palette black / white: the object is white.
             let before = (Avsbench.loadVideo LoadOptions.Default valr).Masks[0].Pixels
             let grey = ImageIO.readLabels valr.Masks[0]
@@ -187,33 +188,33 @@ let readers =
         }
         test "missing frame, missing mask: clear errors naming the file; the check reports both at once" {
             let root = tempDir "broken"
-            Synth.generate (tiny SynthKind.S4 2) root |> ignore
-            let rv = Avsbench.records DatasetKind.S4 root "val"
-            let rt = Avsbench.records DatasetKind.S4 root "test"
+            Synth.generate (tiny Subset.S4 2) root |> ignore
+            let rv = Avsbench.records Subset.S4 root "val"
+            let rt = Avsbench.records Subset.S4 root "test"
             File.Delete rv[0].Frames[2]
             File.Delete rt[0].Masks[3]
-            throwsMentioning<FileNotFoundException> (Path.GetFileName rv[0].Frames[2]) (fun () -> Avsbench.records DatasetKind.S4 root "val" |> ignore)
-            throwsMentioning<FileNotFoundException> (Path.GetFileName rt[0].Masks[3]) (fun () -> Avsbench.records DatasetKind.S4 root "test" |> ignore)
+            throwsMentioning<FileNotFoundException> (Path.GetFileName rv[0].Frames[2]) (fun () -> Avsbench.records Subset.S4 root "val" |> ignore)
+            throwsMentioning<FileNotFoundException> (Path.GetFileName rt[0].Masks[3]) (fun () -> Avsbench.records Subset.S4 root "test" |> ignore)
             let check = DataCheck.run root 2
             Expect.equal check.Problems.Length 2 $"""both problems: {String.Join("; ", check.Problems)}"""
         }
         test "CSV without a column and unknown split name the CSV" {
             let root = tempDir "csv"
-            let rep = Synth.generate (tiny SynthKind.S4 3) root
+            let rep = Synth.generate (tiny Subset.S4 3) root
             let csv = Path.Combine(rep.Root, "s4_meta_data.csv")
             let lines = File.ReadAllLines csv
             File.WriteAllLines(csv, lines |> Array.map (fun l -> let c = l.Split(',') in String.Join(",", [| c[0]; c[1]; c[3] |])))
-            throwsMentioning<InvalidDataException> "'category'" (fun () -> Avsbench.records DatasetKind.S4 root "train" |> ignore)
-            throwsMentioning<InvalidDataException> "s4_meta_data.csv" (fun () -> Avsbench.records DatasetKind.S4 root "train" |> ignore)
+            throwsMentioning<InvalidDataException> "'category'" (fun () -> Avsbench.records Subset.S4 root "train" |> ignore)
+            throwsMentioning<InvalidDataException> "s4_meta_data.csv" (fun () -> Avsbench.records Subset.S4 root "train" |> ignore)
             File.WriteAllLines(csv, lines |> Array.mapi (fun i l -> if i = 1 then l.Replace(",train", ",training") else l))
-            throwsMentioning<InvalidDataException> "unknown split 'training'" (fun () -> Avsbench.records DatasetKind.S4 root "val" |> ignore)
+            throwsMentioning<InvalidDataException> "unknown split 'training'" (fun () -> Avsbench.records Subset.S4 root "val" |> ignore)
             let check = DataCheck.run root 2
             Expect.exists check.Problems (fun p -> p.Contains "training" && p.Contains "s4_meta_data.csv") "the check reports it"
-            throwsMentioning<ArgumentException> "unknown split 'dev'" (fun () -> Avsbench.records DatasetKind.S4 root "dev" |> ignore)
+            throwsMentioning<ArgumentException> "unknown split 'dev'" (fun () -> Avsbench.records Subset.S4 root "dev" |> ignore)
         }
         test "a unicode video id is read like any other" {
             let root = tempDir "unicode"
-            let rep = Synth.generate (tiny SynthKind.Ms3 4) root
+            let rep = Synth.generate (tiny Subset.MS3 4) root
             let v = rep.Videos |> Array.find (fun v -> v.Split = "val")
             let uid = "vidéo_日本_ß"
             for f in Directory.GetFiles(rep.Root, $"*{v.Id}*", SearchOption.AllDirectories) |> Array.sortByDescending (fun f -> f.Length) do
@@ -222,7 +223,7 @@ let readers =
                 Directory.Move(d, Path.Combine(Path.GetDirectoryName d, uid))
             let csv = Path.Combine(rep.Root, "ms3_meta_data.csv")
             File.WriteAllText(csv, File.ReadAllText(csv).Replace(v.Id, uid))
-            let r = Avsbench.records DatasetKind.Ms3 root "val" |> Array.exactlyOne
+            let r = Avsbench.records Subset.MS3 root "val" |> Array.exactlyOne
             Expect.equal r.Id uid "unicode id"
             Expect.equal (Avsbench.loadVideo LoadOptions.Default r).Frames.Length 5 "frames load"
             let check = DataCheck.run root 2
@@ -230,8 +231,8 @@ let readers =
         }
         test "a truncated PNG is an error, not a partly decoded image; bad mask values are reported" {
             let root = tempDir "trunc"
-            Synth.generate (tiny SynthKind.S4 5) root |> ignore
-            let r = Avsbench.records DatasetKind.S4 root "test" |> Array.exactlyOne
+            Synth.generate (tiny Subset.S4 5) root |> ignore
+            let r = Avsbench.records Subset.S4 root "test" |> Array.exactlyOne
             let bytes = File.ReadAllBytes r.Frames[1]
             File.WriteAllBytes(r.Frames[1], bytes[.. bytes.Length * 2 / 3])
             throwsMentioning<InvalidDataException> (Path.GetFileName r.Frames[1]) (fun () -> ImageIO.readRgb r.Frames[1] |> ignore)
@@ -243,9 +244,9 @@ let readers =
         }
         test "AVSS raw originals (no processed_* folders) are resized on the fly to the 224-style eval size" {
             let root = tempDir "raw"
-            let rep = Synth.generate (tiny SynthKind.Avss 6) root
+            let rep = Synth.generate (tiny Subset.AVSS 6) root
             for d in Directory.GetDirectories(rep.Root, "processed_*", SearchOption.AllDirectories) do Directory.Delete(d, true)
-            let r = Avsbench.records DatasetKind.Avss root "test" |> Array.exactlyOne
+            let r = Avsbench.records Subset.AVSS root "test" |> Array.exactlyOne
             Expect.isTrue r.Raw "raw originals"
             let v = Avsbench.loadVideo { LoadOptions.Default with FrameSize = Some 64; EvalGtSize = 56 } r
             Expect.equal (v.Frames[0].Width, v.Masks[0].Width) (64, 56) "frames to FrameSize, eval GT to EvalGtSize"
@@ -256,7 +257,7 @@ let readers =
         }
         test "S4 raw AVSBench-object tree (s4_data/visual_frames, gt_masks) is read and resized on the fly" {
             let root = tempDir "s4raw"
-            let rep = Synth.generate (tiny SynthKind.S4 8) root
+            let rep = Synth.generate (tiny Subset.S4 8) root
             let d = rep.Root
             Directory.Move(Path.Combine(d, "s4_data_384", "visual_frames_384"), Path.Combine(d, "s4_data", "visual_frames"))
             Directory.CreateDirectory(Path.Combine(d, "s4_data", "gt_masks")) |> ignore
@@ -264,7 +265,7 @@ let readers =
             for s in [ "val"; "test" ] do
                 Directory.Move(Path.Combine(d, "s4_data_384", "gt_masks_224", s), Path.Combine(d, "s4_data", "gt_masks", s))
             for split in [ "train"; "test" ] do
-                let r = Avsbench.records DatasetKind.S4 root split |> Array.head
+                let r = Avsbench.records Subset.S4 root split |> Array.head
                 Expect.isTrue r.Raw "raw tree chosen when the 384 tree is absent"
                 Expect.stringContains r.Frames[0] "visual_frames" "raw frames"
                 let v = Avsbench.loadVideo { LoadOptions.Default with FrameSize = Some 64; EvalGtSize = 48 } r
@@ -280,7 +281,7 @@ let readers =
             Expect.stringContains out "shuffled audio" "prints the baselines"
             let code, out, _ = CliTests.runVct [ "data"; "check"; root ]
             Expect.equal code 0 $"check passes: {out}"
-            let r = Avsbench.records DatasetKind.S4 root "train"
+            let r = Avsbench.records Subset.S4 root "train"
             File.Delete r[0].Frames[0]
             let code, out, _ = CliTests.runVct [ "data"; "check"; root ]
             Expect.notEqual code 0 "non-zero exit"
@@ -298,7 +299,7 @@ let private greyVideo (frames: int) (w: int) (h: int) =
               Pixels = Array.init (w * h) (fun i -> let x, y = i % w, i / w in if (x - cx) * (x - cx) + (y - cy) * (y - cy) <= r * r then 1uy else 0uy) })
     let fr = masks |> Array.map (fun m -> { Width = w; Height = h; Channels = 3; Pixels = Array.init (w * h * 3) (fun i -> m.Pixels[i / 3] * 200uy) })
     let record =
-        { Id = "v"; Split = "train"; Kind = DatasetKind.Ms3; Category = ""; CategoryLabel = 0; Frames = [||]; Masks = [||]; MaskFrames = [||]
+        { Id = "v"; Split = "train"; Kind = Subset.MS3; Category = ""; CategoryLabel = 0; Frames = [||]; Masks = [||]; MaskFrames = [||]
           PreMasks = [||]; Audio = AudioSource.Wav ""; VidTemporalFlag = [||]; GtTemporalFlag = [||]; Raw = false }
     { Record = record; Frames = fr; Masks = masks; PreMasks = fr }
 

@@ -81,7 +81,7 @@ let private withData (f: string -> string -> unit) =
     let dir = Path.Combine(Path.GetTempPath(), $"vct-mpi-{Guid.NewGuid():N}")
     try
         let data = Path.Combine(dir, "data")
-        Synth.generate { SynthOptions.Default SynthKind.S4 with Train = 8; Val = 2; Test = 2; Size = 64; EvalSize = 64 } data |> ignore
+        Synth.generate { SynthOptions.Default Subset.S4 with Train = 8; Val = 2; Test = 2; Size = 64; EvalSize = 64 } data |> ignore
         f data (Path.Combine(dir, "runs"))
     finally
         try Directory.Delete(dir, true) with _ -> ()

@@ -150,7 +150,7 @@ let tests =
             let dir = tempDir "eval"
             try
                 let data = Path.Combine(dir, "data")
-                Synth.generate { SynthOptions.Default SynthKind.S4 with Train = 1; Val = 1; Test = 0; Size = 32; EvalSize = 32 } data |> ignore
+                Synth.generate { SynthOptions.Default Subset.S4 with Train = 1; Val = 1; Test = 0; Size = 32; EvalSize = 32 } data |> ignore
                 let ckpt = tinyCheckpoint dir
                 let out = Path.Combine(dir, "o")
                 runVct [ "eval"; "--checkpoint"; ckpt; "--data"; data; "--split"; "test"; "--out"; out; "--device"; "cpu" ]
@@ -205,7 +205,7 @@ let tests =
                 use t = TorchSharp.torch.zeros(1L)
                 Checkpoint.Safetensors.write last meta [ "optimizer_state", t ]
                 let data = Path.Combine(dir, "data")
-                Synth.generate { SynthOptions.Default SynthKind.S4 with Train = 2; Val = 1; Test = 0; Size = 32; EvalSize = 32 } data |> ignore
+                Synth.generate { SynthOptions.Default Subset.S4 with Train = 2; Val = 1; Test = 0; Size = 32; EvalSize = 32 } data |> ignore
                 let prev = Path.Combine(run, "checkpoint_prev.safetensors")
                 runVct [ "train"; "--preset"; "tiny"; "--data"; data; "--runs"; Path.Combine(dir, "runs"); "--name"; "r"; "--resume"; "--batch"; "1"; "--device"; "cpu"; "--workers"; "0" ]
                 |> expectLastLine $"cannot resume: {last}: metadata 'iteration' is not an iteration count ('twelve'); {prev} does not exist"
@@ -216,7 +216,7 @@ let tests =
         test "a malformed label2idx.json is reported naming the file" {
             let dir = tempDir "avss"
             try
-                let rep = Synth.generate { SynthOptions.Default SynthKind.Avss with Train = 1; Val = 1; Test = 0; Size = 40 } dir
+                let rep = Synth.generate { SynthOptions.Default Subset.AVSS with Train = 1; Val = 1; Test = 0; Size = 40 } dir
                 let json = Path.Combine(rep.Root, "label2idx.json")
                 File.WriteAllText(json, "{\"background\": 0, \"dog\": \"one\"}")
                 let code, out, _ = runVct [ "data"; "check"; dir ]

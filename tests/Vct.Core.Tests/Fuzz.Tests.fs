@@ -113,7 +113,7 @@ let private readNpyTensor (path: string) =
 let private csvTree =
     lazy
         (let root = Path.Combine(dir.Value, "tree")
-         let rep = Synth.generate { SynthOptions.Default SynthKind.S4 with Seed = 1; Train = 1; Val = 1; Test = 0; Size = 32; EvalSize = 32 } root
+         let rep = Synth.generate { SynthOptions.Default Subset.S4 with Seed = 1; Train = 1; Val = 1; Test = 0; Size = 32; EvalSize = 32 } root
          rep.Root)
 
 let private readRecords (csvPath: string) =
@@ -123,7 +123,7 @@ let private readRecords (csvPath: string) =
     let full = Path.GetFullPath root + string Path.DirectorySeparatorChar
     try
         for split in Avsbench.splits do
-            for r in Avsbench.recordsWith DatasetKind.S4 root DataTree.Auto split ignore do
+            for r in Avsbench.recordsWith Subset.S4 root DataTree.Auto split ignore do
                 for p in Array.concat [ r.Frames; r.Masks; r.PreMasks; [| (match r.Audio with AudioSource.Wav p | AudioSource.LogMelPickle p -> p) |] ] do
                     if not ((Path.GetFullPath p).StartsWith full) then failtest $"{csvPath}: record {r.Id} reads {p}, outside {root}"
     with

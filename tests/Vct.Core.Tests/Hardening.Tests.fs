@@ -100,7 +100,7 @@ let deepTuplePickle (depth: int) (keys: int) =
 /// Video records that only carry an id (the loader never opens their files).
 let fakeRecords (n: int) : VideoRecord[] =
     Array.init n (fun i ->
-        { Id = string i; Split = "train"; Kind = DatasetKind.S4; Category = ""; CategoryLabel = 0; Frames = [||]
+        { Id = string i; Split = "train"; Kind = Subset.S4; Category = ""; CategoryLabel = 0; Frames = [||]
           Masks = [||]; MaskFrames = [||]; PreMasks = [||]; Audio = AudioSource.Wav ""; VidTemporalFlag = [||]
           GtTemporalFlag = [||]; Raw = false })
 
@@ -282,8 +282,8 @@ let tests =
 
         test "vct data check on a tree holding the huge-chunk WAV reports it and ends" {
             let root = tempDir "check"
-            Synth.generate { SynthOptions.Default SynthKind.S4 with Seed = 2; Train = 1; Val = 1; Test = 0; Size = 40; EvalSize = 56 } root |> ignore
-            let r = Avsbench.records DatasetKind.S4 root "val" |> Array.exactlyOne
+            Synth.generate { SynthOptions.Default Subset.S4 with Seed = 2; Train = 1; Val = 1; Test = 0; Size = 40; EvalSize = 56 } root |> ignore
+            let r = Avsbench.records Subset.S4 root "val" |> Array.exactlyOne
             let wav = match r.Audio with AudioSource.Wav p -> p | AudioSource.LogMelPickle p -> failtest $"{p}: not a wav"
             File.WriteAllBytes(wav, wavWith [ "junk", 0xFFFFFFF8u, [||]; "data", 0u, [||] ])
             let report = within 60 "DataCheck.run" (fun () -> DataCheck.run root 2)
@@ -323,7 +323,7 @@ let tests =
             for ok in [ "-0Ab3_x"; "vidéo_日本"; "a..b"; "x y" ] do
                 Expect.equal (SafePath.problem ok) None $"'{ok}' is a plain name"
             let root = tempDir "csv"
-            let rep = Synth.generate { SynthOptions.Default SynthKind.S4 with Seed = 3; Train = 1; Val = 1; Test = 0; Size = 40; EvalSize = 56 } root
+            let rep = Synth.generate { SynthOptions.Default Subset.S4 with Seed = 3; Train = 1; Val = 1; Test = 0; Size = 40; EvalSize = 56 } root
             let csv = Path.Combine(rep.Root, "s4_meta_data.csv")
             let lines = File.ReadAllLines csv
             let header = lines[0].Split(',')
@@ -333,13 +333,13 @@ let tests =
                 cells[Array.findIndex ((=) col) header] <- v
                 File.WriteAllLines(csv, lines |> Array.mapi (fun i l -> if i = valLine then String.Join(",", cells) else l))
             setCell "name" "../../../outside"
-            let e = throwsWithin 20 "records" (fun () -> Avsbench.records DatasetKind.S4 root "val" |> ignore)
+            let e = throwsWithin 20 "records" (fun () -> Avsbench.records Subset.S4 root "val" |> ignore)
             Expect.isTrue (e :? InvalidDataException) $"InvalidDataException, got {e.GetType().Name}"
             Expect.equal e.Message $"{csv}: line {valLine + 1}: video id '../../../outside' holds a path separator (it must be a plain file name)" "exact message"
             let report = within 60 "DataCheck.run" (fun () -> DataCheck.run root 2)
             Expect.contains report.Problems e.Message "the check reports it"
             setCell "category" ".."
-            let e = throwsWithin 20 "records" (fun () -> Avsbench.records DatasetKind.S4 root "val" |> ignore)
+            let e = throwsWithin 20 "records" (fun () -> Avsbench.records Subset.S4 root "val" |> ignore)
             Expect.equal e.Message $"{csv}: line {valLine + 1}: category '..' is a folder reference (it must be a plain file name)" "exact message"
         }
 
@@ -347,7 +347,7 @@ let tests =
             let sem = tempDir "sem"
             let meta = semanticTree sem "../../escape" "u"
             let out = tempDir "out"
-            let e = throwsWithin 60 "objectTree" (fun () -> Prepare.objectTree DatasetKind.Ms3 sem out ignore |> ignore)
+            let e = throwsWithin 60 "objectTree" (fun () -> Prepare.objectTree Subset.MS3 sem out ignore |> ignore)
             Expect.equal e.Message $"{meta}: line 2: vid '../../escape' holds a path separator (it must be a plain file name)" "exact message"
             Expect.isEmpty (Directory.GetFiles(out, "*", SearchOption.AllDirectories)) "nothing written"
         }
@@ -362,7 +362,7 @@ let tests =
             let link = Path.Combine(root, "visual_frames_384")
             Directory.CreateSymbolicLink(link, outside) |> ignore
             let target = Path.Combine(root, "visual_frames_384", "v", "v_1.png")
-            let e = throwsWithin 60 "objectTree" (fun () -> Prepare.objectTree DatasetKind.Ms3 sem out ignore |> ignore)
+            let e = throwsWithin 60 "objectTree" (fun () -> Prepare.objectTree Subset.MS3 sem out ignore |> ignore)
             Expect.isTrue (e :? IOException) $"IOException, got {e.GetType().Name}"
             Expect.equal e.Message
                 $"{target}: refusing to write through the symbolic link {link} -> {outside}, which leads outside the output folder {root}"
@@ -372,7 +372,7 @@ let tests =
             Directory.Delete link
             Directory.CreateDirectory(Path.Combine(root, "real")) |> ignore
             Directory.CreateSymbolicLink(link, Path.Combine(root, "real")) |> ignore
-            let rep = within 60 "objectTree" (fun () -> Prepare.objectTree DatasetKind.Ms3 sem out ignore)
+            let rep = within 60 "objectTree" (fun () -> Prepare.objectTree Subset.MS3 sem out ignore)
             Expect.equal rep.Videos 1 "prepared"
             Expect.isTrue (File.Exists(Path.Combine(root, "real", "v", "v_1.png"))) "written through the inside link"
         }
@@ -505,8 +505,8 @@ let tests =
             Expect.stringContains text wavError "folder mode names it"
             // A tree with the huge-chunk WAV, a forged 100000x100000 frame and a deeply nested log-mel pickle.
             let root = tempDir "tree"
-            Synth.generate { SynthOptions.Default SynthKind.S4 with Seed = 4; Train = 1; Val = 1; Test = 1; Size = 40; EvalSize = 56 } root |> ignore
-            let recs = [| for s in [ "train"; "val"; "test" ] -> Avsbench.records DatasetKind.S4 root s |> Array.exactlyOne |]
+            Synth.generate { SynthOptions.Default Subset.S4 with Seed = 4; Train = 1; Val = 1; Test = 1; Size = 40; EvalSize = 56 } root |> ignore
+            let recs = [| for s in [ "train"; "val"; "test" ] -> Avsbench.records Subset.S4 root s |> Array.exactlyOne |]
             let wavOf (r: VideoRecord) = match r.Audio with AudioSource.Wav p -> p | AudioSource.LogMelPickle p -> p
             File.WriteAllBytes(wavOf recs[0], wavWith [ "junk", 0xFFFFFFF8u, [||]; "data", 0u, [||] ])
             File.WriteAllBytes(recs[1].Frames[2], forgedPng 100000u 100000u)

@@ -1,5 +1,6 @@
 module Vct.Core.Tests.MetricsTests
 
+open Vct.Core
 open System
 open System.IO
 open System.Text.Json
@@ -20,7 +21,7 @@ let private close (what: string) (actual: float) (wanted: float) =
 let private checkBinaryGolden (sub: string) (key: string) (variant: MetricVariant) =
     let e = expected.Value.GetProperty key
     let dir = Path.Combine(goldenDir (), sub)
-    let ev = BinaryEvaluator(MetricSubset.S4, variant)
+    let ev = BinaryEvaluator(Subset.S4, variant)
     for v in e.GetProperty("videos").EnumerateArray() do
         let id = v.GetProperty("id").GetString()
         use _ = torch.NewDisposeScope()
@@ -65,7 +66,7 @@ let golden =
         test "S4/MS3 single-file [V,T,C,H,W] input through Score.run matches" {
             let e = expected.Value.GetProperty "binary_all_vct"
             let d = goldenDir ()
-            let s = Score.run MetricSubset.S4 MetricVariant.Vct 2 (Path.Combine(d, "binary_all_scores.npy")) (Path.Combine(d, "binary_all_gt.npy")) (fun _ _ -> ())
+            let s = Score.run Subset.S4 MetricVariant.Vct 2 (Path.Combine(d, "binary_all_scores.npy")) (Path.Combine(d, "binary_all_gt.npy")) (fun _ _ -> ())
             close "M_J" s.MJ (e.GetProperty("m_j").GetDouble())
             close "M_F" s.MF (e.GetProperty("m_f").GetDouble())
             Expect.equal s.Videos.Length (e.GetProperty("videos").GetArrayLength()) "video count"
@@ -73,7 +74,7 @@ let golden =
         test "AVSS (VCT): M_J, M_F and per-class values match SemSegEvaluator_SS to 1e-6" {
             let e = expected.Value.GetProperty "avss_vct"
             let d = Path.Combine(goldenDir (), "avss")
-            let s = Score.run MetricSubset.Avss MetricVariant.Vct 71 d d (fun _ _ -> ())
+            let s = Score.run Subset.AVSS MetricVariant.Vct 71 d d (fun _ _ -> ())
             close "M_J" s.MJ (e.GetProperty("m_j").GetDouble())
             close "M_F" s.MF (e.GetProperty("m_f").GetDouble())
             let arr (k: string) = e.GetProperty(k).EnumerateArray() |> Seq.map (fun x -> x.GetDouble()) |> Array.ofSeq
@@ -84,7 +85,7 @@ let golden =
         test "AVSS (AVSBench, padded to 10 frames): M_J and M_F match compute_color_metrics.py to 1e-6" {
             let e = expected.Value.GetProperty "avss_avsbench"
             let d = Path.Combine(goldenDir (), "avss")
-            let s = Score.run MetricSubset.Avss MetricVariant.AvsBench 71 d d (fun _ _ -> ())
+            let s = Score.run Subset.AVSS MetricVariant.AvsBench 71 d d (fun _ _ -> ())
             close "M_J" s.MJ (e.GetProperty("m_j").GetDouble())
             close "M_F" s.MF (e.GetProperty("m_f").GetDouble())
         }
@@ -99,7 +100,7 @@ let properties =
             let rng = Random seed
             let t, h, w = rng.Next(1, 6), rng.Next(1, 12), rng.Next(1, 12)
             let prob, gt = randomVideo rng t h w
-            let ev = BinaryEvaluator(MetricSubset.Ms3, MetricVariant.Vct)
+            let ev = BinaryEvaluator(Subset.MS3, MetricVariant.Vct)
             let v = ev.AddProbabilities("v", prob, gt, t, h, w)
             Expect.isTrue (v.J >= 0.0 && v.J <= 1.0) $"J = {v.J}"
             Expect.isTrue (v.F >= 0.0 && v.F <= 1.0) $"F = {v.F}"
@@ -110,7 +111,7 @@ let properties =
             let _, gt = randomVideo rng t h w
             gt[gt.Length - 1] <- 1uy                                 // at least one non-empty frame
             let prob = gt |> Array.map (fun g -> if g = 1uy then 1.0f else 0.0f)
-            let ev = BinaryEvaluator(MetricSubset.S4, MetricVariant.Vct)
+            let ev = BinaryEvaluator(Subset.S4, MetricVariant.Vct)
             let v = ev.AddProbabilities("v", prob, gt, t, h, w)
             close "J" v.J 1.0
             close "F" v.F 1.0
@@ -120,7 +121,7 @@ let properties =
             let vids = Array.init (rng.Next(2, 7)) (fun i -> let p, g = randomVideo rng 3 6 5 in string i, p, g)
             let perm = vids |> Array.sortBy (fun _ -> rng.Next())
             let score (vs: (string * float32[] * byte[])[]) =
-                let ev = BinaryEvaluator(MetricSubset.S4, MetricVariant.Vct)
+                let ev = BinaryEvaluator(Subset.S4, MetricVariant.Vct)
                 for id, p, g in vs do ev.AddProbabilities(id, p, g, 3, 6, 5) |> ignore
                 ev.Summary()
             let a, b = score vids, score perm
@@ -175,7 +176,7 @@ let properties =
                 Expect.isTrue (s.ClassJ[c] >= 0.0 && s.ClassJ[c] <= 1.0 && s.ClassF[c] >= 0.0 && s.ClassF[c] <= 1.0) "in [0, 1]"
 
         test "an all-empty video scores F = 0 and still counts; empty GT scores the true-negative rate" {
-            let ev = BinaryEvaluator(MetricSubset.S4, MetricVariant.Vct)
+            let ev = BinaryEvaluator(Subset.S4, MetricVariant.Vct)
             let prob = [| 0.9f; 0.1f; 0.2f; 0.3f |]
             let v = ev.AddProbabilities("empty", prob, Array.zeroCreate 4, 1, 2, 2)
             close "J = TN rate" v.J (float (3.0f / (4.0f + 1e-7f)))
@@ -194,7 +195,7 @@ let properties =
             close "M_J over all classes" s.MJ ((1.0 + 0.5 + 0.0) / 3.0)
         }
         test "bad inputs name the video" {
-            let ev = BinaryEvaluator(MetricSubset.S4, MetricVariant.Vct)
+            let ev = BinaryEvaluator(Subset.S4, MetricVariant.Vct)
             let e =
                 try ev.AddProbabilities("clip7", [| 0.5f |], [| 255uy |], 1, 1, 1) |> ignore; ""
                 with :? ArgumentException as x -> x.Message

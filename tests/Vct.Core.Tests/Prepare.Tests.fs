@@ -1,5 +1,6 @@
 module Vct.Core.Tests.PrepareTests
 
+open Vct.Core
 open System
 open System.IO
 open Expecto
@@ -75,7 +76,7 @@ let tests =
                 semanticTree sem [ "vidA", "uidA", "v1s", "train"; "vidB", "uidB", "v1s", "test"; "vidC", "uidC", "v1m", "val" ]
                 Directory.CreateDirectory(Path.Combine(obj, "Single-source")) |> ignore
                 File.WriteAllLines(Path.Combine(obj, "Single-source", "s4_meta_data.csv"), [ "name,category,split"; "vidA,dog,train"; "vidB,car,test" ])
-                let s4 = Prepare.objectTree DatasetKind.S4 sem obj ignore
+                let s4 = Prepare.objectTree Subset.S4 sem obj ignore
                 Expect.equal s4.Videos 2 "two v1s videos"
                 Expect.equal s4.WithoutMasks [ "vidB" ] "the video without Semantic-SAM images is reported"
                 let s4Root = Path.Combine(obj, "Single-source", "s4_data_384")
@@ -88,7 +89,7 @@ let tests =
                 let expected = Prepare.binaryGt 224 (ImageIO.readRgb (Path.Combine(sem, "v1s", "uidB", "labels_rgb", "3.png")))
                 Expect.equal (maxDiff gt expected) 0 "test GT: derived from labels_rgb frame 3"
                 Expect.isTrue (gt.Pixels |> Array.forall (fun v -> v = 0uy || v = 255uy)) "binary"
-                let ms3 = Prepare.objectTree DatasetKind.Ms3 sem obj ignore
+                let ms3 = Prepare.objectTree Subset.MS3 sem obj ignore
                 Expect.equal ms3.Videos 1 "one v1m video"
                 let ms3Root = Path.Combine(obj, "Multi-sources", "ms3_data_384")
                 Expect.isTrue (File.Exists(Path.Combine(ms3Root, "visual_frames_384", "vidC", "vidC_5.png"))) "MS3 frames are flat"
@@ -103,12 +104,12 @@ let tests =
                 let obj = Path.Combine(d, "obj")
                 Directory.CreateDirectory(Path.Combine(obj, "Single-source")) |> ignore
                 File.WriteAllLines(Path.Combine(obj, "Single-source", "s4_meta_data.csv"), [ "name,split"; "vidA,train" ])
-                let e = Expect.throwsC (fun () -> Prepare.objectTree DatasetKind.S4 sem obj ignore |> ignore) id
+                let e = Expect.throwsC (fun () -> Prepare.objectTree Subset.S4 sem obj ignore |> ignore) id
                 Expect.stringContains e.Message "s4_meta_data.csv" "names the CSV"
                 Expect.stringContains e.Message "'category'" "names the missing column"
                 File.WriteAllLines(Path.Combine(obj, "Single-source", "s4_meta_data.csv"), [ "name,category"; "vidA,dog" ])
                 File.Delete(Path.Combine(sem, "v1s", "uidA", "labels_rgb", "0.png"))
-                let e = Expect.throwsC (fun () -> Prepare.objectTree DatasetKind.S4 sem obj ignore |> ignore) id
+                let e = Expect.throwsC (fun () -> Prepare.objectTree Subset.S4 sem obj ignore |> ignore) id
                 Expect.stringContains e.Message (Path.Combine("labels_rgb", "0.png")) "names the missing label image")
         }
     ]

@@ -71,7 +71,7 @@ let tests =
             let dir = Path.Combine(Path.GetTempPath(), $"vct-sigint-{Guid.NewGuid():N}")
             try
                 let data = Path.Combine(dir, "data")
-                Synth.generate { SynthOptions.Default SynthKind.S4 with Train = 4; Val = 2; Test = 2; Size = 64; EvalSize = 64 } data |> ignore
+                Synth.generate { SynthOptions.Default Subset.S4 with Train = 4; Val = 2; Test = 2; Size = 64; EvalSize = 64 } data |> ignore
                 let runs = Path.Combine(dir, "runs")
                 let run = Path.Combine(runs, "r")
                 let metrics = Path.Combine(run, "metrics.jsonl")
@@ -132,7 +132,7 @@ let tests =
             let dir = Path.Combine(Path.GetTempPath(), $"vct-sigterm-{Guid.NewGuid():N}")
             try
                 let data = Path.Combine(dir, "data")
-                Synth.generate { SynthOptions.Default SynthKind.S4 with Train = 4; Val = 2; Test = 2; Size = 64; EvalSize = 64 } data |> ignore
+                Synth.generate { SynthOptions.Default Subset.S4 with Train = 4; Val = 2; Test = 2; Size = 64; EvalSize = 64 } data |> ignore
                 let runs = Path.Combine(dir, "runs")
                 let run = Path.Combine(runs, "r")
                 let metrics = Path.Combine(run, "metrics.jsonl")

@@ -13,7 +13,7 @@ open Vct.Core.Training
 let private data =
     lazy
         (let dir = Path.Combine(Path.GetTempPath(), $"vct-trainer-data-{Environment.ProcessId}")
-         Synth.generate { SynthOptions.Default SynthKind.S4 with Train = 8; Val = 2; Test = 2; Size = 32; EvalSize = 32 } dir |> ignore
+         Synth.generate { SynthOptions.Default Subset.S4 with Train = 8; Val = 2; Test = 2; Size = 32; EvalSize = 32 } dir |> ignore
          dir)
 
 let private config iterations =
@@ -25,8 +25,8 @@ let private config iterations =
 
 let private runTo (dir: string) (iterations: int) (resume: bool) (stopAt: int option) =
     let root = data.Value
-    let train = Avsbench.records DatasetKind.S4 root "train"
-    let valr = Avsbench.records DatasetKind.S4 root "val"
+    let train = Avsbench.records Subset.S4 root "train"
+    let valr = Avsbench.records Subset.S4 root "val"
     use cts = new CancellationTokenSource()
     let losses = Collections.Generic.List<int * float>()
     let log e =
@@ -41,8 +41,8 @@ let private runTo (dir: string) (iterations: int) (resume: bool) (stopAt: int op
 /// A run of `cfg` in `dir` that records every event.
 let private runCfg (cfg: TrainConfig) (dir: string) (resume: bool) (init: VctModel -> unit) =
     let root = data.Value
-    let train = Avsbench.records DatasetKind.S4 root "train"
-    let valr = Avsbench.records DatasetKind.S4 root "val"
+    let train = Avsbench.records Subset.S4 root "train"
+    let valr = Avsbench.records Subset.S4 root "val"
     let events = Collections.Generic.List<TrainEvent>()
     let r = Trainer.run cfg train valr torch.CPU dir resume init events.Add CancellationToken.None
     r, List.ofSeq events
@@ -109,8 +109,8 @@ let tests =
             let dir = Path.Combine(Path.GetTempPath(), $"vct-run-nanw-{Guid.NewGuid():N}")
             try
                 let root = data.Value
-                let train = Avsbench.records DatasetKind.S4 root "train"
-                let valr = Avsbench.records DatasetKind.S4 root "val"
+                let train = Avsbench.records Subset.S4 root "train"
+                let valr = Avsbench.records Subset.S4 root "val"
                 let model = ref None
                 // After step 3, a NaN in VGGish: its (cached) audio maps of the training videos stay finite, so the
                 // losses do too, but the weights are no longer finite.
@@ -207,8 +207,8 @@ let tests =
             let dir = Path.Combine(Path.GetTempPath(), $"vct-run-c-{Guid.NewGuid():N}")
             try
                 let root = data.Value
-                let train = Avsbench.records DatasetKind.S4 root "train"
-                let valr = Avsbench.records DatasetKind.S4 root "val"
+                let train = Avsbench.records Subset.S4 root "train"
+                let valr = Avsbench.records Subset.S4 root "val"
                 let losses = Collections.Generic.List<float>()
                 let evals = Collections.Generic.List<float>()
                 let log e =
@@ -282,7 +282,7 @@ let tests =
             let dir = Path.Combine(Path.GetTempPath(), $"vct-s4-e2e-{Guid.NewGuid():N}")
             try
                 let root = Path.Combine(dir, "data")
-                Synth.generate { SynthOptions.Default SynthKind.S4 with Train = 2; Val = 1; Test = 1; Size = 384 } root |> ignore
+                Synth.generate { SynthOptions.Default Subset.S4 with Train = 2; Val = 1; Test = 1; Size = 384 } root |> ignore
                 let common = [ "train"; "--preset"; "s4"; "--data"; root; "--runs"; Path.Combine(dir, "runs"); "--iterations"; "2"
                                "--batch"; "1"; "--eval-period"; "2"; "--device"; "cpu" ]
                 let code0, out0, err0 = CliTests.runVct (common @ [ "--name"; "refused" ])

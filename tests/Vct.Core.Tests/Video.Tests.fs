@@ -31,15 +31,15 @@ let private trained =
     lazy
         (let dir = Path.Combine(Path.GetTempPath(), $"vct-video-tests-{Environment.ProcessId}")
          let data = Path.Combine(dir, "data")
-         Synth.generate { SynthOptions.Default SynthKind.S4 with Train = 8; Val = 3; Test = 1; Size = 32; EvalSize = 32 } data |> ignore
+         Synth.generate { SynthOptions.Default Subset.S4 with Train = 8; Val = 3; Test = 1; Size = 32; EvalSize = 32 } data |> ignore
          let cfg =
              { Model = VctConfig.Tiny(Subset.S4, 32L, 23L)
                Criterion = (CriterionConfig.Released Subset.S4).WithNumPoints 64L
                Optim = { OptimConfig.Released with BaseLr = 5e-4 }
                Iterations = 40; BatchVideos = 2; EvalPeriod = 1000; CheckpointPeriod = 1000
                Seed = 5; CropSize = 32; ColorJitter = false; Workers = 1; MissingMasks = Backbone.MissingMasks.Refuse; Amp = false }
-         let train = Avsbench.records DatasetKind.S4 data "train"
-         let valr = Avsbench.records DatasetKind.S4 data "val"
+         let train = Avsbench.records Subset.S4 data "train"
+         let valr = Avsbench.records Subset.S4 data "val"
          Trainer.run cfg train valr torch.CPU (Path.Combine(dir, "run")) false ignore ignore CancellationToken.None |> ignore
          let ckpt = Directory.GetFiles(Path.Combine(dir, "run"), "model_final.safetensors") |> Array.head
          dir, ckpt, valr)

@@ -20,7 +20,7 @@ module Audio =
 
     /// The [T, 1, 96, 64] float32 examples of a waveform under a subset's rules (default options).
     let examples (subset: Subset) (w: Waveform) : Tensor =
-        let r = Examples.ofWaveform (ExampleOptions.Default subset) w
+        let r = Examples.ofWaveform (ExampleOptions.Default(Some subset)) w
         r.Examples
 
     /// Examples of one file with explicit options, with the count, flags and warnings.

@@ -5,34 +5,6 @@ open System.IO
 open TorchSharp
 open Vct.Core
 
-/// Which dataset's example rules to apply (official: AVSBench `preprocess_scripts/preprocess_s4.py` for S4/MS3, VCT `avs_tools/preprocess_avss_audio.py` for AVSS).
-[<RequireQualifiedAccess>]
-type Subset =
-    /// AVSBench-object single source: 5 examples, a short clip padded by repeating its last example.
-    | S4
-    /// AVSBench-object multi sources: same rule as S4.
-    | Ms3
-    /// AVSBench-semantic: 10 examples, zero rows after the real ones, with temporal flags.
-    | Avss
-    /// Every whole example of the clip, no padding or truncation.
-    | NoClip
-
-    /// Parses "s4", "ms3", "avss" or "none" (case-insensitive).
-    static member Parse(text: string) =
-        match (if isNull text then "" else text.Trim().ToLowerInvariant()) with
-        | "s4" -> Subset.S4
-        | "ms3" -> Subset.Ms3
-        | "avss" -> Subset.Avss
-        | "none" -> Subset.NoClip
-        | _ -> invalidArg (nameof text) $"unknown subset '{text}': expected s4, ms3, avss or none"
-
-    /// Examples per clip: 5, 5, 10, or None (as many as the clip has).
-    member s.Target =
-        match s with
-        | Subset.S4 | Subset.Ms3 -> Some 5
-        | Subset.Avss -> Some 10
-        | Subset.NoClip -> None
-
 /// What to do with a clip shorter than one example (0.975 s at 16 kHz: 15 600 samples).
 [<RequireQualifiedAccess>]
 type ShortClip =
@@ -43,7 +15,9 @@ type ShortClip =
 
 /// Options of the waveform -> examples pipeline.
 type ExampleOptions =
-    { Subset: Subset
+    { /// The subset whose rule makes the clip's count (see `Preset`), or None for every whole example of the
+      /// clip, no padding or truncation (the video path, `vct audio examples --subset none`).
+      Subset: Subset option
       ShortClip: ShortClip
       /// Sample decoding; `OfficialInt16` reproduces `soundfile.read(dtype="int16")` (see SampleScaling).
       Scaling: SampleScaling
@@ -51,7 +25,7 @@ type ExampleOptions =
       /// ~2x faster and within 1e-4 on speech and noise, but pure tones reach 2e-4 (the quiet bands of a
       /// sparse spectrum are dominated by float32 FFT round-off). The examples are float32 either way.
       ComputeDtype: torch.ScalarType }
-    static member Default(subset: Subset) =
+    static member Default(subset: Subset option) =
         { Subset = subset; ShortClip = ShortClip.Error; Scaling = SampleScaling.Exact; ComputeDtype = torch.float64 }
 
 /// The examples of one clip.
@@ -96,15 +70,17 @@ module Examples =
     ///   (a shape mismatch); here the first 5 / 10 are kept and a warning says so. n = 0: an error for S4/MS3
     ///   (the official tool crashes on `x[-1]`); for AVSS the official tool writes 10 zero rows, done here too
     ///   with a warning. The `source` names the clip in messages.
-    let clip (subset: Subset) (source: string) (examples: Tensor) : ClipExamples =
+    let clip (subset: Subset option) (source: string) (examples: Tensor) : ClipExamples =
         Shape.requireRank (nameof examples) 4 examples
         let n = int examples.shape[0]
         let secs (k: int) = float (k * VggishParams.ExampleFrames) * 0.01
-        match subset.Target with
+        match subset with
         | None ->
             { Examples = examples.alias(); Available = n; Real = Array.create n 1; Warnings = []; Source = source }
-        | Some target ->
-            let name = subset.ToString().ToUpperInvariant()
+        | Some subset ->
+            let target = subset.Preset.Frames
+            let zeroRows = subset.Preset.AudioPadding = AudioPadding.ZeroRows
+            let name = subset.Name.ToUpperInvariant()
             let warnings = ResizeArray<string>()
             let out =
                 Scope.run (fun () ->
@@ -112,7 +88,7 @@ module Examples =
                         warnings.Add($"{source}: {n} examples ({secs n:F2} s of audio) but {name} uses {target}; kept the first {target} (the official tool fails on such clips)")
                         examples.narrow(0L, 0L, int64 target).clone()
                     elif n = target then examples.clone()
-                    elif subset = Subset.Avss then
+                    elif zeroRows then
                         if n = 0 then warnings.Add($"{source}: no whole example in the clip; {target} zero examples written, as the official tool does")
                         let z = torch.zeros([| int64 target; 1L; examples.shape[2]; examples.shape[3] |], dtype = examples.dtype)
                         if n > 0 then z.narrow(0L, 0L, int64 n).copy_(examples) |> ignore
@@ -123,7 +99,7 @@ module Examples =
                         let last = examples.narrow(0L, int64 (n - 1), 1L)
                         torch.cat([| examples; last.expand(int64 (target - n), -1L, -1L, -1L) |], 0L))
             let real =
-                if subset = Subset.Avss then Array.init target (fun i -> if i < n then 1 else 0)
+                if zeroRows then Array.init target (fun i -> if i < n then 1 else 0)
                 else Array.create target 1
             { Examples = out; Available = n; Real = real; Warnings = List.ofSeq warnings; Source = source }
 
@@ -156,7 +132,7 @@ module Examples =
                 | ShortClip.ZeroPad, _ ->
                     Array.append x (Array.zeroCreate (VggishParams.MinSamplesForExample - x.Length)),
                     [ $"{source}: {w.Duration:F3} s is shorter than one example; padded with silence to 0.975 s" ]
-                | ShortClip.Error, Subset.Avss -> x, []        // the AVSS rule writes zero rows (with a warning)
+                | ShortClip.Error, Some s when s.Preset.AudioPadding = AudioPadding.ZeroRows -> x, []        // the AVSS rule writes zero rows (with a warning)
                 | ShortClip.Error, _ ->
                     raise (InvalidDataException($"{source}: {w.Duration:F3} s of audio is shorter than one VGGish example (0.975 s); pass the zero-pad option to pad it with silence"))
         use lm = logMel16k opts.ComputeDtype x

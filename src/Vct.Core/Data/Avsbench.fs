@@ -6,20 +6,6 @@ open System.Text
 open Vct.Core
 open Vct.Core.Audio
 
-/// The three AVSBench subsets.
-[<RequireQualifiedAccess>]
-type DatasetKind =
-    | S4
-    | Ms3
-    | Avss
-    /// Parses "s4", "ms3" or "avss".
-    static member Parse(text: string) =
-        match (if isNull text then "" else text.Trim().ToLowerInvariant()) with
-        | "s4" -> DatasetKind.S4
-        | "ms3" -> DatasetKind.Ms3
-        | "avss" -> DatasetKind.Avss
-        | _ -> invalidArg (nameof text) $"unknown subset '{text}': expected s4, ms3 or avss"
-
 /// Which copy of the frames and masks to read.
 [<RequireQualifiedAccess>]
 type DataTree =
@@ -43,7 +29,7 @@ type AudioSource =
 type VideoRecord =
     { Id: string
       Split: string
-      Kind: DatasetKind
+      Kind: Subset
       /// S4: category folder name; AVSS: the metadata `label` (v1s, v1m, v2); MS3: "".
       Category: string
       /// S4: official category id 1..23 (0 for a name outside the official list); others 0.
@@ -153,13 +139,13 @@ module Avsbench =
     let private firstDir (dirs: string list) = dirs |> List.tryFind Directory.Exists
 
     /// Root folder of a subset below an AVS_dataset-style root (or the subset folder itself).
-    let subsetRoot (kind: DatasetKind) (root: string) =
+    let subsetRoot (kind: Subset) (root: string) =
         let names =
             match kind with
-            | DatasetKind.S4 -> [ "Single-source"; "AVSBench_object/Single-source" ]
-            | DatasetKind.Ms3 -> [ "Multi-sources"; "AVSBench_object/Multi-sources" ]
-            | DatasetKind.Avss -> [ "AVSBench_semantic" ]
-        let csv = match kind with DatasetKind.S4 -> "s4_meta_data.csv" | DatasetKind.Ms3 -> "ms3_meta_data.csv" | DatasetKind.Avss -> "metadata.csv"
+            | Subset.S4 -> [ "Single-source"; "AVSBench_object/Single-source" ]
+            | Subset.MS3 -> [ "Multi-sources"; "AVSBench_object/Multi-sources" ]
+            | Subset.AVSS -> [ "AVSBench_semantic" ]
+        let csv = match kind with Subset.S4 -> "s4_meta_data.csv" | Subset.MS3 -> "ms3_meta_data.csv" | Subset.AVSS -> "metadata.csv"
         if File.Exists(Path.Combine(root, csv)) then root
         else
             match names |> List.map (fun n -> Path.Combine(root, n)) |> List.tryFind (fun d -> File.Exists(Path.Combine(d, csv))) with
@@ -167,12 +153,12 @@ module Avsbench =
             | None -> raise (FileNotFoundException($"{Path.Combine(root, csv)}: no such file (not an AVSBench {kind} root)", Path.Combine(root, csv)))
 
     /// Which subset a folder holds (by its metadata file), if any.
-    let detect (root: string) : DatasetKind option =
-        [ DatasetKind.S4; DatasetKind.Ms3; DatasetKind.Avss ]
+    let detect (root: string) : Subset option =
+        [ Subset.S4; Subset.MS3; Subset.AVSS ]
         |> List.tryFind (fun k -> try subsetRoot k root |> ignore; true with _ -> false)
 
-    let private s4OrMs3 (kind: DatasetKind) (dir: string) (tree: DataTree) (v: string) (split: string) (category: string) : VideoRecord =
-        let s4 = kind = DatasetKind.S4
+    let private s4OrMs3 (kind: Subset) (dir: string) (tree: DataTree) (v: string) (split: string) (category: string) : VideoRecord =
+        let s4 = kind = Subset.S4
         let p = if s4 then "s4" else "ms3"
         let d384 = Path.Combine(dir, $"{p}_data_384")
         let draw = Path.Combine(dir, $"{p}_data")
@@ -236,25 +222,25 @@ module Avsbench =
             if File.Exists pkl then AudioSource.LogMelPickle pkl
             elif File.Exists wav then AudioSource.Wav wav
             else raise (FileNotFoundException($"{wav}: missing audio (nor {pkl})", wav))
-        { Id = uid; Split = split; Kind = DatasetKind.Avss; Category = label; CategoryLabel = 0
+        { Id = uid; Split = split; Kind = Subset.AVSS; Category = label; CategoryLabel = 0
           Frames = frames; Masks = masks; MaskFrames = maskIdx; PreMasks = pre; Audio = audio
           VidTemporalFlag = AvssFlags.vidTemporalMask label; GtTemporalFlag = gtFlag; Raw = useRaw && split <> "train" }
 
     /// Every video of `split` ("train", "val", "test"), in metadata order, paths resolved and checked for existence.
     /// `onError` receives each video's problem (return normally to skip the video; the default rethrows).
-    let recordsWith (kind: DatasetKind) (root: string) (tree: DataTree) (split: string) (onError: exn -> unit) : VideoRecord[] =
+    let recordsWith (kind: Subset) (root: string) (tree: DataTree) (split: string) (onError: exn -> unit) : VideoRecord[] =
         if not (Array.contains split splits) then invalidArg (nameof split) $"unknown split '{split}' (expected train, val or test)"
         let dir = subsetRoot kind root
-        let csvName = match kind with DatasetKind.S4 -> "s4_meta_data.csv" | DatasetKind.Ms3 -> "ms3_meta_data.csv" | DatasetKind.Avss -> "metadata.csv"
+        let csvName = match kind with Subset.S4 -> "s4_meta_data.csv" | Subset.MS3 -> "ms3_meta_data.csv" | Subset.AVSS -> "metadata.csv"
         let csv = Path.Combine(dir, csvName)
         let header, rows = readCsv csv
         let splitCol = column csv header [ "split" ]
         let idCol =
             match kind with
-            | DatasetKind.S4 -> column csv header [ "name"; "vid" ]
-            | DatasetKind.Ms3 -> column csv header [ "video_id"; "name"; "vid" ]
-            | DatasetKind.Avss -> column csv header [ "uid" ]
-        let catCol = if kind = DatasetKind.S4 then Some(column csv header [ "category" ]) elif kind = DatasetKind.Avss then Some(column csv header [ "label" ]) else None
+            | Subset.S4 -> column csv header [ "name"; "vid" ]
+            | Subset.MS3 -> column csv header [ "video_id"; "name"; "vid" ]
+            | Subset.AVSS -> column csv header [ "uid" ]
+        let catCol = if kind = Subset.S4 then Some(column csv header [ "category" ]) elif kind = Subset.AVSS then Some(column csv header [ "label" ]) else None
         [| for row, line in rows do
                let s = row[splitCol]
                if not (Array.contains s splits) then
@@ -264,24 +250,24 @@ module Avsbench =
                    if id = "" then bad csv $"line {line}: empty video id"
                    try
                        // Every CSV value that becomes part of a path is one plain name: none can lead out of the root.
-                       let id = SafePath.name csv line (if kind = DatasetKind.Avss then "uid" else "video id") id
+                       let id = SafePath.name csv line (if kind = Subset.AVSS then "uid" else "video id") id
                        let category =
                            match catCol with
-                           | Some c -> SafePath.name csv line (if kind = DatasetKind.Avss then "label" else "category") row[c]
+                           | Some c -> SafePath.name csv line (if kind = Subset.AVSS then "label" else "category") row[c]
                            | None -> ""
                        yield
                            match kind with
-                           | DatasetKind.Avss -> avss dir tree id category s csv line
+                           | Subset.AVSS -> avss dir tree id category s csv line
                            | _ -> s4OrMs3 kind dir tree id s category
                    with e -> onError e |]
 
     /// Every video of `split`; the first problem raises (FileNotFoundException / InvalidDataException naming the file).
-    let records (kind: DatasetKind) (root: string) (split: string) : VideoRecord[] =
+    let records (kind: Subset) (root: string) (split: string) : VideoRecord[] =
         recordsWith kind root DataTree.Auto split raise
 
     /// AVSS class names in label2idx.json order (index = class id; background first).
     let avssClasses (root: string) : string[] =
-        let path = Path.Combine(subsetRoot DatasetKind.Avss root, "label2idx.json")
+        let path = Path.Combine(subsetRoot Subset.AVSS root, "label2idx.json")
         if not (File.Exists path) then raise (FileNotFoundException($"{path}: no such file", path))
         let notAMap (why: string) = bad path $"not a JSON object of class name -> index ({why})"
         let classes =
@@ -319,7 +305,7 @@ module Avsbench =
         let masks =
             r.Masks |> Array.map (fun p ->
                 let m =
-                    if r.Kind = DatasetKind.Avss then ImageIO.readLabels p
+                    if r.Kind = Subset.AVSS then ImageIO.readLabels p
                     else
                         let m, _ = ImageIO.readBinaryMask p
                         { m with Pixels = m.Pixels |> Array.map (fun v -> v / 255uy) }
@@ -339,8 +325,7 @@ module Avsbench =
 
     /// The options a video's WAV is turned into examples with (the subset's rule, exact samples, float64 STFT).
     let exampleOptions (r: VideoRecord) =
-        let subset = match r.Kind with DatasetKind.S4 -> Subset.S4 | DatasetKind.Ms3 -> Subset.Ms3 | DatasetKind.Avss -> Subset.Avss
-        ExampleOptions.Default subset
+        ExampleOptions.Default(Some r.Kind)
 
     /// The [T, 1, 96, 64] VGGish log-mel examples of a video (wav through the Audio module with the subset's rule,
     /// or the official pickle).

@@ -11,7 +11,7 @@ open Vct.Core.Audio
 /// The result of `DataCheck.run`.
 type CheckReport =
     { Root: string
-      Kind: DatasetKind option
+      Kind: Subset option
       /// Videos per split that were read without a problem.
       Videos: (string * int)[]
       /// Every problem found, one line each, naming the file.
@@ -60,7 +60,7 @@ module DataCheck =
                 | _ -> try Some(p, ImageIO.readRgb p) with e -> add (message e); None)
         // Masks as training reads them: S4/MS3 grey 0/255 (palette masks through their palette), AVSS class ids.
         let readMask (p: string) =
-            if r.Kind = DatasetKind.Avss then ImageIO.readLabels p, { BitDepth = 8; Palette = false }
+            if r.Kind = Subset.AVSS then ImageIO.readLabels p, { BitDepth = 8; Palette = false }
             else ImageIO.readBinaryMask p
         match frames with
         | [||] -> ()
@@ -86,7 +86,7 @@ module DataCheck =
                         add $"{p}: 16-bit mask: its samples are scaled to 8 bits on reading, so a 16-bit {{0,1}} mask becomes empty ground truth; save it as 8-bit grey 0/255"
                     let nonEmpty =
                         match r.Kind with
-                        | DatasetKind.Avss ->
+                        | Subset.AVSS ->
                             match m.Pixels |> Array.tryFind (fun v -> int v >= numClasses && v <> 255uy) with
                             | Some v -> add $"{p}: class index {v} outside 0..{numClasses - 1} (and not 255)"
                             | None -> ()
@@ -119,7 +119,7 @@ module DataCheck =
                 use clip = Examples.ofFile (Avsbench.exampleOptions r) p
                 for w in clip.Warnings do warn w
                 if clip.Available < frameCount then
-                    let how = if r.Kind = DatasetKind.Avss then "zero examples stand in for the rest" else "the last is repeated for the rest"
+                    let how = if r.Kind = Subset.AVSS then "zero examples stand in for the rest" else "the last is repeated for the rest"
                     warn $"{p}: {clip.Available} whole example(s) of audio ({float clip.Available * 0.96:F2} s) for the {frameCount} frames {name} uses; {how}, as the official tool does"
             | AudioSource.LogMelPickle p ->
                 use ex = LogMelPickle.read p
@@ -140,7 +140,7 @@ module DataCheck =
                 let problems = Collections.Concurrent.ConcurrentBag<string>()
                 let warnings = Collections.Concurrent.ConcurrentBag<string>()
                 let numClasses =
-                    if kind = DatasetKind.Avss then
+                    if kind = Subset.AVSS then
                         try (Avsbench.avssClasses root).Length with e -> problems.Add(message e); 71
                     else 2
                 let counts =

@@ -1,5 +1,6 @@
 namespace Vct.Core.Data
 
+open Vct.Core
 open System
 open System.IO
 
@@ -35,17 +36,17 @@ module Prepare =
     /// `Multi-sources/ms3_data_384` below it) from the AVSBench-semantic root (`metadata.csv`, `v1s/`, `v1m/`,
     /// optional `pre_SAM_mask/AVSBench_semantic/`). The S4 category of each video comes from
     /// `Single-source/s4_meta_data.csv` (by the `name` column). `log` receives one line per video.
-    let objectTree (kind: DatasetKind) (semanticRoot: string) (objectRoot: string) (log: string -> unit) : PrepareReport =
+    let objectTree (kind: Subset) (semanticRoot: string) (objectRoot: string) (log: string -> unit) : PrepareReport =
         let label, sub, d384 =
             match kind with
-            | DatasetKind.S4 -> "v1s", "Single-source", "s4_data_384"
-            | DatasetKind.Ms3 -> "v1m", "Multi-sources", "ms3_data_384"
-            | DatasetKind.Avss -> invalidArg (nameof kind) "AVSS needs no 384 tree: its loaders read AVSBench-semantic directly"
+            | Subset.S4 -> "v1s", "Single-source", "s4_data_384"
+            | Subset.MS3 -> "v1m", "Multi-sources", "ms3_data_384"
+            | Subset.AVSS -> invalidArg (nameof kind) "AVSS needs no 384 tree: its loaders read AVSBench-semantic directly"
         let metaPath = Path.Combine(semanticRoot, "metadata.csv")
         let header, rows = Avsbench.readCsv metaPath
         for c in [ "vid"; "uid"; "label"; "split" ] do Avsbench.column metaPath header [ c ] |> ignore
         let category =
-            if kind = DatasetKind.S4 then
+            if kind = Subset.S4 then
                 let s4Csv = Path.Combine(objectRoot, sub, "s4_meta_data.csv")
                 let h, r = Avsbench.readCsv s4Csv
                 for c in [ "name"; "category" ] do Avsbench.column s4Csv h [ c ] |> ignore
@@ -69,8 +70,8 @@ module Prepare =
             let split = SafePath.name metaPath line "split" row["split"]
             // S4 trees nest <split>/<category>/<vid> everywhere; MS3 frames and masks are flat (<vid>), its GT is
             // <split>/<vid>.
-            let media = if kind = DatasetKind.S4 then Path.Combine(split, category vid, vid) else vid
-            let gtDir = if kind = DatasetKind.S4 then media else Path.Combine(split, vid)
+            let media = if kind = Subset.S4 then Path.Combine(split, category vid, vid) else vid
+            let gtDir = if kind = Subset.S4 then media else Path.Combine(split, vid)
             let src = Path.Combine(semanticRoot, label, uid)
             for i in 0 .. 4 do
                 let img = ImageIO.readRgb (Path.Combine(src, "frames", $"{i}.jpg"))
@@ -84,7 +85,7 @@ module Prepare =
                     files <- files + 1
             else missingMasks.Add vid
             // S4 training videos are annotated on their first frame only.
-            let gtFrames = if kind = DatasetKind.S4 && split = "train" then 1 else 5
+            let gtFrames = if kind = Subset.S4 && split = "train" then 1 else 5
             for i in 0 .. gtFrames - 1 do
                 let labels = ImageIO.readRgb (Path.Combine(src, "labels_rgb", $"{i}.png"))
                 for size, folder in [ 224, "gt_masks_224"; 384, "gt_masks_384" ] do

@@ -1,5 +1,6 @@
 namespace Vct.Core.Data
 
+open Vct.Core
 open System
 open System.IO
 open System.Text
@@ -18,26 +19,9 @@ module DeterministicSeed =
             h <- h ^^^ (h >>> 31)
         int (h &&& 0x7FFFFFFFUL)
 
-/// Which AVSBench subset the synthetic data imitates.
-[<RequireQualifiedAccess>]
-type SynthKind =
-    /// One sounding object per video (the video's category), first-frame GT on train.
-    | S4
-    /// Several objects, a random non-empty subset sounds in each frame; all 5 frames annotated.
-    | Ms3
-    /// Semantic classes (background + `Categories`), 5- and 10-frame videos, class-index PNGs.
-    | Avss
-    /// Parses "s4", "ms3" or "avss".
-    static member Parse(text: string) =
-        match (if isNull text then "" else text.Trim().ToLowerInvariant()) with
-        | "s4" -> SynthKind.S4
-        | "ms3" -> SynthKind.Ms3
-        | "avss" -> SynthKind.Avss
-        | _ -> invalidArg (nameof text) $"unknown synthetic kind '{text}': expected s4, ms3 or avss"
-
 /// Options of the synthetic AVS dataset.
 type SynthOptions =
-    { Kind: SynthKind
+    { Kind: Subset
       Seed: int
       /// Videos per split (train, val, test).
       Train: int
@@ -52,9 +36,9 @@ type SynthOptions =
       /// Linear gain of the off-screen distractor (background noise, hum and clicks that belong to no object).
       DistractorGain: float }
     /// Small defaults: S4/MS3 6 categories, AVSS 8; 96x96 frames; 48/12/12 videos.
-    static member Default(kind: SynthKind) =
+    static member Default(kind: Subset) =
         { Kind = kind; Seed = 0; Train = 48; Val = 12; Test = 12; Size = 96; EvalSize = 224
-          Categories = (if kind = SynthKind.Avss then 8 else 6); DistractorGain = 0.15 }
+          Categories = (if kind = Subset.AVSS then 8 else 6); DistractorGain = 0.15 }
 
 /// One object of a synthetic scene.
 type SynthObject =
@@ -79,7 +63,7 @@ type SynthVideo =
 /// What was written, with the baselines measured on the val + test videos.
 type SynthReport =
     { Root: string
-      Kind: SynthKind
+      Kind: Subset
       Videos: SynthVideo[]
       /// Category names in id order (S4/MS3: official S4 category names; AVSS: label2idx order without background).
       CategoryNames: string[] }
@@ -250,11 +234,11 @@ module Synth =
     let private makeVideo (rng: Random) (o: SynthOptions) (split: string) (index: int) : SynthVideo =
         let frames =
             match o.Kind with
-            | SynthKind.Avss -> if rng.Next 2 = 0 then 5 else 10
+            | Subset.AVSS -> if rng.Next 2 = 0 then 5 else 10
             | _ -> 5
         let nObj =
             match o.Kind with
-            | SynthKind.S4 -> rng.Next(2, 4)
+            | Subset.S4 -> rng.Next(2, 4)
             | _ -> rng.Next(2, min 4 o.Categories + 1)
         let cats = Array.init o.Categories id |> Array.sortBy (fun _ -> rng.Next()) |> Array.take nObj
         // Objects on a jittered grid of quadrants so that they rarely cover each other.
@@ -270,7 +254,7 @@ module Synth =
                   R = 0.15 + rng.NextDouble() * 0.07 })
         let sounding =
             match o.Kind with
-            | SynthKind.S4 -> let k = rng.Next nObj in Array.create frames [| k |]
+            | Subset.S4 -> let k = rng.Next nObj in Array.create frames [| k |]
             | _ ->
                 Array.init frames (fun _ ->
                     let s = [| for k in 0 .. nObj - 1 do if rng.Next 2 = 0 then k |]
@@ -295,7 +279,7 @@ module Synth =
     /// The videos (scenes and sounding schedules) the options produce, without writing anything.
     let plan (o: SynthOptions) : SynthVideo[] =
         if o.Categories < 2 || o.Categories > 8 then invalidArg (nameof o) $"Categories must be 2..8, got {o.Categories}"
-        if o.Kind = SynthKind.Avss && o.Categories < 8 then invalidArg (nameof o) $"AVSS-like data needs 8 categories, got {o.Categories}"
+        if o.Kind = Subset.AVSS && o.Categories < 8 then invalidArg (nameof o) $"AVSS-like data needs 8 categories, got {o.Categories}"
         if o.Size < 32 then invalidArg (nameof o) $"Size must be >= 32, got {o.Size}"
         let rng = Random(o.Seed)
         [| for split, count in [ "train", o.Train; "val", o.Val; "test", o.Test ] do
@@ -308,15 +292,15 @@ module Synth =
     /// processed_frames_384, processed_labels_semantic, audio.wav}).
     let generate (o: SynthOptions) (root: string) : SynthReport =
         let videos = plan o
-        let names = if o.Kind = SynthKind.Avss then avssNames[.. o.Categories - 1] else s4Names[.. o.Categories - 1]
-        let sub = match o.Kind with SynthKind.S4 -> "Single-source" | SynthKind.Ms3 -> "Multi-sources" | SynthKind.Avss -> "AVSBench_semantic"
+        let names = if o.Kind = Subset.AVSS then avssNames[.. o.Categories - 1] else s4Names[.. o.Categories - 1]
+        let sub = match o.Kind with Subset.S4 -> "Single-source" | Subset.MS3 -> "Multi-sources" | Subset.AVSS -> "AVSBench_semantic"
         let dir = Path.Combine(root, sub)
         Directory.CreateDirectory dir |> ignore
         let csv = StringBuilder()
         match o.Kind with
-        | SynthKind.S4 -> csv.Append("name,start,category,split\n") |> ignore
-        | SynthKind.Ms3 -> csv.Append("video_id,split\n") |> ignore
-        | SynthKind.Avss -> csv.Append("vid,uid,s_min,s_sec,a_obj,split,label\n") |> ignore
+        | Subset.S4 -> csv.Append("name,start,category,split\n") |> ignore
+        | Subset.MS3 -> csv.Append("video_id,split\n") |> ignore
+        | Subset.AVSS -> csv.Append("vid,uid,s_min,s_sec,a_obj,split,label\n") |> ignore
         videos |> Array.iteri (fun vi v ->
             // Each video draws from its own generator so that videos do not depend on each other's pixel work.
             let rng = Random(DeterministicSeed.mix [ o.Seed; vi; 7919 ])
@@ -327,8 +311,8 @@ module Synth =
             let wav = audio rng o.DistractorGain v
             let isTrain = v.Split = "train"
             match o.Kind with
-            | SynthKind.S4 | SynthKind.Ms3 ->
-                let s4 = o.Kind = SynthKind.S4
+            | Subset.S4 | Subset.MS3 ->
+                let s4 = o.Kind = Subset.S4
                 let cat = names[v.Objects[v.Sounding[0][0]].Category]
                 let p = if s4 then "s4" else "ms3"
                 let d384 = Path.Combine(dir, $"{p}_data_384")
@@ -346,7 +330,7 @@ module Synth =
                     ImageIO.write (Path.Combine(gtDir, sub, $"{v.Id}_{t + 1}.png")) (grey n (binaryMask v t n) 255uy)
                 let audioRel = if s4 then Path.Combine(v.Split, cat, v.Id + ".wav") else Path.Combine(v.Split, v.Id + ".wav")
                 writePcm16 (Path.Combine(dir, $"{p}_data", "audio_wav", audioRel)) wav
-            | SynthKind.Avss ->
+            | Subset.AVSS ->
                 let label = if v.Frames = 10 then "v2" else "v1m"
                 csv.Append($"{v.Id},{v.Id},0,0,synthetic,{v.Split},{label}\n") |> ignore
                 let vd = Path.Combine(dir, label, v.Id)
@@ -357,9 +341,9 @@ module Synth =
                         ImageIO.write (Path.Combine(vd, "processed_frames_384", $"{t}.jpg")) frames[t]
                         ImageIO.write (Path.Combine(vd, "processed_labels_semantic", $"{t}.png")) (grey o.EvalSize (classMask v t o.EvalSize) 1uy)
                 writePcm16 (Path.Combine(vd, "audio.wav")) wav)
-        let csvName = match o.Kind with SynthKind.S4 -> "s4_meta_data.csv" | SynthKind.Ms3 -> "ms3_meta_data.csv" | SynthKind.Avss -> "metadata.csv"
+        let csvName = match o.Kind with Subset.S4 -> "s4_meta_data.csv" | Subset.MS3 -> "ms3_meta_data.csv" | Subset.AVSS -> "metadata.csv"
         Vct.Core.AtomicFile.writeAllText (Path.Combine(dir, csvName)) (csv.ToString())
-        if o.Kind = SynthKind.Avss then
+        if o.Kind = Subset.AVSS then
             let entries = Array.append [| "background" |] names |> Array.mapi (fun i n -> $"  \"{n}\": {i + 1}")
             Vct.Core.AtomicFile.writeAllText (Path.Combine(dir, "label2idx.json")) ("{\n" + String.Join(",\n", entries) + "\n}\n")
         { Root = dir; Kind = o.Kind; Videos = videos; CategoryNames = names }

@@ -1,5 +1,6 @@
 namespace Vct.Core.Evaluation
 
+open Vct.Core
 open Vct.Core.Data
 
 /// What simple predictors score on a synthetic dataset (val + test videos, at the evaluation size), with the
@@ -18,9 +19,9 @@ type SynthBaselines =
 /// Baselines of the built-in synthetic dataset.
 [<RequireQualifiedAccess>]
 module SynthStats =
-    let private evalWith (kind: SynthKind) (size: int) (videos: SynthVideo[]) (predict: int -> SynthVideo -> int -> byte[]) =
+    let private evalWith (kind: Subset) (size: int) (videos: SynthVideo[]) (predict: int -> SynthVideo -> int -> byte[]) =
         match kind with
-        | SynthKind.Avss ->
+        | Subset.AVSS ->
             let ev = SemanticEvaluator(MetricVariant.Vct, 9)
             videos |> Array.iteri (fun i v ->
                 let gt = Array.concat [ for t in 0 .. v.Frames - 1 -> Synth.classMask v t size ] |> Array.map int
@@ -29,7 +30,7 @@ module SynthStats =
             let s = ev.Summary()
             s.MJ, s.MF
         | _ ->
-            let ev = BinaryEvaluator(MetricSubset.Ms3, MetricVariant.Vct)
+            let ev = BinaryEvaluator(Subset.MS3, MetricVariant.Vct)
             videos |> Array.iteri (fun i v ->
                 let gt = Array.concat [ for t in 0 .. v.Frames - 1 -> Synth.binaryMask v t size ]
                 let pr = Array.concat [ for t in 0 .. v.Frames - 1 -> predict i v t ] |> Array.map float32
@@ -38,15 +39,15 @@ module SynthStats =
             s.MJ, s.MF
 
     /// Renders the prediction "these objects" (indices into v.Objects) for frame t.
-    let private predictObjects (kind: SynthKind) (size: int) (v: SynthVideo) (t: int) (objs: Set<int>) : byte[] =
+    let private predictObjects (kind: Subset) (size: int) (v: SynthVideo) (t: int) (objs: Set<int>) : byte[] =
         Synth.objectMap v t size
         |> Array.map (fun k ->
             if k > 0 && objs.Contains(k - 1) then
-                (if kind = SynthKind.Avss then byte (v.Objects[k - 1].Category + 1) else 1uy)
+                (if kind = Subset.AVSS then byte (v.Objects[k - 1].Category + 1) else 1uy)
             else 0uy)
 
     /// Baselines on the val and test videos of a plan, at side `size`.
-    let baselines (kind: SynthKind) (size: int) (videos: SynthVideo[]) : SynthBaselines =
+    let baselines (kind: Subset) (size: int) (videos: SynthVideo[]) : SynthBaselines =
         let vs = videos |> Array.filter (fun v -> v.Split <> "train")
         let run = evalWith kind size vs
         let oracle = run (fun _ v t -> predictObjects kind size v t (Set.ofArray v.Sounding[t]))

@@ -15,26 +15,6 @@ type MetricVariant =
     /// S4/MS3 foreground = sigmoid of one logit map; every AVSS video padded to 10 frames.
     | AvsBench
 
-/// The evaluation protocol: binary (S4, MS3) or semantic (AVSS).
-[<RequireQualifiedAccess>]
-type MetricSubset =
-    | S4
-    | Ms3
-    | Avss
-    /// Parses "s4", "ms3" or "avss" (case-insensitive).
-    static member Parse(text: string) =
-        match (if isNull text then "" else text.Trim().ToLowerInvariant()) with
-        | "s4" -> MetricSubset.S4
-        | "ms3" -> MetricSubset.Ms3
-        | "avss" -> MetricSubset.Avss
-        | _ -> invalidArg (nameof text) $"unknown subset '{text}': expected s4, ms3 or avss"
-    /// "s4", "ms3" or "avss".
-    member s.Name =
-        match s with
-        | MetricSubset.S4 -> "s4"
-        | MetricSubset.Ms3 -> "ms3"
-        | MetricSubset.Avss -> "avss"
-
 /// One video's scores. For S4/MS3, J is the official per-video IoU (mean over frames) and F the per-video
 /// max-over-thresholds F-score. For AVSS the official metric has no per-video value: J and F are the mean,
 /// over the classes present in that video's predictions or GT, of that video's per-class means
@@ -47,7 +27,7 @@ type VideoScore =
 
 /// The result of an evaluation.
 type MetricSummary =
-    { Subset: MetricSubset
+    { Subset: Subset
       Variant: MetricVariant
       /// M_J (mIoU) as a fraction, unrounded. The official evaluators log round(M_J, 4).
       MJ: float
@@ -254,8 +234,8 @@ module private EvalShared =
 /// Aggregation as the reference: M_J = float32 running sum of the per-video IoUs / #videos (AverageMeter of
 /// 0-d float32 tensors); M_F = the float64 mean of the per-video F values (Python floats), which VCT's
 /// `evaluate` rounds to float32 through `torch.tensor(list).mean()` (AVSBench keeps the float64 mean).
-type BinaryEvaluator(subset: MetricSubset, variant: MetricVariant) =
-    do if subset = MetricSubset.Avss then invalidArg (nameof subset) "BinaryEvaluator is for S4/MS3; use SemanticEvaluator for AVSS"
+type BinaryEvaluator(subset: Subset, variant: MetricVariant) =
+    do if subset = Subset.AVSS then invalidArg (nameof subset) "BinaryEvaluator is for S4/MS3; use SemanticEvaluator for AVSS"
     let thr = BinaryMetrics.thresholds ()
     let videos = ResizeArray<VideoScore>()
     let mutable jSum = 0.0f
@@ -380,7 +360,7 @@ type SemanticEvaluator(variant: MetricVariant, numClasses: int) =
         // NOTE: torch.mean of the 71 float32 values; summed here in float64 and rounded once to float32
         // (PyTorch's cascade sum is at least as close to this as a sequential float32 sum).
         let mean (a: float32[]) = float (float32 (Array.sumBy float a / float a.Length))
-        { Subset = MetricSubset.Avss; Variant = variant
+        { Subset = Subset.AVSS; Variant = variant
           MJ = (if videos.Count = 0 then nan else mean cj)
           MF = (if videos.Count = 0 then nan else mean cf)
           Videos = videos.ToArray()
@@ -398,7 +378,7 @@ module Metrics =
     let AvssClasses = 71
 
     /// A fresh evaluator for the subset and variant (AVSS with `numClasses` classes, normally 71).
-    let evaluator (subset: MetricSubset) (variant: MetricVariant) (numClasses: int) : IVideoEvaluator =
+    let evaluator (subset: Subset) (variant: MetricVariant) (numClasses: int) : IVideoEvaluator =
         match subset with
-        | MetricSubset.Avss -> SemanticEvaluator(variant, numClasses) :> IVideoEvaluator
+        | Subset.AVSS -> SemanticEvaluator(variant, numClasses) :> IVideoEvaluator
         | _ -> BinaryEvaluator(subset, variant) :> IVideoEvaluator

@@ -58,9 +58,9 @@ module Score =
                        torch.tensor(s, ReadOnlySpan<int64>(sh.Shape[1..])), torch.tensor(g, ReadOnlySpan<int64>(gh.Shape[1..])) |]
 
     /// Scores every video with the official metrics. `progress` is called after each video with (done, total).
-    let run (subset: MetricSubset) (variant: MetricVariant) (numClasses: int) (scoresPath: string) (gtPath: string)
+    let run (subset: Subset) (variant: MetricVariant) (numClasses: int) (scoresPath: string) (gtPath: string)
             (progress: int -> int -> unit) : MetricSummary =
-        if subset = MetricSubset.Avss && (numClasses < 2 || numClasses > 1000) then
+        if subset = Subset.AVSS && (numClasses < 2 || numClasses > 1000) then
             raise (ArgumentException $"--classes must be in 2..1000, got {numClasses}")
         let ev = Metrics.evaluator subset variant numClasses
         let vs = videos scoresPath gtPath

@@ -41,7 +41,7 @@ type TrainJobOptions =
 module TrainJob =
     /// Frame side, training videos and categories of the default synthetic set used by the `tiny` preset.
     let tinyImageSize = 64
-    let tinySynth = { SynthOptions.Default SynthKind.S4 with Train = 240; Val = 24; Test = 24; Size = tinyImageSize }
+    let tinySynth = { SynthOptions.Default Subset.S4 with Train = 240; Val = 24; Test = 24; Size = tinyImageSize }
 
     /// The training configuration of a preset for `subset`.
     let config (preset: string) (subset: Subset) (o: TrainJobOptions) : TrainConfig =
@@ -86,9 +86,9 @@ module TrainJob =
 
     let private kindOf (preset: string) (data: string option) =
         match preset, data with
-        | "tiny", None -> DatasetKind.S4
-        | "tiny", Some _ -> DatasetKind.S4
-        | p, _ -> DatasetKind.Parse p
+        | "tiny", None -> Subset.S4
+        | "tiny", Some _ -> Subset.S4
+        | p, _ -> Subset.Parse p
 
     /// Writes the default synthetic set when `dir` has none; returns the report line.
     let ensureSynthetic (dir: string) =
@@ -120,7 +120,7 @@ module TrainJob =
         // Refused before any data is generated or read.
         if o.Amp then Amp.require o.Device
         let kind = kindOf o.Preset o.Data
-        let subset = TrainData.subsetOf kind
+        let subset = kind
         // A reused run name without --resume is refused before any data is generated or read.
         Trainer.checkRunDir (Path.Combine(o.RunsDir, o.Name)) o.Resume
         let root =

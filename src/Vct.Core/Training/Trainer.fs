@@ -78,12 +78,6 @@ type RunFiles(dir: string) =
 /// Helpers shared by training and evaluation over the AVSBench readers.
 [<RequireQualifiedAccess>]
 module TrainData =
-    let subsetOf (kind: DatasetKind) =
-        match kind with DatasetKind.S4 -> Subset.S4 | DatasetKind.Ms3 -> Subset.MS3 | DatasetKind.Avss -> Subset.AVSS
-
-    let metricSubsetOf (s: Subset) =
-        match s with Subset.S4 -> MetricSubset.S4 | Subset.MS3 -> MetricSubset.Ms3 | Subset.AVSS -> MetricSubset.Avss
-
     /// VGGish maps of a record's audio, computed once per process and kept on the CPU ([T_a, 512, 6, 4]).
     type AudioCache(model: VctModel) =
         let cache = ConcurrentDictionary<string, Tensor>()
@@ -140,7 +134,7 @@ module Trainer =
     let evaluate (model: VctModel) (audio: TrainData.AudioCache) (records: VideoRecord[]) (shuffleAudio: bool) (workers: int) : MetricSummary =
         if records.Length = 0 then raise (ArgumentException "no videos to evaluate (the split is empty)")
         let subset = model.Config.Subset
-        let evaluator = Metrics.evaluator (TrainData.metricSubsetOf subset) MetricVariant.Vct (int model.Config.NumClasses)
+        let evaluator = Metrics.evaluator subset MetricVariant.Vct (int model.Config.NumClasses)
         use _ = torch.no_grad ()
         model.eval ()
         let device = (Seq.head (model.parameters ())).device

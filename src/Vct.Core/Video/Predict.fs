@@ -217,7 +217,7 @@ module VideoSegmentation =
         let seconds = float wave.Channels[0].Length / float wave.SampleRate
         if seconds < 0.975 - 1e-9 then None
         else
-            let opts = { ExampleOptions.Default Vct.Core.Audio.Subset.NoClip with ShortClip = ShortClip.ZeroPad }
+            let opts = { ExampleOptions.Default None with ShortClip = ShortClip.ZeroPad }
             let ex = Examples.ofWaveform opts wave
             if ex.Examples.shape[0] = 0L then (ex.Examples.Dispose(); None) else Some ex.Examples
 
