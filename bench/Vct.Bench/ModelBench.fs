@@ -39,8 +39,7 @@ let run (repeats: int) =
         torch.manual_seed 0L |> ignore
         { Images = torch.rand(frames, 3L, 384L, 384L) * 255.0.AsScalar
           PreMasks = (if preSam then Some(torch.rand(frames, 3L, 384L, 384L) * 255.0.AsScalar) else None)
-          AudioLogMel = torch.randn(frames, 1L, 96L, 64L)
-          TemporalFlags = None }
+          Audio = AudioInput.LogMel(torch.randn(frames, 1L, 96L, 64L), None) }
     let results = Collections.Generic.Dictionary<string, float * float>()
     use _ = torch.no_grad ()
     for preSam in [ true; false ] do
@@ -64,7 +63,7 @@ let run (repeats: int) =
             let features = m.VisualEncoder.Forward(images, Some pre)
             results["pixel_decoder"] <- measure 1 repeats (fun () -> use _ = torch.NewDisposeScope() in m.Head.PixelDecoder.call features |> ignore)
             let pix = m.Head.PixelDecoder.call features
-            let audio = m.Head.AudioTransformation.call (m.AudioBackboneFeatures(x.AudioLogMel, None))
+            let audio = m.Head.AudioTransformation.call (m.AudioBackboneFeatures((match x.Audio with AudioInput.LogMel(e, _) -> e | AudioInput.Maps m -> m), None))
             results["transformer_decoder"] <-
                 measure 1 repeats (fun () ->
                     use _ = torch.NewDisposeScope()

@@ -146,12 +146,11 @@ public static class VctCheckpoints
             var (read, owner) = Parity.readInputs(inputs, options.InputPrefix, cfg.UsePreSam, cfg.Subset).ToValueTuple();
             using (owner)
             {
-                var moved = new VctInputs(read.Images.to(device), VctTypeConversions.OptRef(read.PreMasks.OrNull()?.to(device)),
-                    read.AudioLogMel.to(device), read.TemporalFlags);
+                var moved = new VctInputs(read.Images.to(device), VctTypeConversions.OptRef(read.PreMasks.OrNull()?.to(device)), read.Audio);
                 var named = Parity.run(model, moved, options.Intermediates);
                 try
                 {
-                    Safetensors.write(output, new Dictionary<string, string> { ["format"] = "pt", ["producer"] = "vct forward" }, named);
+                    Parity.write(output, named);
                     return new ForwardResult(output, named.Select(t => t.Item1).ToList(), report);
                 }
                 finally

@@ -101,12 +101,13 @@ public sealed class VctSegmenter : IDisposable
     {
         ArgumentNullException.ThrowIfNull(frames);
         ArgumentNullException.ThrowIfNull(audioLogMel);
-        var input = new VideoInput(
-            frames, audioLogMel,
+        var input = new VctInputs(
+            frames,
             preMasks is null ? FSharpOption<torch.Tensor>.None : FSharpOption<torch.Tensor>.Some(preMasks),
-            temporalFlags is null ? FSharpOption<torch.Tensor>.None : FSharpOption<torch.Tensor>.Some(temporalFlags));
+            AudioInput.NewLogMel(audioLogMel,
+                temporalFlags is null ? FSharpOption<torch.Tensor>.None : FSharpOption<torch.Tensor>.Some(temporalFlags)));
         var opts = new SegmentOptions(_options.Intermediates,
-            _options.OutputSize is int s ? FSharpOption<long>.Some(s) : FSharpOption<long>.None);
+            _options.OutputSize is int s ? OutputSize.NewSize(s, s) : OutputSize.Model);
         return new SegmentationResult(Inference.segment(_model, opts, input));
     }
 

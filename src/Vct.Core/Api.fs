@@ -63,7 +63,7 @@ module Inference =
         clip.Examples, flags
 
     /// Segments one video: no gradients, eval mode; inputs are moved to the model's device, results to the CPU.
-    let segment (model: VctModel) (options: SegmentOptions) (video: VideoInput) : Segmentation = Segment.run model options video
+    let segment (model: VctModel) (options: SegmentOptions) (video: VctInputs) : Segmentation = Segment.run model options video
 
     /// Segments a video file frame by frame, lazily (frames sampled at `options.Fps`, one VGGish example per
     /// second of each 5 s / 10 s window; masks at the source resolution). `warn` receives one-line warnings.
@@ -71,7 +71,7 @@ module Inference =
         Video.VideoSegmentation.segment model options (Video.FrameSource.VideoFile path) ignore Threading.CancellationToken.None
 
     /// Segments several videos one after the other (memory stays that of one video).
-    let segmentAll (model: VctModel) (options: SegmentOptions) (videos: VideoInput seq) : Segmentation list =
+    let segmentAll (model: VctModel) (options: SegmentOptions) (videos: VctInputs seq) : Segmentation list =
         [ for v in videos -> segment model options v ]
 
 /// The researchers' parity tool behind `vct forward`: the raw model on named input tensors.
@@ -96,11 +96,10 @@ module Parity =
         let inputs =
             { Images = need "images"
               PreMasks = if usePreSam then Some(need "pre_masks") else find d prefix "pre_masks"
-              AudioLogMel = need "audio_log_mel"
-              TemporalFlags =
-                match subset with
-                | Subset.AVSS -> Some(need "vid_temporal_mask_flag")
-                | _ -> None }
+              Audio =
+                AudioInput.LogMel(
+                    need "audio_log_mel",
+                    if subset.Preset.TemporalFlags then Some(need "vid_temporal_mask_flag") else None) }
         inputs, (ck :> IDisposable)
 
     /// Runs the model in eval mode and names its outputs as `vct forward` writes them: pred_logits, pred_masks,
@@ -121,8 +120,8 @@ module Parity =
               yield $"aux{i}.pred_masks", c p.Masks
           match out.Decoder.AudioFeat with Some a -> yield "feats.audio_feat", c a | None -> ()
           match out.Decoder.ProtoFeat with Some p -> yield "feats.proto_feat", c p | None -> ()
-          use scores = model.SemanticScores(out, ?flags = None)
-          yield "sem_seg", c scores
+          use seg = Segment.ofOutput model SegmentOptions.Default None out
+          yield "sem_seg", c seg.Scores
           match out.Intermediates with
           | Some i ->
               for k, f in Array.indexed i.Features do yield $"backbone.res{k + 2}", c f
@@ -134,3 +133,7 @@ module Parity =
               for k, m in List.indexed out.Decoder.AttentionMasks do
                   yield $"sem_seg_head.predictor.attn_mask.{k}", c m
           | None -> () ]
+
+    /// Writes named outputs of `run` as a safetensors file (metadata: format pt, producer "vct forward"), atomically.
+    let write (path: string) (named: (string * Tensor) list) =
+        Checkpoint.VctCheckpoint.write path None false [ "producer", "vct forward" ] named

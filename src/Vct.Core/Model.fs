@@ -83,16 +83,26 @@ type SemSegHead(cfg: VctConfig, gen: torch.Generator) as this =
     member _.AudioTransformation = audio_transformation
     member _.Predictor = predictor
 
+/// The audio of a forward pass: VGGish log-mel examples (the frozen VGGish runs on them), or VGGish maps computed
+/// before (VGGish is frozen, so a trainer computes a clip's maps once and reuses them: the same numbers).
+[<RequireQualifiedAccess>]
+type AudioInput =
+    /// Log-mel examples [N_a, 1, 96, 64] (N_a = BT for S4/MS3; 10 per video for AVSS) and, for AVSS, the
+    /// vid_temporal_mask_flag [N_a] (1 = a real example; rows with 0 are dropped).
+    | LogMel of examples: Tensor * temporalFlags: Tensor option
+    /// VGGish maps [BT, 512, 6, 4], one per frame.
+    | Maps of Tensor
+
 /// Inputs of one forward pass over BT frames (one or several videos concatenated).
 type VctInputs =
     { /// RGB frames [BT, 3, H, W], 0..255 (float).
       Images: Tensor
       /// Semantic-SAM mask images [BT, 3, H, W], 0..255, for a model with the pre-SAM branch.
       PreMasks: Tensor option
-      /// VGGish log-mel examples [N_a, 1, 96, 64]: N_a = BT for S4/MS3, 10 per video for AVSS.
-      AudioLogMel: Tensor
-      /// AVSS: vid_temporal_mask_flag [N_a] (1 = a real example); rows with 0 are dropped. None elsewhere.
-      TemporalFlags: Tensor option }
+      Audio: AudioInput }
+
+    /// The AVSS temporal flags of log-mel audio (None for maps or S4/MS3).
+    member i.TemporalFlags = match i.Audio with AudioInput.LogMel(_, f) -> f | AudioInput.Maps _ -> None
 
 /// Intermediate tensors for inspection and layer-by-layer parity checks.
 type VctIntermediates =
@@ -108,17 +118,20 @@ type VctOutput =
       Intermediates: VctIntermediates option
       /// Padded input height and width the masks refer to.
       InputSize: int64 * int64 }
+    interface ITensorOwner with
+        member o.Tensors =
+            seq {
+                yield! (o.Decoder :> ITensorOwner).Tensors
+                match o.Intermediates with
+                | Some i ->
+                    yield! i.Features
+                    yield! i.MultiScale
+                    yield i.MaskFeatures
+                    yield i.AudioBackbone
+                    yield i.AudioFeatures
+                | None -> () }
     interface IDisposable with
-        member o.Dispose() =
-            (o.Decoder :> IDisposable).Dispose()
-            match o.Intermediates with
-            | Some i ->
-                for t in i.Features do t.Dispose()
-                for t in i.MultiScale do t.Dispose()
-                i.MaskFeatures.Dispose()
-                i.AudioBackbone.Dispose()
-                i.AudioFeatures.Dispose()
-            | None -> ()
+        member o.Dispose() = Scope.disposeOwned o
 
 /// Parameter-free parts of the model: normalisation, padding, semantic inference.
 [<RequireQualifiedAccess>]
@@ -212,50 +225,26 @@ type VctModel(cfg: VctConfig, gen: torch.Generator) as this =
 
     /// Full forward pass. `keepIntermediates` returns backbone, pixel-decoder and audio tensors; `keepMasks` the
     /// decoder's per-layer attention masks; `noise` fixes PPQG's Gumbel noise in training.
-    /// `audioMaps` [BT, 512, 6, 4] replaces the VGGish pass when given (it is frozen, so a trainer may compute
-    /// the maps of a clip once and reuse them: same numbers, less work).
-    member this.Forward(inputs: VctInputs, ?keepIntermediates: bool, ?keepMasks: bool, ?noise: Tensor, ?audioMaps: Tensor) : VctOutput =
+    member this.Forward(inputs: VctInputs, ?keepIntermediates: bool, ?keepMasks: bool, ?noise: Tensor) : VctOutput =
         let keepIntermediates = defaultArg keepIntermediates false
-        use scope = torch.NewDisposeScope()
-        let images = VctMath.padTo cfg.SizeDivisibility (VctMath.normalise inputs.Images)
-        let preMasks = inputs.PreMasks |> Option.map (fun m -> VctMath.padTo cfg.SizeDivisibility (VctMath.normalise m))
-        let features = encoder.Forward(images, preMasks, missingMasks)
-        let audioMaps =
-            match audioMaps with
-            | Some m -> m.alias()
-            | None -> this.AudioBackboneFeatures(inputs.AudioLogMel, inputs.TemporalFlags)
-        if audioMaps.shape[0] <> images.shape[0] then
-            invalidArg "inputs" $"{images.shape[0]} frames but {audioMaps.shape[0]} audio examples (after the temporal flags)"
-        let pix = sem_seg_head.PixelDecoder.call features
-        let audio = sem_seg_head.AudioTransformation.call audioMaps
-        let dec = sem_seg_head.Predictor.Forward(audio, pix.MultiScaleFeatures, pix.MaskFeatures, ?noise = noise, ?keepMasks = keepMasks)
-        let keep (t: Tensor) = t.MoveToOuterDisposeScope()
-        let inter =
-            if keepIntermediates then
-                Some { Features = features |> Array.map keep
-                       MaskFeatures = keep pix.MaskFeatures
-                       MultiScale = pix.MultiScaleFeatures |> Array.map keep
-                       AudioBackbone = keep audioMaps
-                       AudioFeatures = keep audio }
-            else None
-        // The decoder output's tensors were created in this scope: move them out.
-        for p in dec.Predictions do
-            keep p.Logits |> ignore
-            keep p.Masks |> ignore
-        dec.AudioFeat |> Option.iter (keep >> ignore)
-        dec.ProtoFeat |> Option.iter (keep >> ignore)
-        keep dec.Assignment |> ignore
-        for m in dec.AttentionMasks do keep m |> ignore
-        { Decoder = dec; Intermediates = inter; InputSize = images.shape[2], images.shape[3] }
+        Scope.runOwner (fun () ->
+            let images = VctMath.padTo cfg.SizeDivisibility (VctMath.normalise inputs.Images)
+            let preMasks = inputs.PreMasks |> Option.map (fun m -> VctMath.padTo cfg.SizeDivisibility (VctMath.normalise m))
+            let features = encoder.Forward(images, preMasks, missingMasks)
+            let audioMaps =
+                match inputs.Audio with
+                | AudioInput.Maps m -> if m.device = images.device then m.alias() else m.``to``(images.device)
+                | AudioInput.LogMel(examples, flags) -> this.AudioBackboneFeatures(examples.``to``(images.device), flags)
+            if audioMaps.shape[0] <> images.shape[0] then
+                invalidArg "inputs" $"{images.shape[0]} frames but {audioMaps.shape[0]} audio examples (after the temporal flags)"
+            let pix = sem_seg_head.PixelDecoder.call features
+            let audio = sem_seg_head.AudioTransformation.call audioMaps
+            let dec = sem_seg_head.Predictor.Forward(audio, pix.MultiScaleFeatures, pix.MaskFeatures, ?noise = noise, ?keepMasks = keepMasks)
+            let inter =
+                if keepIntermediates then
+                    Some { Features = features; MaskFeatures = pix.MaskFeatures; MultiScale = pix.MultiScaleFeatures
+                           AudioBackbone = audioMaps; AudioFeatures = audio }
+                else None
+            { Decoder = dec; Intermediates = inter; InputSize = images.shape[2], images.shape[3] })
 
     override this.forward(inputs) = this.Forward(inputs)
-
-    /// Semantic scores [BT, C, OutputSize, OutputSize] of the last prediction (docs/architecture.md §9). AVSS scores are
-    /// multiplied by the frames' temporal flags.
-    member _.SemanticScores(output: VctOutput, ?flags: Tensor) : Tensor =
-        Scope.run (fun () ->
-            let last = output.Decoder.Last
-            let scores = VctMath.semanticInference output.InputSize (cfg.OutputSize, cfg.OutputSize) last.Logits last.Masks
-            match flags with
-            | Some f -> scores * f.``to``(scores.device).to_type(scores.dtype).view(-1L, 1L, 1L, 1L)
-            | None -> scores)

@@ -238,60 +238,40 @@ module ModelIO =
         StateDict.loadFileInto officialOptions path model
 
     /// The JSON config file written beside a checkpoint: model.safetensors -> model.json.
-    let configPathOf (checkpoint: string) = Path.ChangeExtension(checkpoint, ".json")
+    let configPathOf (checkpoint: string) = VctCheckpoint.configPathOf checkpoint
 
     /// Refuses a checkpoint path that its own config file would overwrite (`x.json`).
-    let checkCheckpointPath (path: string) =
-        if String.Equals(Path.GetFullPath(configPathOf path), Path.GetFullPath path, StringComparison.OrdinalIgnoreCase) then
-            raise (ArgumentException $"{path}: a checkpoint cannot be a .json file (its config is written beside it as <name>.json); use a .safetensors name")
+    let checkCheckpointPath (path: string) = VctCheckpoint.checkPath path
 
-    /// Writes the model's weights as safetensors (config JSON also in the metadata) and the config beside it,
-    /// each atomically; a `.json` checkpoint path is refused.
+    /// Writes the model's weights in the Vct checkpoint format (`VctCheckpoint`: config JSON in the metadata and
+    /// beside the file, each atomically); a `.json` checkpoint path is refused.
     let save (path: string) (model: VctModel) =
-        checkCheckpointPath path
-        let json = configPathOf path
-        let text = ConfigJson.toText model.Config
-        let meta = Dictionary<string, string>()
-        meta["format"] <- "pt"
-        meta["vct_config"] <- text
-        let tensors = [ for kv in model.state_dict () -> kv.Key, kv.Value ]
-        Safetensors.write path meta tensors
-        AtomicFile.writeAllText json text
+        VctCheckpoint.write path (Some(ConfigJson.toText model.Config)) true [] [ for kv in model.state_dict () -> kv.Key, kv.Value ]
 
     /// The config of one of our checkpoints: the JSON beside it, else the one in its metadata.
     let readConfig (path: string) : VctConfig =
-        let json = configPathOf path
-        if File.Exists json then ConfigJson.ofText json (File.ReadAllText json)
-        else
-            use f = Safetensors.read path
-            match f.Metadata.TryGetValue "vct_config" with
-            | true, text -> ConfigJson.ofText $"{path} (metadata)" text
-            | _ -> raise (InvalidDataException $"{path}: no config: neither {Path.GetFileName json} beside it nor 'vct_config' in its metadata")
+        let source, text = VctCheckpoint.readConfigText path
+        ConfigJson.ofText source text
+
+    /// Builds a model of `cfg`, fills it with `load` and moves it to `device` in eval mode; disposed on failure.
+    let private build (cfg: VctConfig) (load: VctModel -> LoadReport) (device: torch.Device) : VctModel * LoadReport =
+        let model = new VctModel(cfg)
+        try
+            let report = load model
+            model.``to``(device) |> ignore
+            model.eval () |> ignore
+            model, report
+        with _ ->
+            model.Dispose()
+            reraise ()
 
     /// Loads one of our checkpoints (strict) onto `device`.
     let load (path: string) (device: torch.Device) : VctModel * LoadReport =
         Runtime.init () |> ignore
         if not (File.Exists path) then raise (FileNotFoundException($"checkpoint not found: {path}", path))
-        let cfg = readConfig path
-        let model = new VctModel(cfg)
-        try
-            let report = StateDict.loadFileInto LoadOptions.Default path model
-            model.``to``(device) |> ignore
-            model.eval () |> ignore
-            model, report
-        with _ ->
-            model.Dispose()
-            reraise ()
+        build (readConfig path) (StateDict.loadFileInto LoadOptions.Default path) device
 
     /// Builds the released model of `subset` and loads an official checkpoint into it, on `device`.
     let loadOfficial (subset: Subset) (path: string) (device: torch.Device) : VctModel * LoadReport =
         Runtime.init () |> ignore
-        let model = new VctModel(VctConfig.Released subset)
-        try
-            let report = loadOfficialInto path model
-            model.``to``(device) |> ignore
-            model.eval () |> ignore
-            model, report
-        with _ ->
-            model.Dispose()
-            reraise ()
+        build (VctConfig.Released subset) (loadOfficialInto path) device

@@ -180,8 +180,7 @@ let tests =
             let inputs =
                 { Images = torch.rand([| 5L; 3L; 64L; 64L |], generator = g) * 255.0f.AsScalar
                   PreMasks = None
-                  AudioLogMel = torch.randn([| 5L; 1L; 96L; 64L |], generator = g)
-                  TemporalFlags = None }
+                  Audio = AudioInput.LogMel(torch.randn([| 5L; 1L; 96L; 64L |], generator = g), None) }
             let map = torch.arange(64L.AsScalar).view(1L, 64L).lt(24L.AsScalar).expand(64L, 64L).to_type(torch.int64)
             let targets = [| FrameTarget.ofLabelMap 255L map |]
             use crit = new Criterion((CriterionConfig.Released Subset.S4).WithNumPoints 256L)

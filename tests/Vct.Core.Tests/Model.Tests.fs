@@ -21,8 +21,7 @@ let tinyInputs (cfg: VctConfig) (frames: int64) (withMasks: bool) =
     let s = cfg.ImageSize
     { Images = torch.rand(frames, 3L, s, s) * 255.0.ToScalar()
       PreMasks = if withMasks then Some(torch.rand(frames, 3L, s, s) * 255.0.ToScalar()) else None
-      AudioLogMel = torch.randn(frames, 1L, 96L, 64L)
-      TemporalFlags = None }
+      Audio = AudioInput.LogMel(torch.randn(frames, 1L, 96L, 64L), None) }
 
 [<Tests>]
 let tests =
@@ -55,7 +54,8 @@ let tests =
             Expect.sequenceEqual last.Logits.shape [| frames; 20L; 3L |] "class logits [BT, N, C+1]"
             Expect.sequenceEqual last.Masks.shape [| frames; 20L; 16L; 16L |] "mask logits at 1/4"
             Expect.equal out.Decoder.Predictions.Length 10 "10 predictions"
-            let scores = m.SemanticScores out
+            use seg = Segment.ofOutput m SegmentOptions.Default None out
+            let scores = seg.Scores
             Expect.sequenceEqual scores.shape [| frames; 2L; 64L; 64L |] "semantic scores"
             Expect.sequenceEqual (VctMath.binaryMasks scores).shape [| frames; 64L; 64L |] "binary masks"
 
@@ -112,9 +112,9 @@ let tests =
             let cfg = VctConfig.Tiny(Subset.S4, 64L, 4L)
             use m = new VctModel(cfg)
             let inputs = tinyInputs cfg 2L false
-            let e1 = Expect.throwsC (fun () -> m.Forward({ inputs with AudioLogMel = torch.randn(2L, 1L, 90L, 64L) }) |> ignore) id
+            let e1 = Expect.throwsC (fun () -> m.Forward({ inputs with Audio = AudioInput.LogMel(torch.randn(2L, 1L, 90L, 64L), None) }) |> ignore) id
             Expect.stringContains e1.Message "[2x1x90x64]" "names the shape"
-            let e2 = Expect.throwsC (fun () -> m.Forward({ inputs with AudioLogMel = torch.randn(3L, 1L, 96L, 64L) }) |> ignore) id
+            let e2 = Expect.throwsC (fun () -> m.Forward({ inputs with Audio = AudioInput.LogMel(torch.randn(3L, 1L, 96L, 64L), None) }) |> ignore) id
             Expect.stringContains e2.Message "audio examples" "names the mismatch"
         }
 

@@ -92,16 +92,11 @@ let checkFolder (cfg: VctConfig) (folder: string) =
     let inputs =
         { Images = g["in.images"].to_type(torch.float32)
           PreMasks = Some(g["in.pre_masks"].to_type(torch.float32))
-          AudioLogMel = g["in.audio_log_mel"]
-          TemporalFlags = flags }
+          Audio = AudioInput.LogMel(g["in.audio_log_mel"], flags) }
     use out = m.Forward(inputs, keepIntermediates = true)
     let inter = out.Intermediates.Value
-    let frames = inter.Features[0].shape[0]
     // AVSS: the official semantic_inference_ss multiplies frame i by vid_temporal_mask_flag[i].
-    let scores =
-        match flags with
-        | Some f -> m.SemanticScores(out, f.narrow(0L, 0L, frames))
-        | None -> m.SemanticScores out
+    let scores = (Segment.ofOutput m SegmentOptions.Default flags out).Scores
     let preds = out.Decoder.Predictions |> Array.ofList
     let last = preds.Length - 1
     let rows =

@@ -18,8 +18,12 @@ let private inputs (cfg: VctConfig) =
     torch.manual_seed 7L |> ignore
     { Images = torch.rand(2L, 3L, cfg.ImageSize, cfg.ImageSize) * 255.0.ToScalar()
       PreMasks = None
-      AudioLogMel = torch.randn(2L, 1L, 96L, 64L)
-      TemporalFlags = None }
+      Audio = AudioInput.LogMel(torch.randn(2L, 1L, 96L, 64L), None) }
+
+let private logMelOf (x: VctInputs) =
+    match x.Audio with
+    | AudioInput.LogMel(examples, _) -> examples
+    | AudioInput.Maps _ -> failwith "these tests build log-mel inputs"
 
 [<Tests>]
 let tests =
@@ -117,7 +121,7 @@ let tests =
                 ModelIO.save ckpt m
                 let x = inputs cfg
                 let inPath = Path.Combine(dir, "inputs.safetensors")
-                Safetensors.write inPath (Collections.Generic.Dictionary()) [ "in.images", x.Images; "in.audio_log_mel", x.AudioLogMel ]
+                Safetensors.write inPath (Collections.Generic.Dictionary()) [ "in.images", x.Images; "in.audio_log_mel", logMelOf x ]
                 let outPath = Path.Combine(dir, "out.safetensors")
                 let code, out, err = CliTests.runVct [ "forward"; "--checkpoint"; ckpt; "--inputs"; inPath; "--input-prefix"; "in."; "--out"; outPath; "--intermediates"; "--device"; "cpu" ]
                 Expect.equal code 0 $"vct forward failed: {out}\n{err}"
@@ -184,7 +188,7 @@ let tests =
                 src.Dispose()
                 use seg = Vct.VctSegmenter.Load(Path.Combine(dir, "m.safetensors"), Vct.SegmenterOptions(Device = "cpu", Intermediates = true))
                 let x = inputs cfg
-                use r = seg.Segment(x.Images, x.AudioLogMel)
+                use r = seg.Segment(x.Images, logMelOf x)
                 Expect.sequenceEqual r.Masks.shape [| 2L; 64L; 64L |] "masks [T, S, S]"
                 Expect.equal r.Masks.dtype torch.ScalarType.Bool "binary for S4"
                 Expect.sequenceEqual r.Scores.shape [| 2L; 2L; 64L; 64L |] "scores"

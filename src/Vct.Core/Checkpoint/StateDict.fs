@@ -215,5 +215,4 @@ module StateDict =
     /// Saves the state dict of `m` (parameters and persistent buffers) as safetensors, atomically, with
     /// metadata {"format": "pt"} as the reference tools write.
     let save (path: string) (m: torch.nn.Module) =
-        let sd = m.state_dict()
-        Safetensors.write path (readOnlyDict [ "format", "pt" ]) [ for kv in sd -> kv.Key, kv.Value ]
+        VctCheckpoint.write path None false [] [ for kv in m.state_dict () -> kv.Key, kv.Value ]

@@ -49,15 +49,18 @@ type DecoderOutput =
       /// Boolean attention mask used by each layer [BT*h, N, HW] (True = blocked), when requested.
       AttentionMasks: Tensor list }
     member o.Last = List.last o.Predictions
+    interface ITensorOwner with
+        member o.Tensors =
+            seq {
+                for p in o.Predictions do
+                    yield p.Logits
+                    yield p.Masks
+                yield! Option.toList o.AudioFeat
+                yield! Option.toList o.ProtoFeat
+                yield o.Assignment
+                yield! o.AttentionMasks }
     interface IDisposable with
-        member o.Dispose() =
-            for p in o.Predictions do
-                p.Logits.Dispose()
-                p.Masks.Dispose()
-            o.AudioFeat |> Option.iter (fun t -> t.Dispose())
-            o.ProtoFeat |> Option.iter (fun t -> t.Dispose())
-            o.Assignment.Dispose()
-            for m in o.AttentionMasks do m.Dispose()
+        member o.Dispose() = Scope.disposeOwned o
 
 /// The decoder's prediction heads (shared by all predictions, docs/architecture.md §8.6) as pure functions.
 [<RequireQualifiedAccess>]
@@ -135,7 +138,7 @@ type VctDecoder(cfg: VctDecoderConfig, gen: torch.Generator) as this =
         if multiScale.Length <> 3 then invalidArg (nameof multiScale) $"expected 3 multi-scale maps, got {multiScale.Length}"
         Shape.requireRank (nameof audio) 4 audio
         let keepMasks = defaultArg keepMasks false
-        use scope = torch.NewDisposeScope()
+        Scope.runOwner (fun () ->
         let bt = audio.shape[0]
         let levels = Array.append [| audio |] multiScale
         let sizes = levels |> Array.map (fun x -> x.shape[2], x.shape[3])
@@ -174,11 +177,10 @@ type VctDecoder(cfg: VctDecoderConfig, gen: torch.Generator) as this =
                 let normalise (x: Tensor) = x / x.norm(-1, keepdim = true)   // NOTE: no epsilon, as the official code
                 Some(normalise (a.call (audio.mean([| 2L; 3L |])))), Some(normalise (p.call (protos.transpose(0L, 1L))))
             | _ -> None, None
-        let keep (t: Tensor) = t.MoveToOuterDisposeScope()
-        { Predictions = [ for p in predictions -> { Logits = keep p.Logits; Masks = keep p.Masks } ]
-          AudioFeat = fst feats |> Option.map keep
-          ProtoFeat = snd feats |> Option.map keep
-          Assignment = keep vq.Assignment
-          AttentionMasks = [ for m in masks -> keep m ] }
+        { Predictions = List.ofSeq predictions
+          AudioFeat = fst feats
+          ProtoFeat = snd feats
+          Assignment = vq.Assignment
+          AttentionMasks = List.ofSeq masks })
 
     override this.forward(audio, multiScale, maskFeatures) = this.Forward(audio, multiScale, maskFeatures)

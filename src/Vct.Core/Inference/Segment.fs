@@ -3,17 +3,6 @@ namespace Vct.Core
 open System
 open TorchSharp
 
-/// One video to segment: frames, audio examples and, for pre-SAM models, the mask images.
-type VideoInput =
-    { /// RGB frames [T, 3, H, W], 0..255.
-      Frames: Tensor
-      /// VGGish log-mel examples [T_a, 1, 96, 64] (T_a = T for S4/MS3; 10 for AVSS with TemporalFlags).
-      AudioLogMel: Tensor
-      /// Semantic-SAM mask images [T, 3, H, W], 0..255 (models with the pre-SAM branch).
-      PreMasks: Tensor option
-      /// AVSS `vid_temporal_mask_flag` [T_a].
-      TemporalFlags: Tensor option }
-
 /// Maps people want to look at, on request.
 type SegmentationMaps =
     { /// PPQG: the query each mask-feature pixel is assigned to, int64 [T, H/4, W/4].
@@ -32,62 +21,84 @@ type Segmentation =
       /// Class probabilities of the queries [T, N, C+1] (softmax of the last prediction's logits).
       ClassProbabilities: Tensor
       Maps: SegmentationMaps option }
+    interface ITensorOwner with
+        member s.Tensors =
+            seq {
+                yield s.Scores
+                yield s.Masks
+                yield s.ClassProbabilities
+                match s.Maps with
+                | Some m ->
+                    yield m.PixelToQuery
+                    yield! m.AttentionMasks
+                    yield! Option.toList m.PrototypeSimilarity
+                | None -> () }
     interface IDisposable with
-        member s.Dispose() =
-            s.Scores.Dispose()
-            s.Masks.Dispose()
-            s.ClassProbabilities.Dispose()
-            match s.Maps with
-            | Some m ->
-                m.PixelToQuery.Dispose()
-                for t in m.AttentionMasks do t.Dispose()
-                m.PrototypeSimilarity |> Option.iter (fun t -> t.Dispose())
-            | None -> ()
+        member s.Dispose() = Scope.disposeOwned s
+
+/// Side of the semantic output.
+[<RequireQualifiedAccess>]
+type OutputSize =
+    /// The model's OutputSize (224 for the released models, hard-coded in the official code for comparability).
+    | Model
+    /// Height and width (evaluation at the ground truth's size, masks at the source resolution).
+    | Size of height: int64 * width: int64
 
 /// Inference options.
 type SegmentOptions =
     { /// Return the PPQG assignment, attention masks and prototype similarities.
       Intermediates: bool
-      /// Output side; None = the model's OutputSize (224 for the released models, as the official code).
-      OutputSize: int64 option }
-    static member Default = { Intermediates = false; OutputSize = None }
+      OutputSize: OutputSize }
+    static member Default = { Intermediates = false; OutputSize = OutputSize.Model }
 
-/// The one inference pipeline: model inputs -> scores, masks, class probabilities and optional maps. Every
-/// caller that segments (the API, the video path, `vct forward`'s users) goes through `Segment.run`.
+/// The one inference pipeline: model inputs -> scores, masks, class probabilities and optional maps. Every caller
+/// that segments goes through `Segment.run`: the API and C# facade, the video path, evaluation, the trainer's
+/// validation and the main job's overlays; `vct forward` runs the model itself and turns its output with
+/// `Segment.ofOutput`.
 [<RequireQualifiedAccess>]
 module Segment =
-    /// Segments one video: no gradients, eval mode; inputs are moved to the model's device, results to the CPU.
-    let run (model: VctModel) (options: SegmentOptions) (video: VideoInput) : Segmentation =
+    /// The segmentation of a forward pass's output (official `VCT.semantic_inference` in `vct/VCT.py`): the last
+    /// prediction's mask logits upsampled to the padded input, class-weighted, resized to the output size; AVSS
+    /// scores multiplied by the frames' `vid_temporal_mask_flag` (frame i by flag i, as the official code, which
+    /// indexes the 10-entry vector by the frame index: x1 for the real frames of one video). Results on the CPU.
+    let ofOutput (model: VctModel) (options: SegmentOptions) (flags: Tensor option) (out: VctOutput) : Segmentation =
+        Scope.runOwner (fun () ->
+            let last = out.Decoder.Last
+            let t = last.Masks.shape[0]
+            let size =
+                match options.OutputSize with
+                | OutputSize.Model -> model.Config.OutputSize, model.Config.OutputSize
+                | OutputSize.Size(h, w) -> h, w
+            let scores = VctMath.semanticInference out.InputSize size last.Logits last.Masks
+            let scores =
+                match flags with
+                | Some f when model.Config.Subset.Preset.TemporalFlags && f.shape[0] >= t ->
+                    scores * f.``to``(scores.device).narrow(0L, 0L, t).to_type(scores.dtype).view(-1L, 1L, 1L, 1L)
+                | _ -> scores
+            let masks =
+                match model.Config.Subset.Preset.Evaluation with
+                | EvaluationKind.Semantic -> VctMath.labelMaps scores
+                | EvaluationKind.Binary -> VctMath.binaryMasks scores
+            let maps =
+                if options.Intermediates then
+                    let mh, mw = last.Masks.shape[2], last.Masks.shape[3]
+                    let similarity =
+                        match out.Decoder.AudioFeat, out.Decoder.ProtoFeat with
+                        | Some a, Some p -> Some(p.bmm(a.unsqueeze(2L)).squeeze(2L).cpu())
+                        | _ -> None
+                    Some { PixelToQuery = out.Decoder.Assignment.argmax(2L).reshape(t, mh, mw).cpu()
+                           AttentionMasks = [ for m in out.Decoder.AttentionMasks -> m.cpu() ]
+                           PrototypeSimilarity = similarity }
+                else None
+            { Scores = scores.cpu(); Masks = masks.cpu(); ClassProbabilities = last.Logits.softmax(-1L).cpu(); Maps = maps })
+
+    /// Segments the frames of `inputs` (one video, or several concatenated): no gradients, eval mode; inputs are
+    /// moved to the model's device, results to the CPU.
+    let run (model: VctModel) (options: SegmentOptions) (inputs: VctInputs) : Segmentation =
         use _ = torch.no_grad ()
-        use scope = torch.NewDisposeScope()
         model.eval ()
         let device = (Seq.head (model.parameters ())).device
-        let inputs =
-            { Images = video.Frames.``to``(device)
-              PreMasks = video.PreMasks |> Option.map (fun m -> m.``to``(device))
-              AudioLogMel = video.AudioLogMel.``to``(device)
-              TemporalFlags = video.TemporalFlags }
-        use out = model.Forward(inputs, keepMasks = options.Intermediates)
-        let size = defaultArg options.OutputSize model.Config.OutputSize
-        let last = out.Decoder.Last
-        let scores = VctMath.semanticInference out.InputSize (size, size) last.Logits last.Masks
-        let masks =
-            match model.Config.Subset with
-            | Subset.AVSS -> VctMath.labelMaps scores
-            | _ -> VctMath.binaryMasks scores
-        let maps =
-            if options.Intermediates then
-                let t = video.Frames.shape[0]
-                let mh, mw = last.Masks.shape[2], last.Masks.shape[3]
-                let similarity =
-                    match out.Decoder.AudioFeat, out.Decoder.ProtoFeat with
-                    | Some a, Some p -> Some(p.bmm(a.unsqueeze(2L)).squeeze(2L).cpu().MoveToOuterDisposeScope())
-                    | _ -> None
-                Some { PixelToQuery = out.Decoder.Assignment.argmax(2L).reshape(t, mh, mw).cpu().MoveToOuterDisposeScope()
-                       AttentionMasks = [ for m in out.Decoder.AttentionMasks -> m.cpu().MoveToOuterDisposeScope() ]
-                       PrototypeSimilarity = similarity }
-            else None
-        { Scores = scores.cpu().MoveToOuterDisposeScope()
-          Masks = masks.cpu().MoveToOuterDisposeScope()
-          ClassProbabilities = last.Logits.softmax(-1L).cpu().MoveToOuterDisposeScope()
-          Maps = maps }
+        Scope.runOwner (fun () ->
+            let inputs = { inputs with Images = inputs.Images.``to``(device); PreMasks = inputs.PreMasks |> Option.map (fun m -> m.``to``(device)) }
+            use out = model.Forward(inputs, keepMasks = options.Intermediates)
+            ofOutput model options inputs.TemporalFlags out)

@@ -5,6 +5,12 @@ open TorchSharp
 /// The tensor type used throughout Vct.
 type Tensor = torch.Tensor
 
+/// A result record that owns tensors. `Tensors` names every one of them once: a scope moves exactly these out
+/// (`Scope.runOwner`) and `Dispose` frees exactly these, so the two lists can never disagree.
+type ITensorOwner =
+    inherit System.IDisposable
+    abstract Tensors: Tensor seq
+
 /// Dispose scopes: temporaries die with the scope, only the result leaves it.
 [<RequireQualifiedAccess>]
 module Scope =
@@ -13,6 +19,17 @@ module Scope =
         use scope = torch.NewDisposeScope()
         let result = f ()
         result.MoveToOuterDisposeScope()
+
+    /// Runs `f` in a new dispose scope and moves every tensor its result owns to the enclosing scope; the other
+    /// tensors `f` made die with the scope.
+    let runOwner (f: unit -> 'T) : 'T when 'T :> ITensorOwner =
+        use scope = torch.NewDisposeScope()
+        let result = f ()
+        for t in result.Tensors do t.MoveToOuterDisposeScope() |> ignore
+        result
+
+    /// Disposes every tensor an owner holds (the body of an `ITensorOwner`'s `Dispose`).
+    let disposeOwned (owner: ITensorOwner) = for t in owner.Tensors do t.Dispose()
 
     /// Runs `f` in a new dispose scope; `f` returns plain .NET values (no tensors survive).
     let runValue (f: unit -> 'T) : 'T =

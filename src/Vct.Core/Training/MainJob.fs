@@ -200,19 +200,15 @@ module TrainJob =
             // Overlays of the first validation videos.
             use _ = torch.no_grad ()
             use audio = new TrainData.AudioCache(model)
-            let device = (Seq.head (model.parameters ())).device
             let rows =
                 [ for r in valr |> Array.truncate 3 ->
                       let v = Avsbench.loadVideo { LoadOptions.Default with FrameSize = None } r
                       let frames = Batch.frames v.Frames
-                      let t = frames.shape[0]
-                      use out =
-                          model.Forward({ Images = frames.``to``(device); PreMasks = None
-                                          AudioLogMel = torch.zeros(t, 1L, 96L, 64L); TemporalFlags = None },
-                                        audioMaps = (audio.FrameMaps r).``to``(device))
                       let gt = Batch.labels v.Masks
-                      let scores = VctMath.semanticInference out.InputSize (gt.shape[1], gt.shape[2]) out.Decoder.Last.Logits out.Decoder.Last.Masks
-                      let pred = if subset = Subset.AVSS then VctMath.labelMaps(scores).gt(0L.AsScalar) else VctMath.binaryMasks scores
+                      use seg =
+                          Segment.run model { SegmentOptions.Default with OutputSize = OutputSize.Size(gt.shape[1], gt.shape[2]) }
+                              { Images = frames; PreMasks = None; Audio = AudioInput.Maps(audio.FrameMaps r) }
+                      let pred = if subset = Subset.AVSS then seg.Masks.gt(0L.AsScalar) else seg.Masks
                       let gtFrames = frames.index_select(0L, torch.tensor(r.MaskFrames |> Array.map int64))
                       let predFrames = pred.cpu().index_select(0L, torch.tensor(r.MaskFrames |> Array.map int64))
                       gtFrames, predFrames, gt.gt(0L.AsScalar).logical_and(gt.ne(255L.AsScalar)) ]

@@ -137,7 +137,6 @@ module Trainer =
         let evaluator = Metrics.evaluator subset MetricVariant.Vct (int model.Config.NumClasses)
         use _ = torch.no_grad ()
         model.eval ()
-        let device = (Seq.head (model.parameters ())).device
         // Videos are decoded ahead by `workers` background threads (0: on this thread); the finalizer gate makes
         // their allocations safe for this thread's LibTorch calls (see FinalizerGate). Nested in a training run's
         // gate, its pulses are the run's.
@@ -158,14 +157,12 @@ module Trainer =
                 // A shuffled clip of another length: repeat or cut to this video's frame count.
                 let maps = if maps.shape[0] = t then maps else maps.index_select(0L, torch.arange(t.AsScalar, dtype = torch.int64).remainder(maps.shape[0].AsScalar))
                 let inputs =
-                    { Images = frames.``to``(device)
-                      PreMasks = (if v.PreMasks.Length > 0 then Some((Batch.frames v.PreMasks).``to``(device)) else None)
-                      AudioLogMel = torch.zeros(t, 1L, 96L, 64L, device = device); TemporalFlags = None }
-                use out = model.Forward(inputs, audioMaps = maps.``to``(device))
+                    { Images = frames
+                      PreMasks = (if v.PreMasks.Length > 0 then Some(Batch.frames v.PreMasks) else None)
+                      Audio = AudioInput.Maps maps }
                 let gt = Batch.labels v.Masks
-                let gh, gw = gt.shape[1], gt.shape[2]
-                let last = out.Decoder.Last
-                let scores = VctMath.semanticInference out.InputSize (gh, gw) last.Logits last.Masks
+                use seg = Segment.run model { SegmentOptions.Default with OutputSize = OutputSize.Size(gt.shape[1], gt.shape[2]) } inputs
+                let scores = seg.Scores
                 // Frames with GT only (S4/MS3 val/test annotate every frame; AVSS by the gt flags).
                 let gtFrames = v.Record.MaskFrames
                 let scores = if int64 gtFrames.Length = t then scores else scores.index_select(0L, torch.tensor(gtFrames |> Array.map int64))
@@ -179,15 +176,16 @@ module Trainer =
     /// precision), in one atomic safetensors file.
     let saveState (path: string) (cfg: TrainConfig) (model: VctModel) (criterion: Criterion) (opt: Modules.AdamW) (scaler: GradScaler option)
                   (iteration: int) (bestMJ: float) (bestIt: int) =
-        let meta = Dictionary<string, string>()
-        meta["format"] <- "pt"
-        meta["vct_config"] <- ConfigJson.toText cfg.Model
-        meta["iteration"] <- string iteration
-        meta["best_mj"] <- bestMJ.ToString("R", Globalization.CultureInfo.InvariantCulture)
-        meta["best_iteration"] <- string bestIt
-        scaler |> Option.iter (fun s ->
-            meta["amp_scale"] <- s.Scale.ToString("R", Globalization.CultureInfo.InvariantCulture)
-            meta["amp_growth_tracker"] <- string s.GrowthTracker)
+        let invariant (x: float) = x.ToString("R", Globalization.CultureInfo.InvariantCulture)
+        let meta =
+            [ yield "iteration", string iteration
+              yield "best_mj", invariant bestMJ
+              yield "best_iteration", string bestIt
+              match scaler with
+              | Some s ->
+                  yield "amp_scale", invariant s.Scale
+                  yield "amp_growth_tracker", string s.GrowthTracker
+              | None -> () ]
         // The step's freed activations back to the OS first: the released presets come close to 24 GB otherwise.
         Runtime.trimNativeHeap ()
         use optTensor = Optim.stateTensor opt
@@ -195,15 +193,12 @@ module Trainer =
             [ for kv in model.state_dict () -> kv.Key, kv.Value
               for kv in criterion.state_dict () -> "criterion." + kv.Key, kv.Value
               yield "optimizer_state", optTensor ]
-        Safetensors.write path meta tensors
+        VctCheckpoint.write path (Some(ConfigJson.toText cfg.Model)) false meta tensors
 
     /// Restores what `saveState` wrote; returns (iteration, best M_J, best iteration).
     let loadState (path: string) (model: VctModel) (criterion: Criterion) (opt: Modules.AdamW) : int * float * int =
         use f = Safetensors.read path
-        let get (k: string) =
-            match f.Metadata.TryGetValue k with
-            | true, v -> v
-            | _ -> raise (InvalidDataException $"{path}: not a Vct training checkpoint (no '{k}' in its metadata)")
+        let get = VctCheckpoint.requireMeta "Vct training checkpoint" path f
         // The metadata first: a malformed checkpoint is refused before anything is loaded.
         let number (k: string) =
             match Double.TryParse(get k, Globalization.NumberStyles.Float, Globalization.CultureInfo.InvariantCulture) with
@@ -317,9 +312,7 @@ module Trainer =
                     else None
                 let maps = torch.cat([| for r in rs -> (audio.FrameMaps r).index_select(0L, pick r) |], 0L)
                 let n = frames.shape[0]
-                let inputs =
-                    { Images = frames.``to``(device); PreMasks = preMasks
-                      AudioLogMel = torch.zeros(n, 1L, 96L, 64L, device = device); TemporalFlags = None }
+                let inputs = { Images = frames.``to``(device); PreMasks = preMasks; Audio = AudioInput.Maps(maps.``to``(device)) }
                 let supervision =
                     match subset with
                     | Subset.S4 -> Supervision.s4 n 1L (rs |> Array.collect (fun r -> Array.create r.MaskFrames.Length r.CategoryLabel))
@@ -330,7 +323,7 @@ module Trainer =
                 use losses =
                     BatchSlice.within slice (fun () ->
                         Amp.within autocast (fun () ->
-                            let out = model.Forward(inputs, audioMaps = maps.``to``(device))
+                            let out = model.Forward inputs
                             criterion.Compute(out.Decoder, targets[k], supervision, uniform)))
                 let total = (if losses.Total.dtype = torch.float32 then losses.Total else losses.Total.to_type(torch.float32)).item<float32> () |> float
                 for kv in losses.Values do
@@ -565,9 +558,7 @@ module Trainer =
                         else None
                     let maps = torch.cat([| for r in records -> (audio.FrameMaps r).index_select(0L, pick r) |], 0L)
                     let n = frames.shape[0]
-                    let inputs =
-                        { Images = frames.``to``(device); PreMasks = preMasks
-                          AudioLogMel = torch.zeros(n, 1L, 96L, 64L, device = device); TemporalFlags = None }
+                    let inputs = { Images = frames.``to``(device); PreMasks = preMasks; Audio = AudioInput.Maps(maps.``to``(device)) }
                     // One label map per annotated frame, in frame order.
                     let targets =
                         [| for v in videos do
@@ -582,7 +573,7 @@ module Trainer =
                         | Subset.AVSS -> Supervision.avss (Array.create (int n) 1)
                     use losses =
                         Amp.within autocast (fun () ->
-                            let out = model.Forward(inputs, audioMaps = maps.``to``(device))
+                            let out = model.Forward inputs
                             criterion.Compute(out.Decoder, targets, supervision, pointGen))
                     let total = (if losses.Total.dtype = torch.float32 then losses.Total else losses.Total.to_type(torch.float32)).item<float32> () |> float
                     if Double.IsFinite total then

@@ -230,7 +230,7 @@ module VideoSegmentation =
             match preMasks with
             | Some dir when model.Config.UsePreSam -> Some(Batch.frames (frames |> Array.map (fun (_, n) -> readPreMask dir n size)))
             | _ -> None
-        let input = { Frames = x; AudioLogMel = examples; PreMasks = pre; TemporalFlags = None }
+        let input = { Images = x; PreMasks = pre; Audio = AudioInput.LogMel(examples, None) }
         use seg = Segment.run model SegmentOptions.Default input
         pre |> Option.iter (fun p -> p.Dispose())
         seg.Scores.clone(), images
