@@ -16,6 +16,6 @@ internal static class ModelLoading
         var path = VctWeights.Resolve(checkpoint);
         VctRuntime.Initialize();
         var (model, report) = Inference.loadModel(path, VctTypeConversions.OptRef(subset?.ToCore()), VctRuntime.ResolveDevice(device)).ToValueTuple();
-        return (model, CheckpointLoadReport.Of(report), path);
+        return (model, report.FromCore(), path);
     }
 }

@@ -18,14 +18,6 @@ public sealed record AudioExampleOptions
     public bool OfficialInt16 { get; init; }
     /// <summary>Compute the STFT in float32 (faster, about 1e-4 from the reference) instead of float64.</summary>
     public bool Float32Stft { get; init; }
-
-    internal ExampleOptions ToCore()
-    {
-        var d = ExampleOptions.Default(VctTypeConversions.ToAudioRule(Subset));
-        return new ExampleOptions(d.Subset, ZeroPadShortClips ? ShortClip.ZeroPad : ShortClip.Error,
-            OfficialInt16 ? SampleScaling.OfficialInt16 : SampleScaling.Exact,
-            Float32Stft ? torch.ScalarType.Float32 : torch.ScalarType.Float64);
-    }
 }
 
 /// <summary>The VGGish examples of one audio file; owns the tensor, dispose to free it.</summary>

@@ -93,7 +93,7 @@ public static class VctCheckpoints
         using (model)
         {
             ModelIO.save(output, model);
-            return new ConversionResult(output, ModelIO.configPathOf(output), CheckpointLoadReport.Of(report));
+            return new ConversionResult(output, ModelIO.configPathOf(output), report.FromCore());
         }
     }
 

@@ -148,7 +148,7 @@ public sealed class VctSegmenter : IDisposable
         var outs = outputs ?? new PredictOutputOptions();
         var core = new Core.Video.PredictOutputs(outputFolder, outs.SaveScores, outs.Overlay, CheckpointPath, DeviceName);
         var prog = progress is null ? FSharpOption<IProgress<Core.Video.VideoProgress>>.None
-            : FSharpOption<IProgress<Core.Video.VideoProgress>>.Some(new SyncProgress<Core.Video.VideoProgress>(p => progress.Report(VideoProgress.Of(p))));
+            : FSharpOption<IProgress<Core.Video.VideoProgress>>.Some(new SyncProgress<Core.Video.VideoProgress>(p => progress.Report(p.FromCore())));
         var w = warn ?? (line => Console.Error.WriteLine(line));
         var r = Core.Video.Predict.run(_model, opts.ToCore(_options), input.ToCore(), core, prog, FuncConvert.FromAction(w), cancellationToken);
         return new PredictSummary(r.OutputDir, r.Frames, r.Interrupted, FSharpOption<string>.get_IsSome(r.Overlay) ? r.Overlay.Value : null,
@@ -189,8 +189,6 @@ public sealed record PredictInput
     public static PredictInput FromVideo(string path) => new(path, null);
     /// <summary>Image files in this order (set <see cref="VideoOptions.Audio"/>).</summary>
     public static PredictInput FromImages(IEnumerable<string> paths) => new(null, paths.ToList());
-    internal Core.Video.FrameSource ToCore() =>
-        Video is not null ? Core.Video.FrameSource.NewVideoFile(Video) : Core.Video.FrameSource.NewImages(ListModule.OfSeq(Images!));
 }
 
 /// <summary>Options of video segmentation.</summary>
@@ -206,13 +204,6 @@ public sealed record VideoOptions
     public bool SilenceWhenNoAudio { get; init; }
     /// <summary>A folder of Semantic-SAM mask images by frame name (<c>NNNNNN_mask_color.png</c> or <c>&lt;image name&gt;_mask_color.png</c>).</summary>
     public string? PreMasks { get; init; }
-
-    internal Core.Video.VideoOptions ToCore(SegmenterOptions segmenter) => new(
-        Fps, BatchFrames,
-        Audio is null ? FSharpOption<string>.None : FSharpOption<string>.Some(Audio),
-        SilenceWhenNoAudio ? Core.Video.AudioMissing.Silence : Core.Video.AudioMissing.Refuse,
-        PreMasks is null ? FSharpOption<string>.None : FSharpOption<string>.Some(PreMasks),
-        segmenter.MissingMasks.ToCore());
 }
 
 /// <summary>What <see cref="VctSegmenter.Predict"/> writes besides the masks and summary.json.</summary>
@@ -229,10 +220,7 @@ public sealed record PredictOutputOptions
 /// <param name="TotalFrames">Estimated total (0 when unknown).</param>
 /// <param name="Elapsed">Time since the start.</param>
 /// <param name="FramesPerSecond">Average rate so far.</param>
-public sealed record VideoProgress(int Frames, int TotalFrames, TimeSpan Elapsed, double FramesPerSecond)
-{
-    internal static VideoProgress Of(Core.Video.VideoProgress p) => new(p.Frames, p.TotalFrames, p.Elapsed, p.FramesPerSecond);
-}
+public sealed record VideoProgress(int Frames, int TotalFrames, TimeSpan Elapsed, double FramesPerSecond);
 
 /// <summary>What a <see cref="VctSegmenter.Predict"/> run wrote.</summary>
 /// <param name="OutputFolder">The folder.</param>
@@ -376,12 +364,6 @@ public sealed record CheckpointLoadReport(IReadOnlyList<string> Loaded, IReadOnl
     public override string ToString() =>
         $"loaded {Loaded.Count} tensors; missing {Missing.Count}, unexpected {Unexpected.Count}, " +
         $"shape-mismatched {ShapeMismatched.Count}, dropped {Dropped.Count}, converted {Converted.Count}";
-
-    internal static CheckpointLoadReport Of(Core.Checkpoint.LoadReport r) => new(
-        r.Loaded.ToList(), r.Missing.ToList(), r.Unexpected.ToList(),
-        r.ShapeMismatched.Select(m => $"{m.Key}: model [{string.Join(", ", m.Expected)}], file [{string.Join(", ", m.Got)}]").ToList(),
-        r.Dropped.ToList(), r.Converted.Select(c => $"{c.Key}: {c.From} -> {c.To}").ToList(),
-        r.DtypeMismatched.Select(m => $"{m.Key}: model {m.Expected}, file {m.Got}").ToList());
 }
 
 /// <summary>The VGGish examples of an audio file ([T_a, 1, 96, 64]) and, for AVSS, the temporal flags; owns both tensors.</summary>

@@ -140,7 +140,7 @@ public sealed class VctTrainingJob : IDisposable
     {
         ArgumentNullException.ThrowIfNull(options);
         VctRuntime.Initialize();
-        var o = VctTrainer.ToCore(options, VctRuntime.ResolveDevice(options.Device));
+        var o = options.ToCore(VctRuntime.ResolveDevice(options.Device));
         var iterations = VctTrainer.Config(o).Iterations;
         var par = DistributedOptions.Create(options.Distributed == DistributedMode.Mpi ? "mpi" : "none", options.Accumulate,
             options.OfficialEvalMean, options.CollectiveTimeout.TotalSeconds);
@@ -231,7 +231,7 @@ public static class VctTrainer
     public static int PlannedIterations(TrainOptions options)
     {
         ArgumentNullException.ThrowIfNull(options);
-        return Config(ToCore(options, VctRuntime.ResolveDevice("cpu"))).Iterations;
+        return Config(options.ToCore(VctRuntime.ResolveDevice("cpu"))).Iterations;
     }
 
     /// <summary>
@@ -256,15 +256,4 @@ public static class VctTrainer
 
     internal static TrainConfig Config(TrainJobOptions o) =>
         TrainJob.config(o.Preset, o.Preset == "tiny" ? Core.Subset.S4 : Core.Subset.Parse(o.Preset), o);
-
-    internal static TrainJobOptions ToCore(TrainOptions o, TorchSharp.torch.Device device)
-    {
-        if (!Enum.IsDefined(o.Preset)) throw new ArgumentException($"Preset must be Tiny, S4, MS3 or AVSS, got '{o.Preset}'", nameof(o));
-        var preset = o.Preset.ToString().ToLowerInvariant();
-        var name = string.IsNullOrWhiteSpace(o.Name) ? $"{preset}-{DateTime.Now:yyyyMMdd-HHmmss}" : o.Name;
-        return new TrainJobOptions(preset, VctTypeConversions.OptText(o.Data), o.RunsFolder, name, VctTypeConversions.Opt(o.Iterations),
-            VctTypeConversions.Opt(o.BatchVideos), VctTypeConversions.Opt(o.LearningRate), o.Seed, o.Resume, device, o.Workers,
-            VctTypeConversions.Opt(o.EvalPeriod), VctTypeConversions.OptText(o.SwinWeights), VctTypeConversions.OptText(o.VggishWeights),
-            o.MissingMasks.ToCore(), o.MixedPrecision);
-    }
 }

@@ -119,6 +119,40 @@ internal static class VctTypeConversions
             throw new NotSupportedException($"precision {p} is not supported yet on {device}: this build of Vct.Core runs inference in float32 only (use Float32 / --precision fp32)");
     }
 
+    // Options and results of the facade's classes.
+    internal static Core.Audio.ExampleOptions ToCore(this AudioExampleOptions o)
+    {
+        var d = Core.Audio.ExampleOptions.Default(ToAudioRule(o.Subset));
+        return new Core.Audio.ExampleOptions(d.Subset, o.ZeroPadShortClips ? Core.Audio.ShortClip.ZeroPad : Core.Audio.ShortClip.Error,
+            o.OfficialInt16 ? Core.Audio.SampleScaling.OfficialInt16 : Core.Audio.SampleScaling.Exact,
+            o.Float32Stft ? TorchSharp.torch.ScalarType.Float32 : TorchSharp.torch.ScalarType.Float64);
+    }
+
+    internal static Core.Video.FrameSource ToCore(this PredictInput i) =>
+        i.Video is not null ? Core.Video.FrameSource.NewVideoFile(i.Video) : Core.Video.FrameSource.NewImages(ListModule.OfSeq(i.Images!));
+
+    internal static Core.Video.VideoOptions ToCore(this VideoOptions o, SegmenterOptions segmenter) => new(
+        o.Fps, o.BatchFrames, OptRef(o.Audio), o.SilenceWhenNoAudio ? Core.Video.AudioMissing.Silence : Core.Video.AudioMissing.Refuse,
+        OptRef(o.PreMasks), segmenter.MissingMasks.ToCore());
+
+    internal static VideoProgress FromCore(this Core.Video.VideoProgress p) => new(p.Frames, p.TotalFrames, p.Elapsed, p.FramesPerSecond);
+
+    internal static CheckpointLoadReport FromCore(this Core.Checkpoint.LoadReport r) => new(
+        r.Loaded.ToList(), r.Missing.ToList(), r.Unexpected.ToList(),
+        r.ShapeMismatched.Select(m => $"{m.Key}: model [{string.Join(", ", m.Expected)}], file [{string.Join(", ", m.Got)}]").ToList(),
+        r.Dropped.ToList(), r.Converted.Select(c => $"{c.Key}: {c.From} -> {c.To}").ToList(),
+        r.DtypeMismatched.Select(m => $"{m.Key}: model {m.Expected}, file {m.Got}").ToList());
+
+    internal static Core.Training.TrainJobOptions ToCore(this TrainOptions o, TorchSharp.torch.Device device)
+    {
+        if (!Enum.IsDefined(o.Preset)) throw new ArgumentException($"Preset must be Tiny, S4, MS3 or AVSS, got '{o.Preset}'", nameof(o));
+        var preset = o.Preset.ToString().ToLowerInvariant();
+        var name = string.IsNullOrWhiteSpace(o.Name) ? $"{preset}-{DateTime.Now:yyyyMMdd-HHmmss}" : o.Name;
+        return new Core.Training.TrainJobOptions(preset, OptText(o.Data), o.RunsFolder, name, Opt(o.Iterations), Opt(o.BatchVideos),
+            Opt(o.LearningRate), o.Seed, o.Resume, device, o.Workers, Opt(o.EvalPeriod), OptText(o.SwinWeights), OptText(o.VggishWeights),
+            o.MissingMasks.ToCore(), o.MixedPrecision);
+    }
+
     internal static FSharpOption<T> Opt<T>(T? v) where T : struct => v is T x ? FSharpOption<T>.Some(x) : FSharpOption<T>.None;
     internal static FSharpOption<T> OptRef<T>(T? v) where T : class => v is null ? FSharpOption<T>.None : FSharpOption<T>.Some(v);
     internal static FSharpOption<string> OptText(string? v) => string.IsNullOrWhiteSpace(v) ? FSharpOption<string>.None : FSharpOption<string>.Some(v);
