@@ -14,7 +14,7 @@ open System.IO
 open Plotly.NET
 open TorchSharp
 
-Vct.Core.Runtime.init () |> ignore
+Vct.Core.Platform.Runtime.init () |> ignore
 torch.set_num_threads (min Environment.ProcessorCount 2)
 
 /// The repository root and where the notebooks keep what they make (data, the trained model, chart copies).

@@ -9,6 +9,7 @@ open System.IO
 open System.Threading.Tasks
 open TorchSharp
 open Vct.Core
+open Vct.Core.Platform
 open Vct.Core.Audio
 open Vct.Bench.Harness
 

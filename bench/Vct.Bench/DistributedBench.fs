@@ -8,6 +8,7 @@ open System.Diagnostics
 open System.IO
 open System.Text.Json
 open Vct.Core
+open Vct.Core.Platform
 open Vct.Core.Data
 open Vct.Core.Training
 open Vct.Bench.Harness

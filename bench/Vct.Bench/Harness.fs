@@ -40,7 +40,7 @@ let rssMiB () =
 let trimNative () =
     GC.Collect()
     GC.WaitForPendingFinalizers()
-    Vct.Core.Runtime.trimNativeHeap ()
+    Vct.Core.Platform.Runtime.trimNativeHeap ()
 
 /// Runs `/usr/bin/python3 script args` with the repository's bench/python on the path; returns stdout.
 /// Fails with the script's stderr when it exits non-zero.

@@ -8,7 +8,9 @@ open System.IO
 open System.Text.Json
 open TorchSharp
 open Vct.Core
+open Vct.Core.Platform
 open Vct.Bench.Harness
+open Vct.Core.Fusion
 
 /// Resets the process's peak-RSS counter (Linux: "5" to clear_refs) so VmHWM measures from here.
 let private resetPeak () = try File.WriteAllText("/proc/self/clear_refs", "5"); true with _ -> false

@@ -12,7 +12,7 @@ let suites : (string * (int -> unit)) list =
 
 [<EntryPoint>]
 let main argv =
-    Vct.Core.Runtime.init () |> ignore
+    Vct.Core.Platform.Runtime.init () |> ignore
     let rec parse (names: string list) (repeats: int) args =
         match args with
         | "--repeats" :: n :: rest -> parse names (int n) rest

@@ -11,6 +11,7 @@ open System.IO
 open System.Threading
 open TorchSharp
 open Vct.Core
+open Vct.Core.Platform
 open Vct.Core.Data
 open Vct.Core.Training
 open Vct.Bench.Harness
@@ -50,7 +51,7 @@ let private jobOptions (preset: string) (iterations: int) (batch: int) =
     { Preset = preset; Data = None; RunsDir = Path.GetTempPath(); Name = "bench"; Iterations = Some iterations
       BatchVideos = Some batch; BaseLr = None; Seed = 0; Resume = false; Device = torch.CPU; Workers = Environment.ProcessorCount
       EvalPeriod = Some 1_000_000; SwinWeights = None; VggishWeights = None
-      MissingMasks = Backbone.MissingMasks.BlankMaskImage; Amp = false }
+      MissingMasks = Fusion.MissingMasks.BlankMaskImage; Amp = false }
 
 /// Mean seconds to decode and augment one batch (as the trainer's loader does it) over `batches` batches,
 /// and the RSS growth over them.

@@ -12,6 +12,7 @@ open System.Threading
 open System.Text.Json
 open TorchSharp
 open Vct.Core
+open Vct.Core.Platform
 open Vct.Core.Video
 open Vct.Bench.Harness
 
@@ -97,8 +98,8 @@ let run (repeats: int) =
         use _ = torch.no_grad ()
         use model = new VctModel(VctConfig.Released Subset.S4)
         model.eval ()
-        model.MissingMasks <- Backbone.MissingMasks.BlankMaskImage
-        let opts fps = { VideoOptions.Default with Fps = fps; MissingMasks = Backbone.MissingMasks.BlankMaskImage }
+        model.MissingMasks <- Fusion.MissingMasks.BlankMaskImage
+        let opts fps = { VideoOptions.Default with Fps = fps; MissingMasks = Fusion.MissingMasks.BlankMaskImage }
         [ for video, seconds in [ short, 5; long, secs 60 ] do
             for fps in [ 1.0; 5.0 ] ->
                 let out = Path.Combine(dir, $"out-{seconds}-{fps}")
@@ -114,7 +115,7 @@ let run (repeats: int) =
         use _ = torch.no_grad ()
         use model = new VctModel(VctConfig.Tiny(Subset.S4, 64L, 23L))
         model.eval ()
-        model.MissingMasks <- Backbone.MissingMasks.BlankMaskImage
+        model.MissingMasks <- Fusion.MissingMasks.BlankMaskImage
         [ for name, seconds, rate, overlay in [ "hour1080.mp4", secs 3600, 10, false; "two1080.mp4", secs 120, 25, true ] ->
             let video = Path.Combine(dir, name)
             clip video seconds "1920x1080" rate
@@ -123,7 +124,7 @@ let run (repeats: int) =
             GC.Collect()
             let before = vmRssMiB ()
             printfn "video: memory, %s (overlay %b)" name overlay
-            let r, wall, samples = predict model { VideoOptions.Default with MissingMasks = Backbone.MissingMasks.BlankMaskImage } video out overlay
+            let r, wall, samples = predict model { VideoOptions.Default with MissingMasks = Fusion.MissingMasks.BlankMaskImage } video out overlay
             let at (q: float) =
                 let target = int (q * float r.Frames)
                 samples |> List.filter (fun (f, _) -> f <= target) |> List.map snd |> List.fold max before

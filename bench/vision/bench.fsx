@@ -11,9 +11,10 @@ open System.Diagnostics
 open System.IO
 open TorchSharp
 open Vct.Core.Backbone
+open Vct.Core.Fusion
 open Vct.Core.PixelDecoder
 
-Vct.Core.Runtime.init () |> ignore
+Vct.Core.Platform.Runtime.init () |> ignore
 
 let peakRssMiB () =
     File.ReadAllLines "/proc/self/status"

@@ -108,7 +108,7 @@ public static class VctAudio
         var written = new ConcurrentBag<AudioFileResult>();
         var failures = new ConcurrentBag<AudioFileFailure>();
         // Every worker runs TorchSharp: the finalizer gate is held while they do.
-        Core.FinalizerGate.ParallelForEach(work, Math.Max(1, parallelism), job =>
+        Core.Platform.FinalizerGate.ParallelForEach(work, Math.Max(1, parallelism), job =>
         {
             var (src, dst) = job;
             try

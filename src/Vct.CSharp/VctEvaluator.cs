@@ -73,8 +73,8 @@ public sealed record EvaluationResult(string Checkpoint, VctSplit Split, int Vid
         Directory.CreateDirectory(folder);
         var csv = Path.Combine(folder, "per_video.csv");
         var summary = Path.Combine(folder, "summary.json");
-        Core.AtomicFile.writeAllText(csv, ToCsv());
-        Core.AtomicFile.writeAllText(summary, ToJson());
+        Core.Platform.AtomicFile.writeAllText(csv, ToCsv());
+        Core.Platform.AtomicFile.writeAllText(summary, ToJson());
         return [csv, summary];
     }
 }

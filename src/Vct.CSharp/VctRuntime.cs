@@ -25,7 +25,7 @@ public static class VctRuntime
     /// Prepares TorchSharp's native libraries (idempotent). Every facade entry point calls it; call it
     /// yourself before using TorchSharp directly.
     /// </summary>
-    public static void Initialize() => Vct.Core.Runtime.init();
+    public static void Initialize() => Vct.Core.Platform.Runtime.init();
 
     /// <summary>Versions, default device, thread count and what <see cref="Initialize"/> did.</summary>
     public static RuntimeInfo Info()
@@ -37,17 +37,17 @@ public static class VctRuntime
     }
 
     /// <summary>Resolves "auto", "cpu", "cuda" or "cuda:N" to a TorchSharp device.</summary>
-    public static TorchSharp.torch.Device ResolveDevice(string device) => Vct.Core.Device.parse(device);
+    public static TorchSharp.torch.Device ResolveDevice(string device) => Vct.Core.Platform.Device.parse(device);
 
     /// <summary>Sets the number of intra-op threads LibTorch uses.</summary>
-    public static void SetThreads(int threads) => Vct.Core.Device.setThreads(threads);
+    public static void SetThreads(int threads) => Vct.Core.Platform.Device.setThreads(threads);
 
     /// <summary>
     /// Call just before ending the process from a signal or error handler (<see cref="Environment.Exit"/>): releases
     /// the finalizer gate that running inference and training hold, so that exiting does not wait for them.
     /// </summary>
-    public static void PrepareForExit() => Vct.Core.FinalizerGate.ReleaseForExit();
+    public static void PrepareForExit() => Vct.Core.Platform.FinalizerGate.ReleaseForExit();
 
     /// <summary>Seeds LibTorch (CPU and CUDA); returns a <see cref="System.Random"/> seeded alike.</summary>
-    public static System.Random Seed(long seed) => Vct.Core.Device.seed(seed);
+    public static System.Random Seed(long seed) => Vct.Core.Platform.Device.seed(seed);
 }

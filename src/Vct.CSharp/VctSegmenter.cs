@@ -2,6 +2,7 @@ using Microsoft.FSharp.Collections;
 using Microsoft.FSharp.Core;
 using TorchSharp;
 using Vct.Core;
+using Vct.Core.Platform;
 
 namespace Vct;
 

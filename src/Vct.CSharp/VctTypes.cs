@@ -100,11 +100,11 @@ internal static class VctTypeConversions
     internal static Core.Evaluation.MetricVariant ToCore(this MetricVariant v) =>
         v == MetricVariant.AvsBench ? Core.Evaluation.MetricVariant.AvsBench : Core.Evaluation.MetricVariant.Vct;
 
-    internal static Core.Backbone.MissingMasks ToCore(this MissingMasksPolicy m) => m switch
+    internal static Core.Fusion.MissingMasks ToCore(this MissingMasksPolicy m) => m switch
     {
-        MissingMasksPolicy.Refuse => Core.Backbone.MissingMasks.Refuse,
-        MissingMasksPolicy.Blank => Core.Backbone.MissingMasks.BlankMaskImage,
-        MissingMasksPolicy.Skip => Core.Backbone.MissingMasks.SkipBranch,
+        MissingMasksPolicy.Refuse => Core.Fusion.MissingMasks.Refuse,
+        MissingMasksPolicy.Blank => Core.Fusion.MissingMasks.BlankMaskImage,
+        MissingMasksPolicy.Skip => Core.Fusion.MissingMasks.SkipBranch,
         _ => throw new ArgumentOutOfRangeException(nameof(m), m, "not a missing-masks policy"),
     };
 

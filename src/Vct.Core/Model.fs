@@ -1,13 +1,16 @@
 namespace Vct.Core
 
+open Vct.Core.Platform
 open System
 open TorchSharp
 open type TorchSharp.torch.nn
 open Vct.Core.Audio
 open Vct.Core.Backbone
+open Vct.Core.Fusion
 open Vct.Core.PixelDecoder
 open Vct.Core.QueryGen
 open Vct.Core.Decoder
+open Vct.Core.Layers
 
 /// Every hyper-parameter of a VCT model. `Released` is the paper's Swin-B/384 setting per subset; `Tiny`
 /// keeps every code path at sizes that train on a CPU.

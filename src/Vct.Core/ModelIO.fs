@@ -1,5 +1,6 @@
 namespace Vct.Core
 
+open Vct.Core.Platform
 open System
 open System.Collections.Generic
 open System.IO
@@ -7,9 +8,11 @@ open System.Text.Json
 open System.Text.Json.Nodes
 open TorchSharp
 open Vct.Core.Backbone
+open Vct.Core.Fusion
 open Vct.Core.PixelDecoder
 open Vct.Core.QueryGen
 open Vct.Core.Decoder
+open Vct.Core.Layers
 open Vct.Core.Checkpoint
 
 /// VctConfig <-> JSON (every field written; reading fails naming the missing or malformed field).

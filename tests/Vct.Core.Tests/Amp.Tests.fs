@@ -9,6 +9,7 @@ open Expecto
 open TorchSharp
 open TorchSharp.Modules
 open Vct.Core
+open Vct.Core.Platform
 open Vct.Core.Training
 
 /// A small two-layer model with fixed weights, and a loss of it on fixed inputs.
@@ -217,7 +218,7 @@ let tests =
             let dir = Path.Combine(Path.GetTempPath(), $"vct-amp-cpu-{Guid.NewGuid():N}")
             let cfg = { (TrainJob.config "tiny" Subset.S4 { Preset = "tiny"; Data = None; RunsDir = dir; Name = "r"; Iterations = Some 1; BatchVideos = Some 1
                                                             BaseLr = None; Seed = 1; Resume = false; Device = torch.CPU; Workers = 0; EvalPeriod = None
-                                                            SwinWeights = None; VggishWeights = None; MissingMasks = Backbone.MissingMasks.Refuse; Amp = true }) with Amp = true }
+                                                            SwinWeights = None; VggishWeights = None; MissingMasks = Fusion.MissingMasks.Refuse; Amp = true }) with Amp = true }
             Expect.isTrue cfg.Amp "the preset keeps the option"
             Expect.throwsT<ArgumentException> (fun () -> Trainer.run cfg [||] [||] torch.CPU dir false ignore ignore CancellationToken.None |> ignore) "Trainer.run refuses"
             Expect.isFalse (Directory.Exists dir) "no run directory"
@@ -238,7 +239,7 @@ let tests =
                     TrainJob.config "tiny" Subset.S4
                         { Preset = "tiny"; Data = None; RunsDir = dir; Name = "r"; Iterations = None; BatchVideos = None; BaseLr = None; Seed = 1
                           Resume = false; Device = torch.CPU; Workers = 0; EvalPeriod = None; SwinWeights = None; VggishWeights = None
-                          MissingMasks = Backbone.MissingMasks.Refuse; Amp = false }
+                          MissingMasks = Fusion.MissingMasks.Refuse; Amp = false }
                 use model = new VctModel(cfg.Model)
                 use crit = new Criterion(cfg.Criterion)
                 let settings = Optim.settings cfg.Optim [ "", model :> torch.nn.Module; "criterion", crit :> torch.nn.Module ]

@@ -8,7 +8,9 @@ open FsCheck
 open FsCheck.FSharp
 open TorchSharp
 open Vct.Core
+open Vct.Core.Platform
 open Vct.Core.Audio
+open Vct.Core.Fusion
 
 /// The repository root (Golden.repoRoot).
 let repoRoot = Golden.repoRoot

@@ -5,7 +5,9 @@ open System.IO
 open Expecto
 open TorchSharp
 open Vct.Core
+open Vct.Core.Platform
 open Vct.Core.Backbone
+open Vct.Core.Fusion
 open Vct.Core.PixelDecoder
 open Vct.Core.Tests.VisionGolden
 

@@ -9,6 +9,7 @@ open FsCheck
 open FsCheck.FSharp
 open TorchSharp
 open Vct.Core
+open Vct.Core.Platform
 open Vct.Core.Checkpoint
 
 // ---------------------------------------------------------------------------------------------------

@@ -36,7 +36,7 @@ let tests =
             Expect.equal (r.GetProperty("torchsharp").GetString()) "0.107.0" "TorchSharp version"
             Expect.equal (r.GetProperty("device").GetString()) "cpu" "device honoured"
             Expect.equal (r.GetProperty("threads").GetInt32()) 1 "threads honoured"
-            let mine = Vct.Core.Runtime.init ()
+            let mine = Vct.Core.Platform.Runtime.init ()
             Expect.equal (r.GetProperty("compat_fix_applied").GetBoolean()) mine.CompatFixApplied "same decision as in-process"
             Expect.isNotEmpty (r.GetProperty("compat_fix_reason").GetString()) "a reason"
         }

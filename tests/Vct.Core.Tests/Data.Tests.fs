@@ -1,6 +1,7 @@
 module Vct.Core.Tests.DataTests
 
 open Vct.Core
+open Vct.Core.Platform
 open System
 open System.IO
 open Expecto

@@ -3,7 +3,9 @@ module Vct.Core.Tests.DecoderTests
 open Expecto
 open TorchSharp
 open Vct.Core
+open Vct.Core.Platform
 open Vct.Core.Decoder
+open Vct.Core.Layers
 open Vct.Core.QueryGen
 open Vct.Core.Tests.Golden
 

@@ -4,6 +4,7 @@ open System
 open Expecto
 open TorchSharp
 open Vct.Core
+open Vct.Core.Platform
 
 [<Tests>]
 let tests =

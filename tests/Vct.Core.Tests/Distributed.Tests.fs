@@ -10,6 +10,7 @@ open System.Threading
 open Expecto
 open TorchSharp
 open Vct.Core
+open Vct.Core.Platform
 open Vct.Core.Data
 open Vct.Core.Training
 

@@ -4,6 +4,7 @@ open System
 open System.IO
 open Expecto
 open Vct.Core
+open Vct.Core.Platform
 
 let private torchSharpNative () =
     let report = Runtime.init ()

@@ -8,7 +8,9 @@ open System.IO
 open System.Text.Json.Nodes
 open Expecto
 open Vct.Core
+open Vct.Core.Platform
 open Vct.Core.Data
+open Vct.Core.Checkpoint
 
 /// Runs the built CLI with extra environment variables; fails the test after `timeout` (no hang allowed).
 let runVctEnv (env: (string * string) list) (args: string list) =

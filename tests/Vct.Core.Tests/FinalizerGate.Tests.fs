@@ -6,6 +6,7 @@ open System.Threading
 open Expecto
 open TorchSharp
 open Vct.Core
+open Vct.Core.Platform
 
 /// Counts its own finalization.
 type private Probe(counter: int ref) =

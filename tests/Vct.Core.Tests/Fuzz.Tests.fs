@@ -13,6 +13,7 @@ open FsCheck
 open FsCheck.FSharp
 open TorchSharp
 open Vct.Core
+open Vct.Core.Platform
 open Vct.Core.Audio
 open Vct.Core.Checkpoint
 open Vct.Core.Data

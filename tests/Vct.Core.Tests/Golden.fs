@@ -7,6 +7,7 @@ open System.IO
 open Expecto
 open TorchSharp
 open Vct.Core
+open Vct.Core.Platform
 
 /// The repository root: the first folder above the test program that holds Vct.sln.
 let repoRoot =

@@ -10,6 +10,7 @@ open System.Threading
 open System.Threading.Tasks
 open Expecto
 open Vct.Core
+open Vct.Core.Platform
 open Vct.Core.Audio
 open Vct.Core.Checkpoint
 open Vct.Core.Data

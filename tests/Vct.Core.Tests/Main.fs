@@ -6,7 +6,7 @@ open Expecto.Impl
 /// Runs every [<Tests>] value of this assembly and ends with one line "N passed, N failed, N skipped"
 /// (errored tests count as failed), which CI reads.
 let runAll (argv: string[]) =
-    Vct.Core.Runtime.init () |> ignore
+    Vct.Core.Platform.Runtime.init () |> ignore
     let mutable counts = None
     let printer =
         { TestPrinters.defaultPrinter with

@@ -1,6 +1,7 @@
 module Vct.Core.Tests.MetricsTests
 
 open Vct.Core
+open Vct.Core.Platform
 open System
 open System.IO
 open System.Text.Json

@@ -5,7 +5,9 @@ open System.IO
 open Expecto
 open TorchSharp
 open Vct.Core
+open Vct.Core.Platform
 open Vct.Core.Backbone
+open Vct.Core.Fusion
 
 /// The official manifest of `subset` as key -> "AxB" shape text ("" for scalars).
 let manifest (subset: string) =

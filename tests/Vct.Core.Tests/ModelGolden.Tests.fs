@@ -9,6 +9,7 @@ open System.IO
 open Expecto
 open TorchSharp
 open Vct.Core
+open Vct.Core.Platform
 open Vct.Core.Checkpoint
 open Vct.Core.QueryGen
 

@@ -5,6 +5,7 @@ open System.IO
 open Expecto
 open TorchSharp
 open Vct.Core
+open Vct.Core.Platform
 open Vct.Core.Checkpoint
 
 let private tempDir () =

@@ -4,6 +4,7 @@ open System
 open Expecto
 open TorchSharp
 open Vct.Core
+open Vct.Core.Platform
 open Vct.Core.Training
 
 [<Tests>]

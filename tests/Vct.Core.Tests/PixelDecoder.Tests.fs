@@ -4,7 +4,9 @@ open System
 open Expecto
 open TorchSharp
 open Vct.Core
+open Vct.Core.Platform
 open Vct.Core.Backbone
+open Vct.Core.Fusion
 open Vct.Core.PixelDecoder
 
 let private config = { FsCheckConfig.defaultConfig with maxTest = 40 }

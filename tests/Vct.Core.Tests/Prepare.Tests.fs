@@ -1,6 +1,7 @@
 module Vct.Core.Tests.PrepareTests
 
 open Vct.Core
+open Vct.Core.Platform
 open System
 open System.IO
 open Expecto

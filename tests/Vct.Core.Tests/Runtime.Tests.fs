@@ -6,6 +6,7 @@ open System.IO
 open Expecto
 open TorchSharp
 open Vct.Core
+open Vct.Core.Platform
 
 /// Runs this test program in a child process in mode `mode`, with extra environment variables.
 let runChild (mode: string) (env: (string * string) list) =

@@ -8,6 +8,7 @@ open System.Text.Json
 open System.Threading
 open Expecto
 open Vct.Core
+open Vct.Core.Platform
 open Vct.Core.Data
 
 /// A running `vct` CLI process whose stdout and stderr are drained in the background.

@@ -6,6 +6,7 @@ open System.Threading
 open Expecto
 open TorchSharp
 open Vct.Core
+open Vct.Core.Platform
 open Vct.Core.Data
 open Vct.Core.Training
 
@@ -21,7 +22,7 @@ let private config iterations =
       Criterion = (CriterionConfig.Released Subset.S4).WithNumPoints 64L
       Optim = { OptimConfig.Released with BaseLr = 5e-4 }
       Iterations = iterations; BatchVideos = 2; EvalPeriod = 1000; CheckpointPeriod = 1000
-      Seed = 11; CropSize = 32; ColorJitter = true; Workers = 2; MissingMasks = Backbone.MissingMasks.Refuse; Amp = false }
+      Seed = 11; CropSize = 32; ColorJitter = true; Workers = 2; MissingMasks = Fusion.MissingMasks.Refuse; Amp = false }
 
 let private runTo (dir: string) (iterations: int) (resume: bool) (stopAt: int option) =
     let root = data.Value

@@ -4,7 +4,9 @@ open System
 open Expecto
 open TorchSharp
 open Vct.Core
+open Vct.Core.Platform
 open Vct.Core.Decoder
+open Vct.Core.Layers
 open Vct.Core.Training
 open Vct.Core.Tests.Golden
 

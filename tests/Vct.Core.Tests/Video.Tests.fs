@@ -8,6 +8,7 @@ open System.Threading
 open Expecto
 open TorchSharp
 open Vct.Core
+open Vct.Core.Platform
 open Vct.Core.Data
 open Vct.Core.Evaluation
 open Vct.Core.Training
@@ -37,7 +38,7 @@ let private trained =
                Criterion = (CriterionConfig.Released Subset.S4).WithNumPoints 64L
                Optim = { OptimConfig.Released with BaseLr = 5e-4 }
                Iterations = 40; BatchVideos = 2; EvalPeriod = 1000; CheckpointPeriod = 1000
-               Seed = 5; CropSize = 32; ColorJitter = false; Workers = 1; MissingMasks = Backbone.MissingMasks.Refuse; Amp = false }
+               Seed = 5; CropSize = 32; ColorJitter = false; Workers = 1; MissingMasks = Fusion.MissingMasks.Refuse; Amp = false }
          let train = Avsbench.records Subset.S4 data "train"
          let valr = Avsbench.records Subset.S4 data "val"
          Trainer.run cfg train valr torch.CPU (Path.Combine(dir, "run")) false ignore ignore CancellationToken.None |> ignore

@@ -4,6 +4,7 @@ open System
 open System.IO
 open TorchSharp
 open Vct.Core
+open Vct.Core.Platform
 
 /// Notebook- and CLI-level entry points of the audio path:
 ///   let w = Audio.load "clip.wav"

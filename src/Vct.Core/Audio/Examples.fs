@@ -4,6 +4,7 @@ open System
 open System.IO
 open TorchSharp
 open Vct.Core
+open Vct.Core.Platform
 
 /// What to do with a clip shorter than one example (0.975 s at 16 kHz: 15 600 samples).
 [<RequireQualifiedAccess>]

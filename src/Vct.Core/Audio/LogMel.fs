@@ -3,6 +3,7 @@ namespace Vct.Core.Audio
 open System
 open TorchSharp
 open Vct.Core
+open Vct.Core.Platform
 
 /// VGGish front-end constants (official: torchvggish `vggish_params.py` and `mel_features.py`).
 [<RequireQualifiedAccess>]

@@ -4,6 +4,7 @@ open System
 open System.IO
 open TorchSharp
 open Vct.Core
+open Vct.Core.Platform
 open Vct.Core.Checkpoint
 
 /// The official pre-computed log-mel files: AVSBench `audio_log_mel/.../*.pkl` (S4/MS3, [5,1,96,64]) and

@@ -3,6 +3,7 @@ namespace Vct.Core.Audio
 open System
 open System.IO
 open Vct.Core
+open Vct.Core.Platform
 
 /// Reads audio from WAV directly and from any other container (mp3, flac, ogg, m4a, the audio track of
 /// mp4/mkv/webm) through the `ffmpeg` program when it is installed.

@@ -4,7 +4,8 @@ open System
 open System.IO
 open TorchSharp
 open Vct.Core
-open Vct.Core.Data
+open Vct.Core.Platform
+open Vct.Core.Checkpoint
 
 /// NumPy `.npy` for float32 / float64 tensors, on top of `NpyFile` (the project's one .npy reader and writer).
 [<RequireQualifiedAccess>]

@@ -4,6 +4,7 @@ open System
 open System.Threading.Tasks
 open TorchSharp
 open Vct.Core
+open Vct.Core.Platform
 
 /// A Kaiser-windowed sinc interpolation filter as resampy builds it (reference: resampy 0.4.2
 /// `filters.sinc_window`; the shipped `kaiser_best.npz` table is this function of these parameters).

@@ -4,6 +4,7 @@ open System
 open TorchSharp
 open type TorchSharp.torch.nn
 open Vct.Core
+open Vct.Core.Platform
 
 /// Hyper-parameters of the Swin backbone (reference: swinb.py, SwinTransformer / D2SwinTransformer; config keys
 /// MODEL.SWIN.*). Absolute position embeddings (APE) are not supported: every released config has APE off.

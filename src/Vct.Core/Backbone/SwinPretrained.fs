@@ -4,6 +4,7 @@ open System
 open System.Collections.Generic
 open TorchSharp
 open Vct.Core
+open Vct.Core.Platform
 
 /// What loading an ImageNet Swin checkpoint did to one Swin module.
 type SwinPretrainedReport =

@@ -2,6 +2,7 @@ namespace Vct.Core.Backbone
 
 open TorchSharp
 open Vct.Core
+open Vct.Core.Platform
 
 /// Parameter-free window arithmetic of the Swin backbone
 /// (reference: models/modeling/backbone/swinb.py, window_partition / window_reverse / WindowAttention / BasicLayer).

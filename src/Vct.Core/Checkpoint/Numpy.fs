@@ -3,6 +3,7 @@ namespace Vct.Core.Checkpoint
 open System
 open TorchSharp
 open Vct.Core
+open Vct.Core.Platform
 
 /// Numpy arrays and scalars as pickled by numpy (detectron2 .pkl weights, extra entries of checkpoints).
 /// Reference: numpy/core/src/multiarray/methods.c, `array_reduce` and `array_setstate`;

@@ -6,6 +6,7 @@ open System.IO
 open System.IO.Compression
 open TorchSharp
 open Vct.Core
+open Vct.Core.Platform
 
 /// How a pickled checkpoint file is laid out.
 [<RequireQualifiedAccess>]

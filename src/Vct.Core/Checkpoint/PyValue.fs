@@ -4,6 +4,7 @@ open System
 open System.Collections.Generic
 open System.Numerics
 open Vct.Core
+open Vct.Core.Platform
 
 /// A Python value as read from a pickle. Containers are mutable because the pickle machine fills them
 /// after creation (APPEND, SETITEMS, BUILD), and memoised references share one instance.

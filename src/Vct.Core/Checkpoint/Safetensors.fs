@@ -7,6 +7,7 @@ open System.Text
 open System.Text.Json
 open TorchSharp
 open Vct.Core
+open Vct.Core.Platform
 
 /// Tensors and string metadata of a safetensors file. Disposing it frees the tensors.
 [<Sealed>]

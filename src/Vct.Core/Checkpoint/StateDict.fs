@@ -5,6 +5,7 @@ open System.Collections.Generic
 open System.IO
 open TorchSharp
 open Vct.Core
+open Vct.Core.Platform
 
 /// The file layouts `StateDict.load` reads.
 [<RequireQualifiedAccess>]

@@ -4,6 +4,7 @@ open System
 open System.IO
 open TorchSharp
 open Vct.Core
+open Vct.Core.Platform
 
 /// Raw little-endian tensor bytes: the common ground of every checkpoint format read here.
 [<RequireQualifiedAccess>]

@@ -4,6 +4,7 @@ open System
 open System.Collections.Generic
 open System.IO
 open Vct.Core
+open Vct.Core.Platform
 
 /// The Vct checkpoint format, owned here alone: a safetensors file whose metadata holds {"format": "pt"} (as the
 /// reference tools write it), the model's config JSON under `vct_config` and any further entries (a training

@@ -4,6 +4,7 @@ open System
 open System.IO
 open System.Text
 open Vct.Core
+open Vct.Core.Platform
 open Vct.Core.Audio
 
 /// Which copy of the frames and masks to read.

@@ -6,6 +6,7 @@ open System.Threading
 open System.Threading.Tasks
 open SkiaSharp
 open Vct.Core
+open Vct.Core.Platform
 open Vct.Core.Audio
 
 /// The result of `DataCheck.run`.

@@ -4,6 +4,7 @@ open System
 open System.IO
 open System.Runtime.InteropServices
 open SkiaSharp
+open Vct.Core.Platform
 
 /// An 8-bit image in memory: `Channels` = 3 (RGB) or 1 (grey / label), row-major HWC bytes.
 type Image =
@@ -179,7 +180,7 @@ module ImageIO =
         if isNull data then invalidOp $"{path}: SkiaSharp could not encode the image"
         let dir = Path.GetDirectoryName(Path.GetFullPath path)
         if not (Directory.Exists dir) then Directory.CreateDirectory dir |> ignore
-        Vct.Core.AtomicFile.writeAllBytes path (data.ToArray())
+        Vct.Core.Platform.AtomicFile.writeAllBytes path (data.ToArray())
 
 /// Pure resampling on `Image`.
 [<RequireQualifiedAccess>]

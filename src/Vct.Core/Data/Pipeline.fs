@@ -3,6 +3,7 @@ namespace Vct.Core.Data
 open System
 open TorchSharp
 open Vct.Core
+open Vct.Core.Platform
 
 /// Conversion of decoded images to tensors.
 [<RequireQualifiedAccess>]

@@ -1,6 +1,7 @@
 namespace Vct.Core.Data
 
 open Vct.Core
+open Vct.Core.Platform
 open System
 open System.IO
 

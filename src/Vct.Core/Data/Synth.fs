@@ -1,6 +1,7 @@
 namespace Vct.Core.Data
 
 open Vct.Core
+open Vct.Core.Platform
 open System
 open System.IO
 open System.Text
@@ -203,7 +204,7 @@ module Synth =
     let private writePcm16 (path: string) (samples: float32[]) =
         let dir = Path.GetDirectoryName(Path.GetFullPath path)
         if not (Directory.Exists dir) then Directory.CreateDirectory dir |> ignore
-        Vct.Core.AtomicFile.writeWith path (fun tmp ->
+        Vct.Core.Platform.AtomicFile.writeWith path (fun tmp ->
             use fs = File.Create tmp
             use w = new BinaryWriter(fs)
             let dataBytes = samples.Length * 2
@@ -342,8 +343,8 @@ module Synth =
                         ImageIO.write (Path.Combine(vd, "processed_labels_semantic", $"{t}.png")) (grey o.EvalSize (classMask v t o.EvalSize) 1uy)
                 writePcm16 (Path.Combine(vd, "audio.wav")) wav)
         let csvName = match o.Kind with Subset.S4 -> "s4_meta_data.csv" | Subset.MS3 -> "ms3_meta_data.csv" | Subset.AVSS -> "metadata.csv"
-        Vct.Core.AtomicFile.writeAllText (Path.Combine(dir, csvName)) (csv.ToString())
+        Vct.Core.Platform.AtomicFile.writeAllText (Path.Combine(dir, csvName)) (csv.ToString())
         if o.Kind = Subset.AVSS then
             let entries = Array.append [| "background" |] names |> Array.mapi (fun i n -> $"  \"{n}\": {i + 1}")
-            Vct.Core.AtomicFile.writeAllText (Path.Combine(dir, "label2idx.json")) ("{\n" + String.Join(",\n", entries) + "\n}\n")
+            Vct.Core.Platform.AtomicFile.writeAllText (Path.Combine(dir, "label2idx.json")) ("{\n" + String.Join(",\n", entries) + "\n}\n")
         { Root = dir; Kind = o.Kind; Videos = videos; CategoryNames = names }

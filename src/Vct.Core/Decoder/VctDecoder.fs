@@ -4,6 +4,8 @@ open System
 open TorchSharp
 open type TorchSharp.torch.nn
 open Vct.Core
+open Vct.Core.Layers
+open Vct.Core.Platform
 open Vct.Core.QueryGen
 open Vct.Core.PixelDecoder
 

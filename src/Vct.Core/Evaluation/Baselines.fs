@@ -1,6 +1,7 @@
 namespace Vct.Core.Evaluation
 
 open Vct.Core
+open Vct.Core.Platform
 open Vct.Core.Data
 
 /// What simple predictors score on a synthetic dataset (val + test videos, at the evaluation size), with the

@@ -3,6 +3,7 @@ namespace Vct.Core.Evaluation
 open System
 open TorchSharp
 open Vct.Core
+open Vct.Core.Platform
 
 /// Which evaluator's conventions to follow.
 [<RequireQualifiedAccess>]

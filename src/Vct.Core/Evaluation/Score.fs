@@ -6,7 +6,9 @@ open System.Text
 open System.Text.Json
 open TorchSharp
 open Vct.Core
+open Vct.Core.Platform
 open Vct.Core.Data
+open Vct.Core.Checkpoint
 
 /// Scoring saved predictions (`vct score`): one `.npy` pair holding all videos, or a folder of per-video pairs.
 [<RequireQualifiedAccess>]

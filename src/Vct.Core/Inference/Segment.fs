@@ -1,5 +1,6 @@
 namespace Vct.Core
 
+open Vct.Core.Platform
 open System
 open TorchSharp
 

@@ -4,6 +4,7 @@ open System
 open TorchSharp
 open type TorchSharp.torch.nn
 open Vct.Core
+open Vct.Core.Platform
 
 /// Multi-scale deformable attention written with grid_sample (docs/architecture.md §6.3; official:
 /// models/modeling/pixel_decoder/ops/functions/ms_deform_attn_func.py, ms_deform_attn_core_pytorch, which is

@@ -4,6 +4,7 @@ open System
 open TorchSharp
 open type TorchSharp.torch.nn
 open Vct.Core
+open Vct.Core.Platform
 
 /// Hyper-parameters of MSDeformAttnPixelDecoder (docs/architecture.md §6.1; official:
 /// models/modeling/pixel_decoder/msdeformattn.py).

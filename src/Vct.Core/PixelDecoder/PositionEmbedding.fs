@@ -3,6 +3,7 @@ namespace Vct.Core.PixelDecoder
 open System
 open TorchSharp
 open Vct.Core
+open Vct.Core.Platform
 
 /// Sine position embedding without padding masks (reference: transformer_decoder/position_encoding.py,
 /// PositionEmbeddingSine with mask None).

@@ -3,6 +3,7 @@ namespace Vct.Core.QueryGen
 open TorchSharp
 open type TorchSharp.torch.nn
 open Vct.Core
+open Vct.Core.Platform
 
 /// Hyper-parameters of the pixel-to-query assignment attention (docs/architecture.md §7.3).
 type AssignConfig =

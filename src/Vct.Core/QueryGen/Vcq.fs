@@ -3,7 +3,8 @@ namespace Vct.Core.QueryGen
 open TorchSharp
 open type TorchSharp.torch.nn
 open Vct.Core
-open Vct.Core.Decoder
+open Vct.Core.Platform
+open Vct.Core.Layers
 
 /// Hyper-parameters of the vision-derived query block (PPQG, docs/architecture.md §7).
 type VcqConfig =

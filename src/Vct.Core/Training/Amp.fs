@@ -6,20 +6,16 @@ open System.Runtime.InteropServices
 open TorchSharp
 open TorchSharp.Modules
 open Vct.Core
+open Vct.Core.Platform
 
 // Native signatures of LibTorch's autocast switches. Every argument and result is passed as an int: c10's
 // DeviceType and ScalarType are int8 enums and C++ bools one byte, which the C calling conventions pass in a
 // full register; results are masked to their low byte where the C++ type is one byte.
-[<UnmanagedFunctionPointer(CallingConvention.Cdecl)>]
-type internal AutocastIntToInt = delegate of int -> int
-[<UnmanagedFunctionPointer(CallingConvention.Cdecl)>]
-type internal AutocastIntIntToUnit = delegate of int * int -> unit
-[<UnmanagedFunctionPointer(CallingConvention.Cdecl)>]
-type internal AutocastIntToUnit = delegate of int -> unit
-[<UnmanagedFunctionPointer(CallingConvention.Cdecl)>]
-type internal AutocastUnitToInt = delegate of unit -> int
-[<UnmanagedFunctionPointer(CallingConvention.Cdecl)>]
-type internal AutocastUnitToUnit = delegate of unit -> unit
+[<UnmanagedFunctionPointer(CallingConvention.Cdecl)>] type internal AutocastIntToInt = delegate of int -> int
+[<UnmanagedFunctionPointer(CallingConvention.Cdecl)>] type internal AutocastIntIntToUnit = delegate of int * int -> unit
+[<UnmanagedFunctionPointer(CallingConvention.Cdecl)>] type internal AutocastIntToUnit = delegate of int -> unit
+[<UnmanagedFunctionPointer(CallingConvention.Cdecl)>] type internal AutocastUnitToInt = delegate of unit -> int
+[<UnmanagedFunctionPointer(CallingConvention.Cdecl)>] type internal AutocastUnitToUnit = delegate of unit -> unit
 
 type internal AutocastNative =
     { IsEnabled: AutocastIntToInt

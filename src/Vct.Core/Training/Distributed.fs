@@ -12,6 +12,7 @@ open TorchSharp
 open type TorchSharp.torch.nn
 open Microsoft.FSharp.NativeInterop
 open Vct.Core
+open Vct.Core.Platform
 
 /// The process group of data-parallel training: the ranks of one job and the collectives the trainer needs.
 /// Every rank calls the same collectives in the same order.

@@ -4,7 +4,9 @@ open System
 open TorchSharp
 open type TorchSharp.torch.nn
 open Vct.Core
+open Vct.Core.Platform
 open Vct.Core.Decoder
+open Vct.Core.Layers
 
 /// What the prototype-audio contrastive loss compares the similarities with (docs/architecture.md §10.6).
 [<RequireQualifiedAccess>]

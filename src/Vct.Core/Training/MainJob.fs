@@ -7,6 +7,7 @@ open System.Text.Json.Nodes
 open System.Threading
 open TorchSharp
 open Vct.Core
+open Vct.Core.Platform
 open Vct.Core.Data
 open Vct.Core.Evaluation
 
@@ -32,7 +33,7 @@ type TrainJobOptions =
       /// torchvggish `vggish-10086976.pth`; a path or a hub reference.
       VggishWeights: string option
       /// For pre-SAM models on data without mask images: Refuse (default), BlankMaskImage or SkipBranch.
-      MissingMasks: Backbone.MissingMasks
+      MissingMasks: Fusion.MissingMasks
       /// Mixed precision (float16 autocast + dynamic loss scaling); CUDA only, refused on other devices.
       Amp: bool }
 

@@ -5,6 +5,7 @@ open System.Collections.Generic
 open TorchSharp
 open type TorchSharp.torch.nn
 open Vct.Core
+open Vct.Core.Platform
 
 /// The ground truth of one supervised frame (docs/architecture.md §10.1): the label values present (sorted, 255 excluded)
 /// and one binary mask per label, padded to the input size.

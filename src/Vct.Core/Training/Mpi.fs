@@ -2,25 +2,18 @@ namespace Vct.Core.Training
 
 open System
 open System.Runtime.InteropServices
+open Vct.Core.Platform
 
 // The handful of MPI calls data-parallel training needs, bound at run time from Open MPI's libmpi.so.40 (the
 // handles MPI_COMM_WORLD, MPI_FLOAT, MPI_SUM, ... are addresses of exported objects in Open MPI's ABI).
-[<UnmanagedFunctionPointer(CallingConvention.Cdecl)>]
-type internal MpiInitThread = delegate of nativeint * nativeint * int * int[] -> int
-[<UnmanagedFunctionPointer(CallingConvention.Cdecl)>]
-type internal MpiFlag = delegate of int[] -> int
-[<UnmanagedFunctionPointer(CallingConvention.Cdecl)>]
-type internal MpiCommInt = delegate of nativeint * int[] -> int
-[<UnmanagedFunctionPointer(CallingConvention.Cdecl)>]
-type internal MpiAllreduce = delegate of nativeint * nativeint * int * nativeint * nativeint * nativeint -> int
-[<UnmanagedFunctionPointer(CallingConvention.Cdecl)>]
-type internal MpiBcast = delegate of nativeint * int * nativeint * int * nativeint -> int
-[<UnmanagedFunctionPointer(CallingConvention.Cdecl)>]
-type internal MpiComm = delegate of nativeint -> int
-[<UnmanagedFunctionPointer(CallingConvention.Cdecl)>]
-type internal MpiAbort = delegate of nativeint * int -> int
-[<UnmanagedFunctionPointer(CallingConvention.Cdecl)>]
-type internal MpiVoid = delegate of unit -> int
+[<UnmanagedFunctionPointer(CallingConvention.Cdecl)>] type internal MpiInitThread = delegate of nativeint * nativeint * int * int[] -> int
+[<UnmanagedFunctionPointer(CallingConvention.Cdecl)>] type internal MpiFlag = delegate of int[] -> int
+[<UnmanagedFunctionPointer(CallingConvention.Cdecl)>] type internal MpiCommInt = delegate of nativeint * int[] -> int
+[<UnmanagedFunctionPointer(CallingConvention.Cdecl)>] type internal MpiAllreduce = delegate of nativeint * nativeint * int * nativeint * nativeint * nativeint -> int
+[<UnmanagedFunctionPointer(CallingConvention.Cdecl)>] type internal MpiBcast = delegate of nativeint * int * nativeint * int * nativeint -> int
+[<UnmanagedFunctionPointer(CallingConvention.Cdecl)>] type internal MpiComm = delegate of nativeint -> int
+[<UnmanagedFunctionPointer(CallingConvention.Cdecl)>] type internal MpiAbort = delegate of nativeint * int -> int
+[<UnmanagedFunctionPointer(CallingConvention.Cdecl)>] type internal MpiVoid = delegate of unit -> int
 
 module internal Libc =
     /// Ends the process at once (no finalizers, no atexit): a rank stopping a broken job must not wait for anything.

@@ -5,6 +5,7 @@ open System.IO
 open TorchSharp
 open TorchSharp.Modules
 open Vct.Core
+open Vct.Core.Platform
 
 /// Optimiser settings (docs/architecture.md §11.1-11.3; SOLVER.* keys).
 type OptimConfig =

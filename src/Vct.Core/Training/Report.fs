@@ -7,6 +7,7 @@ open Plotly.NET
 open SkiaSharp
 open TorchSharp
 open Vct.Core
+open Vct.Core.Platform
 
 /// A metrics log read back: training steps and evaluations.
 type MetricsLog =

@@ -10,6 +10,7 @@ open System.Text.Json.Nodes
 open System.Threading
 open TorchSharp
 open Vct.Core
+open Vct.Core.Platform
 open Vct.Core.Data
 open Vct.Core.Evaluation
 open Vct.Core.Checkpoint
@@ -36,7 +37,7 @@ type TrainConfig =
       /// Data-loading workers.
       Workers: int
       /// What a pre-SAM model does when the data has no mask images (released presets: refuse).
-      MissingMasks: Backbone.MissingMasks
+      MissingMasks: Fusion.MissingMasks
       /// Mixed precision (CUDA only; refused elsewhere): forward and losses under LibTorch's float16 autocast,
       /// backward of the loss times a dynamic scale (GradScalerOptions.Default), gradients unscaled before
       /// clipping, steps with inf/NaN gradients skipped. Parameters and optimiser state stay float32.

@@ -5,6 +5,7 @@ open System.IO
 open System.Text.Json
 open System.Threading
 open Vct.Core
+open Vct.Core.Platform
 open Vct.Core.Audio
 
 /// The audio track a video carries.

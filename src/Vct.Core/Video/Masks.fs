@@ -4,6 +4,7 @@ open System
 open System.IO
 open System.IO.Compression
 open Vct.Core
+open Vct.Core.Platform
 
 /// The colour of mask images, as the official tools write them.
 [<RequireQualifiedAccess>]

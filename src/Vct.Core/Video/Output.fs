@@ -11,6 +11,7 @@ open System.Text.Json.Nodes
 open System.Threading
 open TorchSharp
 open Vct.Core
+open Vct.Core.Platform
 open Vct.Core.Data
 
 /// Writes `overlay.mp4`: every source frame (source size and frame rate) blended with the mask of its slot as

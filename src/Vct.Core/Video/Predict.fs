@@ -9,8 +9,10 @@ open System.Text.Json
 open System.Threading
 open TorchSharp
 open Vct.Core
+open Vct.Core.Platform
 open Vct.Core.Audio
 open Vct.Core.Backbone
+open Vct.Core.Fusion
 open Vct.Core.Data
 
 /// Where the frames come from.

@@ -1,4 +1,4 @@
-namespace Vct.Core
+namespace Vct.Core.Platform
 
 open System
 open System.Collections.Concurrent

@@ -1,8 +1,10 @@
-namespace Vct.Core.Backbone
+namespace Vct.Core.Fusion
 
 open TorchSharp
 open type TorchSharp.torch.nn
 open Vct.Core
+open Vct.Core.Platform
+open Vct.Core.Backbone
 
 /// What to do when a model built with the pre-SAM branch is run without mask images ("Maskiges").
 [<RequireQualifiedAccess>]

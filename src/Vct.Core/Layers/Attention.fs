@@ -1,9 +1,10 @@
-namespace Vct.Core.Decoder
+namespace Vct.Core.Layers
 
 open System
 open TorchSharp
 open type TorchSharp.torch.nn
 open Vct.Core
+open Vct.Core.Platform
 
 /// Multi-head attention with PyTorch's `nn.MultiheadAttention` parameter layout and numerics
 /// (`in_proj_weight` rows [q; k; v], `in_proj_bias`, `out_proj`), sequence-first like the official

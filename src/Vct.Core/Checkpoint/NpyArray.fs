@@ -1,8 +1,9 @@
-namespace Vct.Core.Data
+namespace Vct.Core.Checkpoint
 
 open System
 open System.IO
 open System.Text
+open Vct.Core.Platform
 
 /// Element types of the `.npy` files this module reads and writes.
 [<RequireQualifiedAccess>]
