@@ -92,7 +92,7 @@ let tinyRun () =
         let data = syntheticData ()
         printfn "training the tiny preset for %d iterations (cached for the other notebooks)..." tinyIterations
         let options =
-            Vct.TrainOptions(Preset = "tiny", Data = data, RunsFolder = artifacts, Name = "tiny", Iterations = tinyIterations,
+            Vct.TrainOptions(Preset = Vct.TrainPreset.Tiny, Data = data, RunsFolder = artifacts, Name = "tiny", Iterations = tinyIterations,
                              EvalPeriod = 100, Workers = 2, Device = "cpu")
         let progress = Vct.SyncProgress<Vct.TrainProgress>(fun p ->
             if p.Kind = Vct.TrainProgressKind.Evaluation then printfn "  eval at %d: M_J %.3f M_F %.3f" p.Iteration p.MJ p.MF)

@@ -42,6 +42,12 @@ public static class VctRuntime
     /// <summary>Sets the number of intra-op threads LibTorch uses.</summary>
     public static void SetThreads(int threads) => Vct.Core.Platform.Device.setThreads(threads);
 
+    /// <summary>
+    /// Call just before ending the process from a signal or error handler (<see cref="Environment.Exit"/>): releases
+    /// the finalizer gate that running inference and training hold, so that exiting does not wait for them.
+    /// </summary>
+    public static void PrepareForExit() => Vct.Core.Platform.FinalizerGate.ReleaseForExit();
+
     /// <summary>Seeds LibTorch (CPU and CUDA); returns a <see cref="System.Random"/> seeded alike.</summary>
     public static System.Random Seed(long seed) => Vct.Core.Platform.Device.seed(seed);
 }

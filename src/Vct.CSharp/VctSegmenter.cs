@@ -9,8 +9,11 @@ namespace Vct;
 /// <summary>Inference options. Unset values keep the released models' behaviour.</summary>
 public sealed record SegmenterOptions
 {
-    /// <summary>"auto" (CUDA when available), "cpu", "cuda" or "cuda:N".</summary>
-    public string Device { get; init; } = "auto";
+    /// <summary>"auto" (CUDA when available), "cpu", "cuda" or "cuda:N"; anything else is refused when set.</summary>
+    public string Device { get; init => field = VctDevices.Validate(value); } = "auto";
+
+    /// <summary>Numeric precision of the forward pass (default float32). Reduced precisions are refused by <see cref="VctSegmenter.Load"/> with <see cref="NotSupportedException"/> until the core provides them.</summary>
+    public VctPrecision Precision { get; init; } = VctPrecision.Float32;
 
     /// <summary>The released configuration of an official PyTorch checkpoint (.pth): required for those, ignored for Vct checkpoints.</summary>
     public VctSubset? Subset { get; init; }
@@ -79,14 +82,11 @@ public sealed class VctSegmenter : IDisposable
     {
         ArgumentException.ThrowIfNullOrEmpty(checkpointPath);
         options ??= new SegmenterOptions();
-        if (options.Subset is null && VctWeights.SubsetOf(checkpointPath) is VctSubset named) options = options with { Subset = named };
-        checkpointPath = VctWeights.Resolve(checkpointPath);
         VctRuntime.Initialize();
-        var device = VctRuntime.ResolveDevice(options.Device);
-        var subset = options.Subset is VctSubset v ? FSharpOption<Core.Subset>.Some(v.ToCore()) : FSharpOption<Core.Subset>.None;
-        var (model, report) = Inference.loadModel(checkpointPath, subset, device).ToValueTuple();
+        VctTypeConversions.CheckPrecision(options.Precision, VctRuntime.ResolveDevice(options.Device));
+        var (model, report, path) = ModelLoading.Load(checkpointPath, options.Subset, options.Device);
         model.MissingMasks = options.MissingMasks.ToCore();
-        return new VctSegmenter(model, options) { LoadReport = CheckpointLoadReport.Of(report), CheckpointPath = checkpointPath };
+        return new VctSegmenter(model, options) { LoadReport = report, CheckpointPath = path };
     }
 
     /// <summary>The audio examples of a file under the model's subset rules ([T_a, 1, 96, 64]) and, for AVSS, the temporal flags.</summary>
@@ -149,7 +149,7 @@ public sealed class VctSegmenter : IDisposable
         var outs = outputs ?? new PredictOutputOptions();
         var core = new Core.Video.PredictOutputs(outputFolder, outs.SaveScores, outs.Overlay, CheckpointPath, DeviceName);
         var prog = progress is null ? FSharpOption<IProgress<Core.Video.VideoProgress>>.None
-            : FSharpOption<IProgress<Core.Video.VideoProgress>>.Some(new SyncProgress<Core.Video.VideoProgress>(p => progress.Report(VideoProgress.Of(p))));
+            : FSharpOption<IProgress<Core.Video.VideoProgress>>.Some(new SyncProgress<Core.Video.VideoProgress>(p => progress.Report(p.FromCore())));
         var w = warn ?? (line => Console.Error.WriteLine(line));
         var r = Core.Video.Predict.run(_model, opts.ToCore(_options), input.ToCore(), core, prog, FuncConvert.FromAction(w), cancellationToken);
         return new PredictSummary(r.OutputDir, r.Frames, r.Interrupted, FSharpOption<string>.get_IsSome(r.Overlay) ? r.Overlay.Value : null,
@@ -190,8 +190,6 @@ public sealed record PredictInput
     public static PredictInput FromVideo(string path) => new(path, null);
     /// <summary>Image files in this order (set <see cref="VideoOptions.Audio"/>).</summary>
     public static PredictInput FromImages(IEnumerable<string> paths) => new(null, paths.ToList());
-    internal Core.Video.FrameSource ToCore() =>
-        Video is not null ? Core.Video.FrameSource.NewVideoFile(Video) : Core.Video.FrameSource.NewImages(ListModule.OfSeq(Images!));
 }
 
 /// <summary>Options of video segmentation.</summary>
@@ -207,13 +205,6 @@ public sealed record VideoOptions
     public bool SilenceWhenNoAudio { get; init; }
     /// <summary>A folder of Semantic-SAM mask images by frame name (<c>NNNNNN_mask_color.png</c> or <c>&lt;image name&gt;_mask_color.png</c>).</summary>
     public string? PreMasks { get; init; }
-
-    internal Core.Video.VideoOptions ToCore(SegmenterOptions segmenter) => new(
-        Fps, BatchFrames,
-        Audio is null ? FSharpOption<string>.None : FSharpOption<string>.Some(Audio),
-        SilenceWhenNoAudio ? Core.Video.AudioMissing.Silence : Core.Video.AudioMissing.Refuse,
-        PreMasks is null ? FSharpOption<string>.None : FSharpOption<string>.Some(PreMasks),
-        segmenter.MissingMasks.ToCore());
 }
 
 /// <summary>What <see cref="VctSegmenter.Predict"/> writes besides the masks and summary.json.</summary>
@@ -230,10 +221,7 @@ public sealed record PredictOutputOptions
 /// <param name="TotalFrames">Estimated total (0 when unknown).</param>
 /// <param name="Elapsed">Time since the start.</param>
 /// <param name="FramesPerSecond">Average rate so far.</param>
-public sealed record VideoProgress(int Frames, int TotalFrames, TimeSpan Elapsed, double FramesPerSecond)
-{
-    internal static VideoProgress Of(Core.Video.VideoProgress p) => new(p.Frames, p.TotalFrames, p.Elapsed, p.FramesPerSecond);
-}
+public sealed record VideoProgress(int Frames, int TotalFrames, TimeSpan Elapsed, double FramesPerSecond);
 
 /// <summary>What a <see cref="VctSegmenter.Predict"/> run wrote.</summary>
 /// <param name="OutputFolder">The folder.</param>
@@ -366,17 +354,17 @@ public sealed class SyncProgress<T>(Action<T> report) : IProgress<T>
 /// <param name="ShapeMismatched">Keys in both whose shapes differ (not copied), with both shapes.</param>
 /// <param name="Dropped">File keys dropped as documented unused (criterion.*, audio_backbone.embeddings.*).</param>
 /// <param name="Converted">Keys copied with a dtype conversion.</param>
+/// <param name="DtypeMismatched">Keys in both whose dtypes differ and were not converted, with both dtypes.</param>
 public sealed record CheckpointLoadReport(IReadOnlyList<string> Loaded, IReadOnlyList<string> Missing, IReadOnlyList<string> Unexpected,
-    IReadOnlyList<string> ShapeMismatched, IReadOnlyList<string> Dropped, IReadOnlyList<string> Converted)
+    IReadOnlyList<string> ShapeMismatched, IReadOnlyList<string> Dropped, IReadOnlyList<string> Converted, IReadOnlyList<string> DtypeMismatched)
 {
     /// <summary>True when every model key was loaded and every file key was used or dropped.</summary>
-    public bool IsExact => Missing.Count == 0 && Unexpected.Count == 0 && ShapeMismatched.Count == 0;
+    public bool IsExact => Missing.Count == 0 && Unexpected.Count == 0 && ShapeMismatched.Count == 0 && DtypeMismatched.Count == 0;
 
-    internal static CheckpointLoadReport Of(Core.Checkpoint.LoadReport r) => new(
-        r.Loaded.ToList(), r.Missing.ToList(), r.Unexpected.ToList(),
-        r.ShapeMismatched.Select(m => $"{m.Key}: model [{string.Join(", ", m.Expected)}], file [{string.Join(", ", m.Got)}]")
-            .Concat(r.DtypeMismatched.Select(m => $"{m.Key}: model {m.Expected}, file {m.Got}")).ToList(),
-        r.Dropped.ToList(), r.Converted.Select(c => $"{c.Key}: {c.From} -> {c.To}").ToList());
+    /// <summary>The one-line count <c>vct convert</c> and <c>vct forward</c> print: loaded, missing, unexpected, shape-mismatched, dropped, converted.</summary>
+    public override string ToString() =>
+        $"loaded {Loaded.Count} tensors; missing {Missing.Count}, unexpected {Unexpected.Count}, " +
+        $"shape-mismatched {ShapeMismatched.Count}, dropped {Dropped.Count}, converted {Converted.Count}";
 }
 
 /// <summary>The VGGish examples of an audio file ([T_a, 1, 96, 64]) and, for AVSS, the temporal flags; owns both tensors.</summary>

@@ -1,5 +1,4 @@
 using System.CommandLine;
-using Vct.Core.Audio;
 
 namespace Vct.Cli;
 
@@ -13,11 +12,8 @@ internal static class AudioCommand
     public static Command Create()
     {
         var input = new Argument<string>("input") { Description = "An audio file (WAV, or any format ffmpeg reads), or a folder of .wav files" };
-        var subset = new Option<string>("--subset")
-        {
-            Description = "s4 | ms3 (5 examples, repeat the last) | avss (10, zero rows) | none (every whole example)",
-            DefaultValueFactory = _ => "none",
-        };
+        var subset = CommonOptions.Choice("--subset", "s4 | ms3 (5 examples, repeat the last) | avss (10, zero rows) | none (every whole example)",
+            "none", "s4", "ms3", "avss", "none");
         var output = new Option<string>("--out") { Description = "Output .npy (file input) or output folder (folder input)", Required = true };
         var zeroPad = new Option<bool>("--zero-pad") { Description = "Pad a clip shorter than one example (0.975 s) with silence instead of failing" };
         var int16 = new Option<bool>("--official-int16")
@@ -43,22 +39,20 @@ internal static class AudioCommand
             // Folder mode: one clip per worker, the cores shared out between them (measured: 1 thread x 2 clips
             // processes about 1.5x more audio per second than 2 threads x 1 clip on 2 cores; docs/benchmarks.md).
             var threadCount = parse.GetValue(threads) ?? (folder ? Math.Max(1, Environment.ProcessorCount / jobCount) : null);
-            CommonOptions.Apply("cpu", threadCount);
-            var subsetName = parse.GetValue(subset)!;
-            var sub = subsetName.Trim().ToLowerInvariant() == "none"
-                ? Microsoft.FSharp.Core.FSharpOption<Vct.Core.Subset>.None
-                : Microsoft.FSharp.Core.FSharpOption<Vct.Core.Subset>.Some(Vct.Core.Subset.Parse(subsetName));
-            var opts = new ExampleOptions(
-                sub,
-                parse.GetValue(zeroPad) ? ShortClip.ZeroPad : ShortClip.Error,
-                parse.GetValue(int16) ? SampleScaling.OfficialInt16 : SampleScaling.Exact,
-                parse.GetValue(float32) ? TorchSharp.torch.ScalarType.Float32 : TorchSharp.torch.ScalarType.Float64);
+            CommonOptions.Apply(threadCount);
+            var sub = parse.GetValue(subset)!;
+            var opts = new AudioExampleOptions
+            {
+                Subset = sub == "none" ? null : CommonOptions.ParseSubset(sub),
+                ZeroPadShortClips = parse.GetValue(zeroPad),
+                OfficialInt16 = parse.GetValue(int16),
+                Float32Stft = parse.GetValue(float32),
+            };
             var outPath = parse.GetValue(output)!;
             if (folder) return RunFolder(opts, path, outPath, jobCount);
-            using var r = Examples.ofFile(opts, path);
-            foreach (var w in r.Warnings) Console.Error.WriteLine($"vct: warning: {w}");
-            Npy.write(outPath, r.Examples);
-            Console.WriteLine($"{path}: {r.Available} example(s) -> [{string.Join(",", r.Examples.shape)}] {outPath}");
+            var r = VctAudio.WriteExamples(path, outPath, opts);
+            PrintWarnings(r);
+            Console.WriteLine($"{path}: {r.Available} example(s) -> [{string.Join(",", r.Shape)}] {outPath}");
             return 0;
         });
 
@@ -67,34 +61,22 @@ internal static class AudioCommand
         return audio;
     }
 
-    /// <summary>Every .wav below <paramref name="root"/> to a mirrored .npy; failures are listed, not fatal.</summary>
-    private static int RunFolder(ExampleOptions opts, string root, string outRoot, int jobs)
+    static void PrintWarnings(AudioFileResult r)
     {
-        var work = Audio.treeJobs(root, outRoot);
-        if (work.Length == 0) throw new ArgumentException($"{root}: no .wav files below this folder");
-        var failures = new System.Collections.Concurrent.ConcurrentBag<string>();
-        var written = 0;
-        // Every worker runs TorchSharp: the finalizer gate is held while they do (Vct.Core.Platform.FinalizerGate).
-        Vct.Core.Platform.FinalizerGate.ParallelForEach(work, Math.Max(1, jobs), job =>
+        foreach (var w in r.Warnings) Console.Error.WriteLine($"vct: warning: {w}");
+    }
+
+    /// <summary>Every .wav below <paramref name="root"/> to a mirrored .npy; failures are listed, not fatal.</summary>
+    private static int RunFolder(AudioExampleOptions opts, string root, string outRoot, int jobs)
+    {
+        var r = VctAudio.WriteFolderExamples(root, outRoot, opts, jobs, new SyncProgress<AudioFileResult>(PrintWarnings));
+        var lines = r.Failures.Select(f =>
         {
-            var (src, dst) = job;
-            try
-            {
-                using var r = Examples.ofFile(opts, src);
-                foreach (var w in r.Warnings) Console.Error.WriteLine($"vct: warning: {w}");
-                // The .npy stays inside the output folder (no symbolic link on the way may lead out of it).
-                Npy.write(Vct.Core.Data.SafePath.checkWrite(outRoot, dst), r.Examples);
-                Interlocked.Increment(ref written);
-            }
-            catch (Exception e)
-            {
-                // Any failure of one file (LibTorch, arithmetic, memory included) is that file's line, not the batch's end.
-                var line = Errors.Describe(e);
-                failures.Add(line.Contains(src, StringComparison.Ordinal) ? line : $"{src}: {line}");
-            }
+            var line = Errors.Describe(f.Error);
+            return line.Contains(f.Source, StringComparison.Ordinal) ? line : $"{f.Source}: {line}";
         });
-        foreach (var f in failures.OrderBy(f => f, StringComparer.Ordinal)) Console.Error.WriteLine($"vct: {f}");
-        Console.WriteLine($"{written} of {work.Length} file(s) written under {outRoot}; {failures.Count} failed");
-        return failures.IsEmpty ? 0 : 1;
+        foreach (var f in lines.OrderBy(f => f, StringComparer.Ordinal)) Console.Error.WriteLine($"vct: {f}");
+        Console.WriteLine($"{r.Written.Count} of {r.Total} file(s) written under {outRoot}; {r.Failures.Count} failed");
+        return r.Failures.Count == 0 ? 0 : 1;
     }
 }

@@ -1,7 +1,4 @@
-using Vct.Core;
-using Vct.Core.Platform;
 using System.CommandLine;
-using Vct.Core.Data;
 
 namespace Vct.Cli;
 
@@ -17,17 +14,17 @@ internal static class DataCommand
         check.Options.Add(jobs);
         check.SetAction(parse =>
         {
-            VctRuntime.Initialize();
-            var report = DataCheck.run(parse.GetValue(dir)!, parse.GetValue(jobs));
-            var kind = report.Kind is null ? "unknown" : report.Kind.Value.ToString();
-            var videos = string.Join(", ", report.Videos.Select(v => $"{v.Item1} {v.Item2}"));
+            var report = VctData.Check(parse.GetValue(dir)!, parse.GetValue(jobs));
+            var kind = report.Kind?.ToString() ?? "unknown";
+            var videos = string.Join(", ", report.Splits.Select(v => $"{v.Split} {v.Videos}"));
             Console.WriteLine($"{report.Root}: {kind} dataset; videos: {(videos.Length > 0 ? videos : "none")}");
             foreach (var p in report.Problems) Console.WriteLine($"error: {p}");
             foreach (var w in report.Warnings) Console.WriteLine($"warning: {w}");
-            Console.WriteLine(report.Ok ? "OK" : $"{report.Problems.Length} problem(s)");
+            Console.WriteLine(report.Ok ? "OK" : $"{report.Problems.Count} problem(s)");
             return report.Ok ? 0 : 2;
         });
         var subset = new Argument<string>("subset") { Description = "s4 | ms3" };
+        subset.AcceptOnlyFromAmong("s4", "ms3");
         var semantic = new Option<string>("--semantic") { Description = "AVSBench_semantic root (metadata.csv, v1s/, v1m/, optional pre_SAM_mask/)", Required = true };
         var objectRoot = new Option<string>("--object") { Description = "AVSBench_object root: the 384 tree is written to Single-source/s4_data_384 or Multi-sources/ms3_data_384 below it (S4 reads Single-source/s4_meta_data.csv for the categories)", Required = true };
         var prepare = new Command("prepare", "Build the VCT 384 tree of S4 or MS3 from AVSBench-semantic as the official generate_data_384 tools do (frames, Semantic-SAM images, GT re-derived from labels_rgb)");
@@ -36,10 +33,8 @@ internal static class DataCommand
         prepare.Options.Add(objectRoot);
         prepare.SetAction(parse =>
         {
-            VctRuntime.Initialize();
-            var kind = Subset.Parse(parse.GetValue(subset)!);
-            var report = Prepare.objectTree(kind, parse.GetValue(semantic)!, parse.GetValue(objectRoot)!,
-                Microsoft.FSharp.Core.FuncConvert.FromAction<string>(line => Console.Error.WriteLine(line)));
+            var report = VctData.Prepare(CommonOptions.ParseSubset(parse.GetValue(subset))!.Value, parse.GetValue(semantic)!, parse.GetValue(objectRoot)!,
+                line => Console.Error.WriteLine(line));
             Console.WriteLine($"{report.Videos} video(s), {report.Files} file(s) written");
             foreach (var v in report.WithoutMasks) Console.WriteLine($"warning: {v}: no Semantic-SAM mask images; pre_SAM_mask_384 not written");
             return 0;

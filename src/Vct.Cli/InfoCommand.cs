@@ -17,9 +17,9 @@ internal static class InfoCommand
         cmd.Options.Add(threads);
         cmd.SetAction(parse =>
         {
-            var resolved = CommonOptions.Apply(parse.GetValue(device)!, parse.GetValue(threads));
+            CommonOptions.Apply(parse.GetValue(threads));
+            var resolved = VctRuntime.ResolveDevice(parse.GetValue(device)!);
             var info = VctRuntime.Info();
-            var rt = info;
             if (parse.GetValue(json))
             {
                 Console.WriteLine(JsonSerializer.Serialize(new
@@ -30,26 +30,26 @@ internal static class InfoCommand
                     dotnet = info.DotNetVersion,
                     device = resolved.ToString(),
                     cuda_available = info.CudaAvailable,
-                    threads = Vct.Core.Platform.Device.threads(),
-                    platform = rt.Platform,
-                    compat_fix_applied = rt.CompatFixApplied,
-                    compat_fix_reason = rt.CompatFixReason,
-                    patched_library = rt.PatchedLibrary,
-                    native_directory = rt.NativeDirectory,
-                    libstdcxx = rt.LibStdCxx,
+                    threads = info.Threads,
+                    platform = info.Platform,
+                    compat_fix_applied = info.CompatFixApplied,
+                    compat_fix_reason = info.CompatFixReason,
+                    patched_library = info.PatchedLibrary,
+                    native_directory = info.NativeDirectory,
+                    libstdcxx = info.LibStdCxx,
                 }, new JsonSerializerOptions { WriteIndented = true }));
                 return 0;
             }
             Console.WriteLine($"Vct          {info.VctVersion}");
             Console.WriteLine($"TorchSharp   {info.TorchSharpVersion} (LibTorch {info.LibTorchVersion})");
             Console.WriteLine($".NET         {info.DotNetVersion}");
-            Console.WriteLine($"Platform     {rt.Platform}");
+            Console.WriteLine($"Platform     {info.Platform}");
             Console.WriteLine($"Device       {resolved} (CUDA available: {(info.CudaAvailable ? "yes" : "no")})");
-            Console.WriteLine($"Threads      {Vct.Core.Platform.Device.threads()}");
-            Console.WriteLine($"Compat fix   {(rt.CompatFixApplied ? "applied" : "not applied")}: {rt.CompatFixReason}");
-            if (rt.PatchedLibrary.Length > 0) Console.WriteLine($"  patched    {rt.PatchedLibrary}");
-            if (rt.NativeDirectory.Length > 0) Console.WriteLine($"  LibTorch   {rt.NativeDirectory}");
-            if (rt.LibStdCxx.Length > 0) Console.WriteLine($"  libstdc++  {rt.LibStdCxx}");
+            Console.WriteLine($"Threads      {info.Threads}");
+            Console.WriteLine($"Compat fix   {(info.CompatFixApplied ? "applied" : "not applied")}: {info.CompatFixReason}");
+            if (info.PatchedLibrary.Length > 0) Console.WriteLine($"  patched    {info.PatchedLibrary}");
+            if (info.NativeDirectory.Length > 0) Console.WriteLine($"  LibTorch   {info.NativeDirectory}");
+            if (info.LibStdCxx.Length > 0) Console.WriteLine($"  libstdc++  {info.LibStdCxx}");
             return 0;
         });
         return cmd;

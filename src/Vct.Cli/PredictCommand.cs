@@ -41,18 +41,16 @@ internal static class PredictCommand
     public static Command Create()
     {
         var checkpoint = new Option<string>("--checkpoint") { Description = "Vct .safetensors, official .pth (with --subset), or a hub reference (hf:owner/repo/path, https://..., a name from `vct weights list`)", Required = true };
-        var subset = new Option<string?>("--subset") { Description = "s4 | ms3 | avss: required for official .pth checkpoints" };
-        subset.AcceptOnlyFromAmong("s4", "ms3", "avss");
+        var subset = CommonOptions.Subset("s4 | ms3 | avss: required for official .pth checkpoints");
         var video = new Option<string?>("--video-input") { Description = "A video file (mp4, mkv, webm, mov, avi: anything ffmpeg reads)" };
         var input = new Option<string[]>("--input") { Description = "Image files, folders or globs (name order); needs --audio", AllowMultipleArgumentsPerToken = true };
         var audio = new Option<string?>("--audio") { Description = "Audio file (WAV or anything ffmpeg reads); replaces the video's own track" };
-        var audioMissing = new Option<string>("--audio-missing") { Description = "refuse: a video without audio is an error; silence: go on with digital-silence examples", DefaultValueFactory = _ => "refuse" };
-        audioMissing.AcceptOnlyFromAmong("refuse", "silence");
+        var audioMissing = CommonOptions.Choice("--audio-missing", "refuse: a video without audio is an error; silence: go on with digital-silence examples", "refuse", "refuse", "silence");
         var output = new Option<string>("--output") { Description = "Output folder (created; must not hold an earlier prediction)", Required = true };
         var fps = new Option<double>("--fps") { Description = "Frames segmented per second (1 = AVSBench's sampling)", DefaultValueFactory = _ => 1.0 };
         var preMasks = new Option<string?>("--pre-masks") { Description = "Folder of Semantic-SAM mask images by frame name (<frame>_mask_color.png)" };
-        var missing = new Option<string>("--missing-masks") { Description = "Pre-SAM models without --pre-masks: refuse | blank | skip", DefaultValueFactory = _ => "refuse" };
-        missing.AcceptOnlyFromAmong("refuse", "blank", "skip");
+        var missing = CommonOptions.MissingMasks("Pre-SAM models without --pre-masks: refuse | blank | skip");
+        var precision = CommonOptions.Precision();
         var saveScores = new Option<bool>("--save-scores") { Description = "Also write each frame's score maps as scores/NNNNNN.npy" };
         var noOverlay = new Option<bool>("--no-overlay") { Description = "Do not write overlay.mp4" };
         var batch = new Option<int>("--batch-frames") { Description = "Frames per forward pass", DefaultValueFactory = _ => 5 };
@@ -65,7 +63,7 @@ internal static class PredictCommand
         var device = CommonOptions.Device();
         var threads = CommonOptions.Threads();
         var cmd = new Command("predict", "Segment the sounding objects of a video: masks/, overlay.mp4 and summary.json under --output");
-        foreach (var o in new Option[] { checkpoint, subset, video, input, audio, audioMissing, output, fps, preMasks, missing, saveScores, noOverlay, batch, device, threads })
+        foreach (var o in new Option[] { checkpoint, subset, video, input, audio, audioMissing, output, fps, preMasks, missing, saveScores, noOverlay, batch, precision, device, threads })
             cmd.Options.Add(o);
         cmd.Validators.Add(r =>
         {
@@ -77,13 +75,14 @@ internal static class PredictCommand
         });
         cmd.SetAction(parse =>
         {
-            CommonOptions.Apply(parse.GetValue(device)!, parse.GetValue(threads));
+            CommonOptions.Apply(parse.GetValue(threads));
             var source = parse.GetValue(video) is string v ? PredictInput.FromVideo(v) : PredictInput.FromImages(ExpandInputs(parse.GetValue(input)!));
             using var segmenter = VctSegmenter.Load(WeightsCommand.Resolve(parse.GetValue(checkpoint))!, new SegmenterOptions
             {
                 Device = parse.GetValue(device)!,
-                Subset = parse.GetValue(subset) is string sub ? Enum.Parse<VctSubset>(sub, ignoreCase: true) : VctWeights.SubsetOf(parse.GetValue(checkpoint)!),
-                MissingMasks = Enum.Parse<MissingMasksPolicy>(parse.GetValue(missing)!, ignoreCase: true),
+                Subset = CommonOptions.ParseSubset(parse.GetValue(subset)) ?? VctWeights.SubsetOf(parse.GetValue(checkpoint)!),
+                MissingMasks = CommonOptions.ParseMissingMasks(parse.GetValue(missing)!),
+                Precision = CommonOptions.ParsePrecision(parse.GetValue(precision)!),
             });
             var options = new VideoOptions
             {
@@ -94,30 +93,9 @@ internal static class PredictCommand
                 PreMasks = parse.GetValue(preMasks),
             };
             var outputs = new PredictOutputOptions { Overlay = !parse.GetValue(noOverlay), SaveScores = parse.GetValue(saveScores) };
-            using var cts = new CancellationTokenSource();
-            ConsoleCancelEventHandler onCancel = (_, e) =>
-            {
-                e.Cancel = true;
-                if (cts.IsCancellationRequested)
-                {
-                    Console.Error.WriteLine("\naborting");
-                    Vct.Core.Platform.FinalizerGate.ReleaseForExit(); // inference holds the finalizer gate; exit would wait for it
-                    Environment.Exit(130);
-                }
-                cts.Cancel();
-                Console.Error.WriteLine("\nvct: stopping after the current batch (Ctrl-C again to abort)");
-            };
-            Console.CancelKeyPress += onCancel;
             // SIGTERM (a service manager, `kill`) stops like Ctrl-C: the masks written so far stay valid.
-            using var onTerm = System.Runtime.InteropServices.PosixSignalRegistration.Create(System.Runtime.InteropServices.PosixSignal.SIGTERM, ctx =>
-            {
-                ctx.Cancel = true;
-                if (!cts.IsCancellationRequested)
-                {
-                    cts.Cancel();
-                    Console.Error.WriteLine("\nvct: SIGTERM: stopping after the current batch");
-                }
-            });
+            using var interruption = new Interruption("\nvct: stopping after the current batch (Ctrl-C again to abort)", "\naborting",
+                "\nvct: SIGTERM: stopping after the current batch", terminateAgainAborts: false);
             PredictSummary result;
             try
             {
@@ -134,7 +112,7 @@ internal static class PredictCommand
                                 task.Value = p.Frames;
                                 task.Description = $"{p.Frames} frames, {p.FramesPerSecond:F2} frames/s";
                             });
-                            return segmenter.Predict(source, outDir, options, outputs, progress, w => AnsiConsole.MarkupLineInterpolated($"[yellow]{w}[/]"), cts.Token);
+                            return segmenter.Predict(source, outDir, options, outputs, progress, w => AnsiConsole.MarkupLineInterpolated($"[yellow]{w}[/]"), interruption.Token);
                         });
                 else
                 {
@@ -147,12 +125,12 @@ internal static class PredictCommand
                         var of = p.TotalFrames > 0 ? $"/{p.TotalFrames}" : "";
                         Console.Error.WriteLine($"predict: {p.Frames}{of} frames, {p.FramesPerSecond:F2} frames/s{eta}");
                     });
-                    result = segmenter.Predict(source, outDir, options, outputs, progress, w => Console.Error.WriteLine(w), cts.Token);
+                    result = segmenter.Predict(source, outDir, options, outputs, progress, w => Console.Error.WriteLine(w), interruption.Token);
                 }
             }
             finally
             {
-                Console.CancelKeyPress -= onCancel;
+                interruption.StopHandlingCtrlC();
             }
             Console.Error.WriteLine($"wrote {result.Frames} masks to {Path.Combine(result.OutputFolder, "masks")}" +
                 (result.Overlay is null ? "" : $", {result.Overlay}") + $", {result.Summary} in {result.Seconds:F1} s");

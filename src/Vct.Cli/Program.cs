@@ -1,9 +1,11 @@
 using System.CommandLine;
+using Vct;
 using Vct.Cli;
 
 var root = new RootCommand("vct: audio-visual segmentation with the Vision-Centric Transformer (VCT)");
 root.Subcommands.Add(InfoCommand.Create());
 root.Subcommands.Add(ModelCommands.Convert());
+root.Subcommands.Add(ModelCommands.Inspect());
 root.Subcommands.Add(ModelCommands.Forward());
 root.Subcommands.Add(TrainCommand.Create());
 root.Subcommands.Add(EvalCommand.Create());
@@ -18,7 +20,7 @@ AppDomain.CurrentDomain.UnhandledException += (_, e) =>
 {
     if (e.ExceptionObject is Exception ex) Errors.Report(ex);
     else Console.Error.WriteLine($"vct: {e.ExceptionObject}");
-    Vct.Core.Platform.FinalizerGate.ReleaseForExit(); // a step may hold the finalizer gate; exit would wait for it
+    VctRuntime.PrepareForExit(); // a step may hold the finalizer gate; exit would wait for it
     Environment.Exit(1);
 };
 try
@@ -29,6 +31,6 @@ catch (Exception e)
 {
     // Bad input or environment: one clear line naming the file, no stack trace (set VCT_DEBUG=1 for it).
     var code = Errors.Report(e);
-    Vct.Core.Platform.FinalizerGate.ReleaseForExit();
+    VctRuntime.PrepareForExit();
     return code;
 }

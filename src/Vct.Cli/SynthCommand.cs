@@ -1,8 +1,4 @@
-using Vct.Core;
-using Vct.Core.Platform;
 using System.CommandLine;
-using Vct.Core.Data;
-using Vct.Core.Evaluation;
 
 namespace Vct.Cli;
 
@@ -11,7 +7,7 @@ internal static class SynthCommand
 {
     public static Command Create()
     {
-        var kind = new Option<string>("--kind") { Description = "s4 | ms3 | avss", DefaultValueFactory = _ => "s4" };
+        var kind = CommonOptions.Choice("--kind", "s4 | ms3 | avss", "s4", "s4", "ms3", "avss");
         var output = new Option<string>("--out") { Description = "Output folder (the subset folder is created inside it)", Required = true };
         var seed = new Option<int>("--seed") { Description = "Random seed (same seed, same bytes)", DefaultValueFactory = _ => 0 };
         var train = new Option<int?>("--train") { Description = "Training videos" };
@@ -23,16 +19,20 @@ internal static class SynthCommand
         foreach (var o in new Option[] { kind, output, seed, train, val, test, size, categories }) cmd.Options.Add(o);
         cmd.SetAction(parse =>
         {
-            VctRuntime.Initialize();
-            var k = Subset.Parse(parse.GetValue(kind)!);
-            var d = SynthOptions.Default(k);
-            var o = new SynthOptions(k, parse.GetValue(seed), parse.GetValue(train) ?? d.Train, parse.GetValue(val) ?? d.Val,
-                parse.GetValue(test) ?? d.Test, parse.GetValue(size) ?? d.Size, d.EvalSize, parse.GetValue(categories) ?? d.Categories, d.DistractorGain);
-            var report = Synth.generate(o, parse.GetValue(output)!);
-            var b = SynthStats.baselines(k, 64, report.Videos);
-            Console.WriteLine($"{report.Root}: {report.Videos.Length} videos ({o.Train} train, {o.Val} val, {o.Test} test), {o.Size}x{o.Size} frames, categories: {string.Join(", ", report.CategoryNames)}");
-            Console.WriteLine($"val+test M_J / M_F: ground truth {b.Oracle.Item1:F3} / {b.Oracle.Item2:F3}; audio-blind all objects {b.AllObjects.Item1:F3} / {b.AllObjects.Item2:F3}; " +
-                              $"audio-blind one object {b.OneObject.Item1:F3} / {b.OneObject.Item2:F3}; perfect model with shuffled audio {b.ShuffledAudioOracle.Item1:F3} / {b.ShuffledAudioOracle.Item2:F3}");
+            var r = VctData.Synthesize(parse.GetValue(output)!, new SynthesisOptions
+            {
+                Kind = CommonOptions.ParseSubset(parse.GetValue(kind))!.Value,
+                Seed = parse.GetValue(seed),
+                Train = parse.GetValue(train),
+                Val = parse.GetValue(val),
+                Test = parse.GetValue(test),
+                Size = parse.GetValue(size),
+                Categories = parse.GetValue(categories),
+            });
+            var b = r.Baselines;
+            Console.WriteLine($"{r.Root}: {r.Videos} videos ({r.Train} train, {r.Val} val, {r.Test} test), {r.Size}x{r.Size} frames, categories: {string.Join(", ", r.CategoryNames)}");
+            Console.WriteLine($"val+test M_J / M_F: ground truth {b.GroundTruth.MJ:F3} / {b.GroundTruth.MF:F3}; audio-blind all objects {b.AllObjects.MJ:F3} / {b.AllObjects.MF:F3}; " +
+                              $"audio-blind one object {b.OneObject.MJ:F3} / {b.OneObject.MF:F3}; perfect model with shuffled audio {b.ShuffledAudioOracle.MJ:F3} / {b.ShuffledAudioOracle.MF:F3}");
             return 0;
         });
         return cmd;

@@ -11,16 +11,18 @@ public sealed class TrainedTinyModel : IDisposable
 {
     public string Root { get; } = Directory.CreateTempSubdirectory("vct-csharp-").FullName;
     public string Data { get; }
+    public SynthesisResult Synthesis { get; }
     public TrainResult Training { get; }
     public List<TrainProgress> Progress { get; } = new();
     public string Checkpoint => Training.BestCheckpoint ?? throw new InvalidOperationException("no model_best was written");
 
     public TrainedTinyModel()
     {
-        Data = VctData.Synthesize(Path.Combine(Root, "data"), new SynthesisOptions { Seed = 3, Train = 4, Val = 2, Test = 2, Size = 64 });
+        Synthesis = VctData.Synthesize(Path.Combine(Root, "data"), new SynthesisOptions { Seed = 3, Train = 4, Val = 2, Test = 2, Size = 64 });
+        Data = Synthesis.Root;
         var options = new TrainOptions
         {
-            Preset = "tiny", Data = Data, RunsFolder = Path.Combine(Root, "runs"), Name = "two-steps",
+            Preset = TrainPreset.Tiny, Data = Data, RunsFolder = Path.Combine(Root, "runs"), Name = "two-steps",
             Iterations = 2, BatchVideos = 2, EvalPeriod = 2, Workers = 1, Device = "cpu",
         };
         Training = VctTrainer.TrainAsync(options, new SyncProgress<TrainProgress>(Progress.Add), log: _ => { }).GetAwaiter().GetResult();

@@ -32,7 +32,7 @@ public sealed class TrainerTests(TrainedTinyModel fixture)
         var seen = new List<int>();
         var options = new TrainOptions
         {
-            Preset = "tiny", Data = fixture.Data, RunsFolder = Path.Combine(fixture.Root, "runs"), Name = "cancelled",
+            Preset = TrainPreset.Tiny, Data = fixture.Data, RunsFolder = Path.Combine(fixture.Root, "runs"), Name = "cancelled",
             Iterations = 200, BatchVideos = 2, EvalPeriod = 100, Workers = 1, Device = "cpu",
         };
         var progress = new SyncProgress<TrainProgress>(p =>
@@ -57,7 +57,24 @@ public sealed class TrainerTests(TrainedTinyModel fixture)
     [Fact]
     public void An_unknown_preset_is_refused_before_anything_runs()
     {
-        var e = Assert.Throws<ArgumentException>(() => VctTrainer.PlannedIterations(new TrainOptions { Preset = "huge" }));
-        Assert.StartsWith("Preset must be tiny, s4, ms3 or avss, got 'huge'", e.Message);
+        var e = Assert.Throws<ArgumentException>(() => VctTrainer.PlannedIterations(new TrainOptions { Preset = (TrainPreset)42 }));
+        Assert.StartsWith("Preset must be Tiny, S4, MS3 or AVSS, got '42'", e.Message);
+    }
+
+    [Fact]
+    public void A_job_of_one_process_is_its_own_root_and_plans_the_options_iterations()
+    {
+        var options = new TrainOptions
+        {
+            Preset = TrainPreset.Tiny, Data = fixture.Data, RunsFolder = Path.Combine(fixture.Root, "runs"), Name = "planned",
+            Iterations = 7, BatchVideos = 2, Workers = 1, Device = "cpu",
+        };
+        using var job = VctTrainingJob.Create(options);
+        Assert.Equal((0, 1, true), (job.Rank, job.Ranks, job.IsRoot));
+        Assert.Equal(7, job.PlannedIterations);
+        Assert.Equal(7, VctTrainer.PlannedIterations(options));
+        job.StopAllRanksSoon(TimeSpan.FromSeconds(1)); // no MPI: nothing to do
+        job.ExitWithoutFinalizing(1);                 // no MPI: returns
+        Assert.False(Directory.Exists(Path.Combine(fixture.Root, "runs", "planned")), "creating a job writes nothing");
     }
 }

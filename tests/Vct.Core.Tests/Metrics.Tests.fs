@@ -238,9 +238,9 @@ let cli =
 [<Tests>]
 let facade =
     testList "Metrics.Facade" [
-        test "VctData.Score reports what Score.run reports" {
+        test "VctEvaluator.Score reports what Score.run reports" {
             let d = Path.Combine(goldenDir (), "binary")
-            let r = Vct.VctData.Score("s4", d, d)
+            let r = Vct.VctEvaluator.Score(Vct.VctSubset.S4, d, d)
             close "M_J" r.MJ (expected.Value.GetProperty("binary_vct").GetProperty("m_j").GetDouble())
             Expect.stringContains r.Json "\"m_f\"" "JSON included"
         }
