@@ -25,7 +25,17 @@ AppDomain.CurrentDomain.UnhandledException += (_, e) =>
 };
 try
 {
-    return root.Parse(args).Invoke(new InvocationConfiguration { EnableDefaultExceptionHandler = false });
+    var parsed = root.Parse(args);
+    // A value outside its choices, an unknown option or a missing argument: one line per problem, as every other
+    // error (help, --help and completions still work: they parse without errors).
+    if (parsed.Errors.Count > 0)
+    {
+        foreach (var error in parsed.Errors)
+            Console.Error.WriteLine($"vct: {System.Text.RegularExpressions.Regex.Replace(error.Message, @"\s*\n\s*", " ")}");
+        Console.Error.WriteLine("vct: see 'vct --help' or 'vct <command> --help'");
+        return 1;
+    }
+    return parsed.Invoke(new InvocationConfiguration { EnableDefaultExceptionHandler = false });
 }
 catch (Exception e)
 {

@@ -57,4 +57,14 @@ let tests =
             Expect.stringContains (out + err) "tpu" "names the bad value"
             Expect.isFalse ((out + err).Contains "   at ") "one clear line, no stack trace"
         }
+
+        test "a value outside its choices is refused at parse time in one line that lists the choices" {
+            let code, out, err = runVct [ "predict"; "--subset"; "s5"; "--checkpoint"; "x"; "--video-input"; "y"; "--output"; "z" ]
+            Expect.equal code 1 "exit 1"
+            let lines = err.Split('\n', StringSplitOptions.RemoveEmptyEntries)
+            Expect.isTrue (lines |> Array.forall (fun l -> l.StartsWith "vct: ")) $"every line is a vct: line, got {err}"
+            Expect.stringContains err "s5" "names the bad value"
+            Expect.stringContains err "avss" "lists the choices"
+            Expect.isFalse (out.Contains "Usage:") "no help dump"
+        }
     ]
