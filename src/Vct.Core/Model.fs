@@ -290,6 +290,8 @@ type VctModel(cfg: VctConfig, gen: torch.Generator) as this =
         Scope.run (fun () ->
             let last = output.Decoder.Last
             let scores = VctMath.semanticInference output.InputSize (cfg.OutputSize, cfg.OutputSize) last.Logits last.Masks
+            // float32 also when called inside a lower-precision autocast region (Prelude/Precision.fs)
+            let scores = if scores.dtype = torch.ScalarType.Float32 then scores else scores.to_type(torch.float32)
             match flags with
             | Some f -> scores * f.``to``(scores.device).to_type(scores.dtype).view(-1L, 1L, 1L, 1L)
             | None -> scores)
