@@ -162,6 +162,37 @@ let run (repeats: int) =
     let ops = swinOps m.Config.Swin frames runs
     let opsTotal = ops.Values |> Seq.sum
     let swinGflop = swinFlops m.Config.Swin frames 384L / 1e9
+    // Lever A/B runs in this process, interleaved (A, B, A, B) so that load changes hit both sides alike.
+    printfn "profile: lever A/B"
+    let ab (name: string) (a: unit -> unit) (b: unit -> unit) =
+        let ta = ResizeArray<float>()
+        let tb = ResizeArray<float>()
+        for _ in 1 .. 2 do
+            ta.Add(timeOf runs a)
+            tb.Add(timeOf runs b)
+        let sa, sb = List.min (List.ofSeq ta), List.min (List.ofSeq tb)
+        printfn "  %s: %.3f s -> %.3f s" name sa sb
+        name, sa, sb
+    let one = images.narrow(0L, 0L, 1L)
+    let withFused on (f: unit -> unit) () =
+        Attention.fused <- on
+        try f () finally Attention.fused <- true
+    let withChunked on (f: unit -> unit) () =
+        MsDeformAttnCore.chunked <- on
+        try f () finally MsDeformAttnCore.chunked <- true
+    let swin1 () = enc.Backbone.call one |> ignore
+    let decode () = (m.Head.Predictor.Forward(audio, pix.MultiScaleFeatures, pix.MaskFeatures) :> IDisposable).Dispose()
+    let levers =
+        [ ab "Swin-B, 1 frame: explicit window attention -> fused SDPA (bias + shift mask as attn_mask)"
+              (withFused false swin1) (withFused true swin1)
+          ab "transformer decoder, 5 frames: explicit attention -> fused SDPA" (withFused false decode) (withFused true decode)
+          ab "deformable encoder, 5 frames: stacked level sums -> chunked per-level sums"
+              (withChunked false (fun () -> pd.Transformer.Forward(srcs, pos) |> ignore))
+              (withChunked true (fun () -> pd.Transformer.Forward(srcs, pos) |> ignore))
+          ab "Swin-B, 1 frame: no_grad -> inference_mode"
+              (fun () -> (use _ = torch.inference_mode false in use _ = torch.no_grad () in swin1 ()))
+              swin1
+          ab "Swin-B, 1 frame: float32 -> bf16 (Precision.run)" swin1 (fun () -> Precision.run Precision.BFloat16 torch.CPU swin1) ]
     let md =
         String.concat "\n"
             [ "## Profile of the S4 forward, CPU (speed issue #14)"
@@ -186,6 +217,12 @@ let run (repeats: int) =
               "| op kind | s per Swin-B pass | share |"
               "| --- | ---: | ---: |"
               yield! [ for kv in ops |> Seq.sortByDescending (fun kv -> kv.Value) -> $"| {kv.Key} | {kv.Value:F3} | {100.0 * kv.Value / opsTotal:F0}%% |" ]
-              $"| sum of the op kinds | {opsTotal:F2} | 100%% |" ]
+              $"| sum of the op kinds | {opsTotal:F2} | 100%% |"
+              ""
+              "Lever A/B in the same process (best of two interleaved medians each):"
+              ""
+              "| lever | before (s) | after (s) | after / before |"
+              "| --- | ---: | ---: | ---: |"
+              yield! [ for name, a, b in levers -> $"| {name} | {a:F3} | {b:F3} | {b / a:F2} |" ] ]
     printfn "%s" md
     writeSection "profile" md

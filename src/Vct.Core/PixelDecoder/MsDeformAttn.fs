@@ -79,9 +79,12 @@ module MsDeformAttnCore =
                     q0 <- q0 + len
                 out.view(n, m * d, lq).transpose(1L, 2L).contiguous())                          // [N, Lq, M*D]
 
-    /// `sampleWith false`: the chunked per-level sums in inference, the reference's stacked sum under autograd.
+    /// A/B switch for benchmarks: false makes `sample` use the stacked sum in inference too.
+    let mutable chunked = true
+
+    /// The chunked per-level sums in inference, the reference's stacked sum under autograd.
     let sample (value: Tensor) (shapes: (int64 * int64)[]) (locations: Tensor) (weights: Tensor) : Tensor =
-        sampleWith false value shapes locations weights
+        sampleWith (not chunked) value shapes locations weights
 
 /// Multi-scale deformable attention module (reference: ops/modules/ms_deform_attn.py, MSDeformAttn).
 /// Submodule names are the official ones: sampling_offsets, attention_weights, value_proj, output_proj.
