@@ -43,7 +43,13 @@ let run (repeats: int) =
           PreMasks = (if preSam then Some(torch.rand(frames, 3L, 384L, 384L) * 255.0.AsScalar) else None)
           Audio = AudioInput.LogMel(torch.randn(frames, 1L, 96L, 64L), None) }
     let results = Collections.Generic.Dictionary<string, float * float>()
-    use _ = torch.no_grad ()
+    // Inference mode (no autograd bookkeeping at all; the fused attention kernels need only "no gradient").
+    use _ = torch.inference_mode ()
+    let bf16Ok = (Precision.unsupportedReason torch.CPU Precision.BFloat16).IsNone
+    let agreements = Collections.Generic.Dictionary<string, string>()
+    printfn "model: GEMM peak"
+    let gemmF32 = ProfileBench.gemmGflops torch.float32 2048L repeats
+    let gemmBf16 = if bf16Ok then ProfileBench.gemmGflops torch.bfloat16 2048L repeats else nan
     for preSam in [ true; false ] do
         printfn "model: ours, full forward, pre-SAM %b" preSam
         use m = new VctModel((VctConfig.Released Subset.S4).WithUsePreSam preSam)
@@ -51,6 +57,22 @@ let run (repeats: int) =
         let x = inputs preSam
         results[if preSam then "full_presam" else "full_nopresam"] <-
             measure 1 (max 2 (repeats - 1)) (fun () -> use _ = torch.NewDisposeScope() in (m.Forward x :> IDisposable).Dispose())
+        if preSam && bf16Ok then
+            printfn "model: ours, full forward, pre-SAM on, bf16"
+            results["full_presam_bf16"] <-
+                measure 1 (max 2 (repeats - 1)) (fun () ->
+                    use _ = torch.NewDisposeScope()
+                    Precision.run Precision.BFloat16 torch.CPU (fun () -> (m.Forward x :> IDisposable).Dispose()))
+            // Pixel agreement of the bf16 masks with our float32 masks (same model, same inputs): the model's own
+            // masks (0.5), and masks at the float32 median foreground probability (half the pixels on the boundary).
+            use _ = torch.NewDisposeScope()
+            let scores (p: Precision) = Precision.run p torch.CPU (fun () -> use o = m.Forward x in (Segment.ofOutput m SegmentOptions.Default None o).Scores)
+            let s32, s16 = scores Precision.Float32, scores Precision.BFloat16
+            let agree (a: Tensor) (b: Tensor) = 100.0 * a.eq(b).to_type(torch.float64).mean().item<float>()
+            let f32, f16 = VctMath.foreground s32, VctMath.foreground s16
+            let t = f32.flatten().median()
+            agreements["full_presam_bf16"] <-
+                $"{agree (VctMath.binaryMasks s32) (VctMath.binaryMasks s16):F2}%% of mask pixels (at the median threshold: {agree (f32.gt t) (f16.gt t):F2}%%)"
         if preSam then
             // The parts, on the same model and inputs.
             use scope = torch.NewDisposeScope()
@@ -70,6 +92,15 @@ let run (repeats: int) =
                 measure 1 repeats (fun () ->
                     use _ = torch.NewDisposeScope()
                     (m.Head.Predictor.Forward(audio, pix.MultiScaleFeatures, pix.MaskFeatures) :> IDisposable).Dispose())
+            if bf16Ok then
+                let bf (f: unit -> unit) () = Precision.run Precision.BFloat16 torch.CPU f
+                printfn "model: ours, parts, bf16"
+                results["backbone_bf16"] <- measure 1 repeats (bf (fun () -> use _ = torch.NewDisposeScope() in m.VisualEncoder.Backbone.call images |> ignore))
+                results["pixel_decoder_bf16"] <- measure 1 repeats (bf (fun () -> use _ = torch.NewDisposeScope() in m.Head.PixelDecoder.call features |> ignore))
+                results["transformer_decoder_bf16"] <-
+                    measure 1 repeats (bf (fun () ->
+                        use _ = torch.NewDisposeScope()
+                        (m.Head.Predictor.Forward(audio, pix.MultiScaleFeatures, pix.MaskFeatures) :> IDisposable).Dispose()))
     // The official model, each case in a fresh process, same threads.
     let dir = Path.Combine(Path.GetTempPath(), $"vct-bench-model-{Environment.ProcessId}")
     Directory.CreateDirectory dir |> ignore
@@ -101,15 +132,32 @@ let run (repeats: int) =
               let (s, _) = results[case]
               let os = swinOfficial.GetProperty(case).GetDouble()
               $"| {label} | {s:F2} | {os:F2} | {s / os:F2} |" ]
+    let labels =
+        [ "full_presam", "full S4 forward, 5 frames at 384, pre-SAM on"
+          "full_nopresam", "full S4 forward, 5 frames at 384, pre-SAM off"
+          "backbone", "one Swin-B, 5 frames at 384"
+          "pixel_decoder", "pixel decoder (5 frames)"
+          "transformer_decoder", "VCT transformer decoder (5 frames)" ]
     let rows =
-        [ for case, label in [ "full_presam", "full S4 forward, 5 frames at 384, pre-SAM on"
-                               "full_nopresam", "full S4 forward, 5 frames at 384, pre-SAM off"
-                               "backbone", "one Swin-B, 5 frames at 384"
-                               "pixel_decoder", "pixel decoder (5 frames)"
-                               "transformer_decoder", "VCT transformer decoder (5 frames)" ] ->
+        [ for case, label in labels do
               let (s, mem) = results[case]
               let os, omem = defaultArg (official.TryFind case) (nan, nan)
-              $"| {label} | {s:F2} | {os:F2} | {s / os:F2} | {mem:F0} | {omem:F0} |" ]
+              yield $"| {label} | {s:F2} | {os:F2} | {s / os:F2} | {mem:F0} | {omem:F0} |"
+          // bf16 rows: ours under Precision.BFloat16 against the official float32 time of the same case.
+          for case, label in labels do
+              match results.TryGetValue(case + "_bf16") with
+              | true, (s, mem) ->
+                  let os, _ = defaultArg (official.TryFind case) (nan, nan)
+                  let note = match agreements.TryGetValue(case + "_bf16") with | true, a -> $" (agreement with our float32 masks: {a})" | _ -> ""
+                  yield $"| {label}, bf16{note} | {s:F2} | {os:F2} | {s / os:F2} | {mem:F0} | - |"
+              | _ -> () ]
+    let swinGflop = ProfileBench.swinFlops (VctConfig.Released Subset.S4).Swin frames 384L / 1e9
+    let achieved key = match results.TryGetValue key with | true, (s, _) -> swinGflop / s | _ -> nan
+    let a32, a16 = achieved "backbone", achieved "backbone_bf16"
+    let gemmRow =
+        $"GEMM peak (2048³ matmul, 2 threads): float32 {gemmF32:F0} GFLOP/s, bfloat16 {gemmBf16:F0} GFLOP/s. One Swin-B pass on 5 frames is "
+        + $"{swinGflop:F0} GFLOP (2 × multiply-accumulates of its products): achieved {a32:F0} GFLOP/s in float32 "
+        + $"({100.0 * a32 / gemmF32:F0}%% of the float32 peak), {a16:F0} GFLOP/s in bf16 ({100.0 * a16 / gemmBf16:F0}%% of the bf16 peak)."
     let md =
         String.concat "\n"
             [ "## Model forward, CPU (model issue, vision issue)"
@@ -122,6 +170,12 @@ let run (repeats: int) =
               "| case | ours (s) | official (s) | ours / official | ours peak (MiB) | official peak (MiB) |"
               "| --- | ---: | ---: | ---: | ---: | ---: |"
               yield! rows
+              ""
+              "bf16 rows: ours with `Precision.run Precision.BFloat16` (LibTorch CPU autocast: products in bfloat16, float32"
+              "weights and outputs) against the official float32 time of the same case; the official code has no bf16 path."
+              "Ours runs in inference mode with the fused attention kernels (src/Vct.Core/Platform/Attention.fs)."
+              ""
+              gemmRow
               ""
               "Backbone alone and with the pre-SAM branch (official side: `bench/python/swin_official.py`, same harness, same run):"
               ""

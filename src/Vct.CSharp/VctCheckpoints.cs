@@ -147,7 +147,7 @@ public static class VctCheckpoints
             using (owner)
             {
                 var moved = new VctInputs(read.Images.to(device), VctTypeConversions.OptRef(read.PreMasks.OrNull()?.to(device)), read.Audio);
-                var named = Parity.run(model, moved, options.Intermediates);
+                var named = Parity.run(model, options.Precision.ToCore(), moved, options.Intermediates);
                 try
                 {
                     Parity.write(output, named);

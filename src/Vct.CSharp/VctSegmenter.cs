@@ -73,6 +73,9 @@ public sealed class VctSegmenter : IDisposable
     /// <summary>The model's subset (S4, MS3 or AVSS).</summary>
     public VctSubset Subset => VctTypeConversions.FromCore(_model.Config.Subset);
 
+    /// <summary>The options this segmenter was loaded with.</summary>
+    public SegmenterOptions Options => _options;
+
     /// <summary>
     /// Loads a Vct checkpoint (.safetensors) or an official one (.pth, with <see cref="SegmenterOptions.Subset"/>).
     /// <paramref name="checkpointPath"/> may also be a hub reference (<c>hf:owner/repo/path</c>, an http(s) URL or a
@@ -108,7 +111,7 @@ public sealed class VctSegmenter : IDisposable
             AudioInput.NewLogMel(audioLogMel,
                 temporalFlags is null ? FSharpOption<torch.Tensor>.None : FSharpOption<torch.Tensor>.Some(temporalFlags)));
         var opts = new SegmentOptions(_options.Intermediates,
-            _options.OutputSize is int s ? OutputSize.NewSize(s, s) : OutputSize.Model);
+            _options.OutputSize is int s ? OutputSize.NewSize(s, s) : OutputSize.Model, _options.Precision.ToCore());
         return new SegmentationResult(Inference.segment(_model, opts, input));
     }
 

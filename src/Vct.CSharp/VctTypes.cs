@@ -108,16 +108,20 @@ internal static class VctTypeConversions
         _ => throw new ArgumentOutOfRangeException(nameof(m), m, "not a missing-masks policy"),
     };
 
-    /// <summary>
-    /// Checks that the core can run <paramref name="p"/> on <paramref name="device"/>. Only float32 exists in the core
-    /// so far; the reduced precisions are refused with a message saying so.
-    /// </summary>
-    internal static void CheckPrecision(VctPrecision p, TorchSharp.torch.Device device)
+    internal static Core.Platform.Precision ToCore(this VctPrecision p) => p switch
     {
-        if (!Enum.IsDefined(p)) throw new ArgumentOutOfRangeException(nameof(p), p, "not a precision");
-        if (p != VctPrecision.Float32)
-            throw new NotSupportedException($"precision {p} is not supported yet on {device}: this build of Vct.Core runs inference in float32 only (use Float32 / --precision fp32)");
-    }
+        VctPrecision.Float32 => Core.Platform.Precision.Float32,
+        VctPrecision.BFloat16 => Core.Platform.Precision.BFloat16,
+        VctPrecision.Float16 => Core.Platform.Precision.Float16,
+        _ => throw new ArgumentOutOfRangeException(nameof(p), p, "not a precision"),
+    };
+
+    /// <summary>
+    /// Checks that the core can run <paramref name="p"/> on <paramref name="device"/> (Platform/Precision.fs): bf16 on a
+    /// CPU with native bfloat16 instructions or on CUDA, fp16 on CUDA; elsewhere a one-line NotSupportedException.
+    /// </summary>
+    internal static void CheckPrecision(VctPrecision p, TorchSharp.torch.Device device) =>
+        Core.Platform.PrecisionModule.ensureSupported(device, p.ToCore());
 
     // Options and results of the facade's classes.
     internal static Core.Audio.ExampleOptions ToCore(this AudioExampleOptions o)
@@ -133,7 +137,7 @@ internal static class VctTypeConversions
 
     internal static Core.Video.VideoOptions ToCore(this VideoOptions o, SegmenterOptions segmenter) => new(
         o.Fps, o.BatchFrames, OptRef(o.Audio), o.SilenceWhenNoAudio ? Core.Video.AudioMissing.Silence : Core.Video.AudioMissing.Refuse,
-        OptRef(o.PreMasks), segmenter.MissingMasks.ToCore());
+        OptRef(o.PreMasks), segmenter.MissingMasks.ToCore(), segmenter.Precision.ToCore());
 
     internal static VideoProgress FromCore(this Core.Video.VideoProgress p) => new(p.Frames, p.TotalFrames, p.Elapsed, p.FramesPerSecond);
 

@@ -107,10 +107,11 @@ module Parity =
     /// aux<i>.pred_logits / aux<i>.pred_masks (i = 0..8, the official aux_outputs order), feats.audio_feat,
     /// feats.proto_feat, sem_seg; with `intermediates` also backbone, pixel-decoder, audio, PPQG and per-layer
     /// decoder tensors under names mirroring the official module paths.
-    let run (model: VctModel) (inputs: VctInputs) (intermediates: bool) : (string * Tensor) list =
+    let run (model: VctModel) (precision: Precision) (inputs: VctInputs) (intermediates: bool) : (string * Tensor) list =
         use _ = torch.no_grad ()
         model.eval ()
-        use out = model.Forward(inputs, keepIntermediates = intermediates, keepMasks = intermediates)
+        let device = (Seq.head (model.parameters ())).device
+        use out = Precision.run precision device (fun () -> model.Forward(inputs, keepIntermediates = intermediates, keepMasks = intermediates))
         let c (t: Tensor) = t.detach().cpu().clone()
         let preds = out.Decoder.Predictions
         let last = List.last preds

@@ -243,6 +243,19 @@ type VctModel(cfg: VctConfig, gen: torch.Generator) as this =
             let pix = sem_seg_head.PixelDecoder.call features
             let audio = sem_seg_head.AudioTransformation.call audioMaps
             let dec = sem_seg_head.Predictor.Forward(audio, pix.MultiScaleFeatures, pix.MaskFeatures, ?noise = noise, ?keepMasks = keepMasks)
+            // Under a lower-precision autocast region (Platform/Precision.fs) the products come out in bfloat16 or
+            // float16; callers always get float32.
+            let toF32 (t: Tensor) =
+                if t.dtype = torch.ScalarType.BFloat16 || t.dtype = torch.ScalarType.Float16 then t.to_type(torch.float32) else t
+            let dec =
+                { dec with
+                    Predictions = [ for p in dec.Predictions -> { Logits = toF32 p.Logits; Masks = toF32 p.Masks } ]
+                    AudioFeat = dec.AudioFeat |> Option.map toF32
+                    ProtoFeat = dec.ProtoFeat |> Option.map toF32
+                    Assignment = toF32 dec.Assignment }
+            let features = features |> Array.map toF32
+            let pix = { pix with MaskFeatures = toF32 pix.MaskFeatures; MultiScaleFeatures = pix.MultiScaleFeatures |> Array.map toF32 }
+            let audio = toF32 audio
             let inter =
                 if keepIntermediates then
                     Some { Features = features; MaskFeatures = pix.MaskFeatures; MultiScale = pix.MultiScaleFeatures

@@ -131,7 +131,7 @@ let tests =
                 for n in [ "pred_logits"; "pred_masks"; "aux0.pred_logits"; "aux8.pred_masks"; "feats.audio_feat"; "feats.proto_feat"; "sem_seg"
                            "backbone.res2"; "sem_seg_head.pixel_decoder.mask_features"; "sem_seg_head.predictor.visual_query_block.assignment" ] do
                     Expect.contains names n $"writes {n}"
-                let expected = Parity.run m x false |> Map.ofList
+                let expected = Parity.run m Precision.Float32 x false |> Map.ofList
                 for n in [ "pred_logits"; "pred_masks"; "sem_seg"; "aux3.pred_masks" ] do
                     Expect.isTrue (written.Tensors[n].allclose(expected[n], rtol = 1e-5, atol = 1e-6)) $"{n} as in-process"
             finally

@@ -68,6 +68,30 @@ let core =
                     let f, e = float fa[i], slow[i]
                     if abs (f - e) > 1e-4 + 1e-4 * abs e then failtest $"element {i}: fast {f}, slow {e} (shapes {shapes})"
 
+        testPropertyWithConfig config "inference path (chunked per-level sums) equals the stacked reference sum" <|
+            fun (seed: int) (nl: int) (qq: int) (chunk: int) ->
+                let rnd = Random(seed)
+                let l = abs nl % 3 + 1
+                let m, d, p, lq = 2L, 3L, 2L, int64 (abs qq % 9 + 1)
+                let shapes = Array.init l (fun _ -> int64 (rnd.Next(1, 7)), int64 (rnd.Next(1, 7)))
+                let s = shapes |> Array.sumBy (fun (h, w) -> h * w)
+                use _ = torch.NewDisposeScope()
+                torch.manual_seed (int64 seed) |> ignore
+                let n = 2L
+                let value = torch.randn(n, s, m, d)
+                let loc = torch.rand([| n; lq; m; int64 l; p; 2L |]) * 1.6f.ToScalar() - 0.3f.ToScalar()
+                let wts = torch.rand([| n; lq; m; int64 l; p |])
+                let reference = MsDeformAttnCore.sampleWith true value shapes loc wts
+                let saved = MsDeformAttnCore.sampleChunkElements
+                // chunks of 1 .. 4 queries, so that several chunks and a partial last one are exercised
+                MsDeformAttnCore.sampleChunkElements <- n * m * d * p * int64 (abs chunk % 4 + 1)
+                let fast =
+                    try
+                        use _ = torch.no_grad ()
+                        MsDeformAttnCore.sample value shapes loc wts
+                    finally MsDeformAttnCore.sampleChunkElements <- saved
+                Expect.isTrue (fast.allclose(reference, rtol = 1e-5, atol = 1e-6)) $"max diff {(fast - reference).abs().max().item<float32>()}"
+
         test "level start index" {
             Expect.sequenceEqual (MsDeformAttnCore.levelStartIndex [| 12L, 12L; 24L, 24L; 48L, 48L |]) [| 0L; 144L; 720L |] "Swin-B 384"
         }

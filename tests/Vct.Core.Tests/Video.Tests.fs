@@ -276,7 +276,7 @@ let tests =
                     { Images = Batch.frames [| for f in frames -> ImageIO.readRgb f |]
                       PreMasks = Some(Batch.frames [| for f in frames -> ImageIO.readRgb (Path.Combine(masksDir, Path.GetFileNameWithoutExtension f + "_mask_color.png")) |])
                       Audio = AudioInput.LogMel(examples, None) }
-                let semSeg = Parity.run model inputs false |> List.find (fun (n, _) -> n = "sem_seg") |> snd
+                let semSeg = Parity.run model Precision.Float32 inputs false |> List.find (fun (n, _) -> n = "sem_seg") |> snd
                 use up = torch.nn.functional.interpolate(semSeg, [| int64 size; int64 size |], mode = torch.InterpolationMode.Bilinear, align_corners = false)
                 use expected = (VctMath.binaryMasks up).to_type(torch.uint8)
                 for k in 0 .. 4 do

@@ -127,6 +127,43 @@ type WindowAttention(dim: int64, windowSize: int64, numHeads: int64, qkvBias: bo
 
     /// x: [B*nW, N, C]; mask: additive [nW, N, N] or None -> [B*nW, N, C]
     member this.Forward(x: Tensor, mask: Tensor option) : Tensor =
+        if Attention.usesFused () && not (this.training && attnDrop > 0.0) then this.ForwardFused(x, mask)
+        else this.ForwardExplicit(x, mask)
+
+    /// Inference path: LibTorch's fused attention with bias (+ shift mask) as the additive attn_mask; the
+    /// [B_, h, N, N] logits are never materialised. Same values as ForwardExplicit within float rounding.
+    member private this.ForwardFused(x: Tensor, mask: Tensor option) : Tensor =
+        Scope.run (fun () ->
+            let b_, m, c = x.shape[0], x.shape[1], x.shape[2]
+            if m <> n || c <> dim then invalidArg (nameof x) $"expected [B*nW, {n}, {dim}], got {Shape.show x}"
+            let d = c / numHeads
+            // SDPA scales by d^-0.5; a configured QK_SCALE is folded into q.
+            let qScale = scale * sqrt (float d)
+            let bias = this.RelativePositionBias()                                          // [h, N, N]
+            let y =
+                match mask with
+                | None ->
+                    // [B_, N, 3, h, d] -> [3, B_, h, N, d], one copy for q, k and v
+                    let qkv = qkv.call(x).view(b_, n, 3L, numHeads, d).permute(2L, 0L, 3L, 1L, 4L).contiguous()
+                    let q = if qScale = 1.0 then qkv[0L] else qkv[0L] * qScale.AsScalar
+                    Attention.additive q qkv[1L] qkv[2L] (Some(bias.unsqueeze(0L)))          // [B_, h, N, d]
+                | Some mk ->
+                    let nW = mk.shape[0]
+                    if b_ % nW <> 0L then invalidArg (nameof mask) $"mask {Shape.show mk} does not fit {b_} windows"
+                    let b = b_ / nW
+                    // windows of one image side by side with the heads, so that the per-window mask broadcasts
+                    // over the batch: [B, nW, N, 3, h, d] -> [3, B, nW*h, N, d]
+                    let qkv =
+                        qkv.call(x).view(b, nW, n, 3L, numHeads, d).permute(3L, 0L, 1L, 4L, 2L, 5L)
+                            .reshape(3L, b, nW * numHeads, n, d)
+                    let q = if qScale = 1.0 then qkv[0L] else qkv[0L] * qScale.AsScalar
+                    let full = (mk.unsqueeze(1L) + bias.unsqueeze(0L)).view(1L, nW * numHeads, n, n)   // [1, nW*h, N, N]
+                    (Attention.additive q qkv[1L] qkv[2L] (Some full)).reshape(b_, numHeads, n, d)
+            let y = y.transpose(1L, 2L).reshape(b_, n, c)                                    // [B_, N, C]
+            functional.dropout(proj.call y, projDrop, this.training))
+
+    /// The reference's explicit product, bias, mask, softmax and product (training: autograd through all).
+    member private this.ForwardExplicit(x: Tensor, mask: Tensor option) : Tensor =
         Scope.run (fun () ->
             let b_, m, c = x.shape[0], x.shape[1], x.shape[2]
             if m <> n || c <> dim then invalidArg (nameof x) $"expected [B*nW, {n}, {dim}], got {Shape.show x}"

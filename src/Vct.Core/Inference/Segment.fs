@@ -49,8 +49,11 @@ type OutputSize =
 type SegmentOptions =
     { /// Return the PPQG assignment, attention masks and prototype similarities.
       Intermediates: bool
-      OutputSize: OutputSize }
-    static member Default = { Intermediates = false; OutputSize = OutputSize.Model }
+      OutputSize: OutputSize
+      /// Arithmetic of the forward pass (`Platform/Precision.fs`): float32, or bf16/fp16 products under LibTorch's
+      /// autocast where the device can (refused with a one-line message elsewhere). Outputs are float32 always.
+      Precision: Precision }
+    static member Default = { Intermediates = false; OutputSize = OutputSize.Model; Precision = Precision.Float32 }
 
 /// The one inference pipeline: model inputs -> scores, masks, class probabilities and optional maps. Every caller
 /// that segments goes through `Segment.run`: the API and C# facade, the video path, evaluation, the trainer's
@@ -101,5 +104,5 @@ module Segment =
         let device = (Seq.head (model.parameters ())).device
         Scope.runOwner (fun () ->
             let inputs = { inputs with Images = inputs.Images.``to``(device); PreMasks = inputs.PreMasks |> Option.map (fun m -> m.``to``(device)) }
-            use out = model.Forward(inputs, keepMasks = options.Intermediates)
+            use out = Precision.run options.Precision device (fun () -> model.Forward(inputs, keepMasks = options.Intermediates))
             ofOutput model options inputs.TemporalFlags out)

@@ -38,20 +38,29 @@ type MultiheadAttention(embedDim: int64, numHeads: int64) as this =
             let w = in_proj_weight.chunk(3L, 0L)
             let bi = in_proj_bias.chunk(3L, 0L)
             let heads (x: Tensor) (len: int64) = x.reshape(len, b * numHeads, headDim).transpose(0L, 1L) // [B*h, M, d]
-            // NOTE: q is scaled before the product, as torch 1.13's _scaled_dot_product_attention does.
-            let q = heads (functional.linear(query, w[0], bi[0])) l * (1.0 / sqrt (float headDim)).AsScalar
+            match attnMask with
+            | Some m when m.shape <> [| b * numHeads; l; s |] ->
+                invalidArg "attnMask" $"attention mask must be [{b * numHeads}, {l}, {s}], got {Shape.show m}"
+            | _ -> ()
+            let q = heads (functional.linear(query, w[0], bi[0])) l
             let k = heads (functional.linear(key, w[1], bi[1])) s
             let v = heads (functional.linear(value, w[2], bi[2])) s
-            let logits = q.bmm(k.transpose(1L, 2L))                                   // [B*h, L, S]
-            let logits =
-                match attnMask with
-                | Some m ->
-                    if m.shape <> [| b * numHeads; l; s |] then
-                        invalidArg "attnMask" $"attention mask must be [{b * numHeads}, {l}, {s}], got {Shape.show m}"
-                    logits.masked_fill(m, Double.NegativeInfinity.AsScalar)
-                | None -> logits
-            let attn = logits.softmax(-1L)
-            let out = attn.bmm(v).transpose(0L, 1L).reshape(l * b, embedDim)        // [L*B, C]
+            let out =
+                if Attention.usesFused () then
+                    // [B*h, M, d] seen as [B, h, M, d]: the fused kernel's 4-D layout (rows b*h + head, batch-major)
+                    let as4 (x: Tensor) (len: int64) = x.view(b, numHeads, len, headDim)
+                    let mask = attnMask |> Option.map (fun m -> m.view(b, numHeads, l, s))
+                    (Attention.blocked (as4 q l) (as4 k s) (as4 v s) mask).reshape(b * numHeads, l, headDim)
+                else
+                    // NOTE: q is scaled before the product, as torch 1.13's _scaled_dot_product_attention does.
+                    let q = q * (1.0 / sqrt (float headDim)).AsScalar
+                    let logits = q.bmm(k.transpose(1L, 2L))                               // [B*h, L, S]
+                    let logits =
+                        match attnMask with
+                        | Some m -> logits.masked_fill(m, Double.NegativeInfinity.AsScalar)
+                        | None -> logits
+                    logits.softmax(-1L).bmm(v)                                            // [B*h, L, d]
+            let out = out.transpose(0L, 1L).reshape(l * b, embedDim)                      // [L*B, C]
             out_proj.call(out).view(l, b, embedDim))
 
 /// Post-norm cross-attention block of the official decoder (`CrossAttentionLayer`, dropout 0):

@@ -15,12 +15,15 @@ module MsDeformAttnCore =
     let levelStartIndex (shapes: (int64 * int64)[]) : int64[] =
         shapes |> Array.scan (fun acc (h, w) -> acc + h * w) 0L |> Array.take shapes.Length
 
+    /// Elements of the sampled values [N*M, D, chunk, P] one level holds at a time on the inference path.
+    let mutable sampleChunkElements = 1L <<< 20
+
     /// Bilinear sampling of every head's value maps at the given locations, weighted and summed over levels × points.
     /// Locations are normalised to [0, 1] (x first); pixel centres sit at (k + 0.5) / size (grid 2·loc − 1 with
     /// align_corners = false); each bilinear tap outside the map contributes zero (padding "zeros").
     ///   value: [N, S, M, D], shapes: L levels (H_l, W_l) with Σ H_l W_l = S,
     ///   locations: [N, Lq, M, L, P, 2], weights: [N, Lq, M, L, P] -> [N, Lq, M*D]
-    let sample (value: Tensor) (shapes: (int64 * int64)[]) (locations: Tensor) (weights: Tensor) : Tensor =
+    let sampleWith (explicitSum: bool) (value: Tensor) (shapes: (int64 * int64)[]) (locations: Tensor) (weights: Tensor) : Tensor =
         Shape.requireRank (nameof value) 4 value
         Shape.requireRank (nameof locations) 6 locations
         Shape.requireRank (nameof weights) 5 weights
@@ -32,21 +35,57 @@ module MsDeformAttnCore =
             invalidArg (nameof value) $"value {Shape.show value} does not hold the levels {shapes}"
         if weights.shape <> locations.shape[.. 4] then
             invalidArg (nameof weights) $"weights {Shape.show weights} do not match locations {Shape.show locations}"
-        Scope.run (fun () ->
-            let starts = levelStartIndex shapes
-            let grids = locations * 2.0f.AsScalar - 1.0f.AsScalar                     // [N, Lq, M, L, P, 2]
-            let sampled =
-                shapes |> Array.mapi (fun lvl (h, w) ->
-                    // [N, HW, M, D] -> [N, HW, M*D] -> [N, M*D, HW] -> [N*M, D, H, W]
-                    let v = value.narrow(1L, starts[lvl], h * w).flatten(2L).transpose(1L, 2L).reshape(n * m, d, h, w)
-                    // [N, Lq, M, P, 2] -> [N, M, Lq, P, 2] -> [N*M, Lq, P, 2]
-                    let g = grids.select(3L, int64 lvl).transpose(1L, 2L).flatten(0L, 1L)
-                    functional.grid_sample(v, g, mode = torch.GridSampleMode.Bilinear, padding_mode = torch.GridSamplePaddingMode.Zeros,
-                                           align_corners = false))                       // [N*M, D, Lq, P]
-            // [N, Lq, M, L, P] -> [N, M, Lq, L, P] -> [N*M, 1, Lq, L*P]
-            let w = weights.transpose(1L, 2L).reshape(n * m, 1L, lq, l * p)
-            let out = (torch.stack(sampled, -2L).flatten(-2L) * w).sum(-1L).view(n, m * d, lq)   // [N, M*D, Lq]
-            out.transpose(1L, 2L).contiguous())                                             // [N, Lq, M*D]
+        if explicitSum || torch.is_grad_enabled () then
+            Scope.run (fun () ->
+                let starts = levelStartIndex shapes
+                let grids = locations * 2.0f.AsScalar - 1.0f.AsScalar                     // [N, Lq, M, L, P, 2]
+                let sampled =
+                    shapes |> Array.mapi (fun lvl (h, w) ->
+                        // [N, HW, M, D] -> [N, HW, M*D] -> [N, M*D, HW] -> [N*M, D, H, W]
+                        let v = value.narrow(1L, starts[lvl], h * w).flatten(2L).transpose(1L, 2L).reshape(n * m, d, h, w)
+                        // [N, Lq, M, P, 2] -> [N, M, Lq, P, 2] -> [N*M, Lq, P, 2]
+                        let g = grids.select(3L, int64 lvl).transpose(1L, 2L).flatten(0L, 1L)
+                        functional.grid_sample(v, g, mode = torch.GridSampleMode.Bilinear, padding_mode = torch.GridSamplePaddingMode.Zeros,
+                                               align_corners = false))                       // [N*M, D, Lq, P]
+                // [N, Lq, M, L, P] -> [N, M, Lq, L, P] -> [N*M, 1, Lq, L*P]
+                let w = weights.transpose(1L, 2L).reshape(n * m, 1L, lq, l * p)
+                let out = (torch.stack(sampled, -2L).flatten(-2L) * w).sum(-1L).view(n, m * d, lq)   // [N, M*D, Lq]
+                out.transpose(1L, 2L).contiguous())                                             // [N, Lq, M*D]
+        else
+            // Inference: the same sums, level by level and over chunks of queries, so that the sampled values
+            // ([N*M, D, chunk, P] per level) are weighted and reduced while still in cache instead of stacking
+            // [N*M, D, Lq, L*P] for all levels at once.
+            Scope.run (fun () ->
+                let starts = levelStartIndex shapes
+                let values =
+                    shapes |> Array.mapi (fun lvl (h, w) ->
+                        value.narrow(1L, starts[lvl], h * w).flatten(2L).transpose(1L, 2L).reshape(n * m, d, h, w))  // [N*M, D, H, W]
+                // [N, Lq, M, L, P, 2] -> [N*M, L, Lq, P, 2], and the weights [N*M, L, Lq, 1, P]
+                let grids = (locations.permute(0L, 2L, 3L, 1L, 4L, 5L) * 2.0f.AsScalar - 1.0f.AsScalar).reshape(n * m, l, lq, p, 2L)
+                let ws = weights.permute(0L, 2L, 3L, 1L, 4L).reshape(n * m, l, lq, 1L, p)
+                let out = torch.empty(n * m, d, lq, dtype = value.dtype, device = value.device)  // [N*M, D, Lq]
+                let chunk = max 1L (sampleChunkElements / (n * m * d * p))
+                let mutable q0 = 0L
+                while q0 < lq do
+                    use _ = torch.NewDisposeScope()
+                    let len = min chunk (lq - q0)
+                    let acc = out.narrow(2L, q0, len)
+                    for lvl in 0 .. shapes.Length - 1 do
+                        let g = grids.select(1L, int64 lvl).narrow(1L, q0, len)                // [N*M, len, P, 2]
+                        let s = functional.grid_sample(values[lvl], g, mode = torch.GridSampleMode.Bilinear,
+                                                       padding_mode = torch.GridSamplePaddingMode.Zeros, align_corners = false)  // [N*M, D, len, P]
+                        let wl = ws.select(1L, int64 lvl).narrow(1L, q0, len).transpose(1L, 2L)  // [N*M, 1, len, P]
+                        let part = s.mul_(wl).sum(-1L)                                            // [N*M, D, len]
+                        if lvl = 0 then acc.copy_(part) |> ignore else acc.add_(part) |> ignore
+                    q0 <- q0 + len
+                out.view(n, m * d, lq).transpose(1L, 2L).contiguous())                          // [N, Lq, M*D]
+
+    /// A/B switch for benchmarks: false makes `sample` use the stacked sum in inference too.
+    let mutable chunked = true
+
+    /// The chunked per-level sums in inference, the reference's stacked sum under autograd.
+    let sample (value: Tensor) (shapes: (int64 * int64)[]) (locations: Tensor) (weights: Tensor) : Tensor =
+        sampleWith (not chunked) value shapes locations weights
 
 /// Multi-scale deformable attention module (reference: ops/modules/ms_deform_attn.py, MSDeformAttn).
 /// Submodule names are the official ones: sampling_offsets, attention_weights, value_proj, output_proj.

@@ -43,10 +43,12 @@ type VideoOptions =
       /// A folder of Semantic-SAM mask images, by frame name: `<name>_mask_color.png` or `<name>.png`.
       PreMasks: string option
       /// What a pre-SAM model does without mask images.
-      MissingMasks: MissingMasks }
+      MissingMasks: MissingMasks
+      /// Arithmetic of the forward passes (`SegmentOptions.Precision`).
+      Precision: Precision }
     static member Default =
         { Fps = 1.0; BatchFrames = 5; Audio = None; AudioMissing = AudioMissing.Refuse; PreMasks = None
-          MissingMasks = MissingMasks.Refuse }
+          MissingMasks = MissingMasks.Refuse; Precision = Precision.Float32 }
 
 /// One class found in a frame's mask.
 type ClassScore =
@@ -224,7 +226,7 @@ module VideoSegmentation =
             if ex.Examples.shape[0] = 0L then (ex.Examples.Dispose(); None) else Some ex.Examples
 
     /// Segments prepared frames: `frames` with their names, `examples` [n, 1, 96, 64] per frame.
-    let private run (model: VctModel) (preMasks: string option) (frames: (SampledFrame * string)[]) (examples: Tensor) : (Tensor * Image[]) =
+    let private run (model: VctModel) (precision: Precision) (preMasks: string option) (frames: (SampledFrame * string)[]) (examples: Tensor) : (Tensor * Image[]) =
         let size = int model.Config.ImageSize
         let images = frames |> Array.map (fun (f, _) -> resizeForModel size f.Image)
         use x = Batch.frames images
@@ -233,7 +235,7 @@ module VideoSegmentation =
             | Some dir when model.Config.UsePreSam -> Some(Batch.frames (frames |> Array.map (fun (_, n) -> readPreMask dir n size)))
             | _ -> None
         let input = { Images = x; PreMasks = pre; Audio = AudioInput.LogMel(examples, None) }
-        use seg = Segment.run model SegmentOptions.Default input
+        use seg = Segment.run model { SegmentOptions.Default with Precision = precision } input
         pre |> Option.iter (fun p -> p.Dispose())
         seg.Scores.clone(), images
 
@@ -296,7 +298,7 @@ module VideoSegmentation =
                       use ex = examples.index_select(0L, idx)
                       let scores, _ =
                           use _gate = FinalizerGate.Hold()
-                          run model options.PreMasks named ex
+                          run model options.Precision options.PreMasks named ex
                       use scores = scores
                       for k in 0 .. chunk.Length - 1 do
                           use s = scores[k]
