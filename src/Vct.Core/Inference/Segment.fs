@@ -74,6 +74,8 @@ module Segment =
                 | OutputSize.Model -> model.Config.OutputSize, model.Config.OutputSize
                 | OutputSize.Size(h, w) -> h, w
             let scores = VctMath.semanticInference out.InputSize size last.Logits last.Masks
+            // float32 also when called inside a lower-precision autocast region (Platform/Precision.fs)
+            let scores = if scores.dtype = torch.ScalarType.Float32 then scores else scores.to_type(torch.float32)
             let scores =
                 match flags with
                 | Some f when model.Config.Subset.Preset.TemporalFlags && f.shape[0] >= t ->
