@@ -89,3 +89,14 @@ module Precision =
             ensureSupported device p
             use _ = Autocast.enter device.``type`` p.ScalarType
             f ()
+
+/// The same for C# callers (System.Func instead of F# functions).
+type Precision with
+    /// Parses a precision name: "fp32"/"float32", "bf16"/"bfloat16", "fp16"/"float16".
+    static member FromName(text: string) : Precision = Precision.Parse text
+
+    /// Throws NotSupportedException (one line) unless `precision` can run on `device`.
+    static member EnsureSupported(device: torch.Device, precision: Precision) : unit = Precision.ensureSupported device precision
+
+    /// Runs `f` (an inference pass on `device`) in `precision`; see `Precision.run`.
+    static member Run<'T>(precision: Precision, device: torch.Device, f: Func<'T>) : 'T = Precision.run precision device (fun () -> f.Invoke())
