@@ -190,12 +190,17 @@ let tests =
             let forward region =
                 Amp.within region (fun () ->
                     use out = model.Forward inputs
-                    let logitsDtype = out.Decoder.Last.Logits.dtype
-                    crit.Compute(out.Decoder, targets, sup, new torch.Generator(1UL)), logitsDtype)
-            let lossF, dtF = forward None
-            let lossB, dtB = forward (Some(DeviceType.CPU, torch.ScalarType.BFloat16))
-            Expect.equal dtF torch.float32 "float32 without autocast"
-            Expect.equal dtB torch.bfloat16 "the class head ran in bfloat16 under autocast"
+                    let logits = out.Decoder.Last.Logits.detach().clone()
+                    crit.Compute(out.Decoder, targets, sup, new torch.Generator(1UL)), logits)
+            let lossF, logitsF = forward None
+            let lossB, logitsB = forward (Some(DeviceType.CPU, torch.ScalarType.BFloat16))
+            // The model hands float32 to its callers in both cases (Model.fs); the products ran in bfloat16 under
+            // autocast, which shows as logits that differ from float32's by bfloat16 rounding, not more.
+            Expect.equal logitsF.dtype torch.float32 "float32 without autocast"
+            Expect.equal logitsB.dtype torch.float32 "float32 outputs under autocast too"
+            let diff = (logitsB - logitsF).abs().max().item<float32> () |> float
+            Expect.isGreaterThan diff 0.0 "the class head ran in bfloat16 under autocast (outputs differ from float32's)"
+            Expect.isLessThan diff 0.5 "by rounding only"
             let f = lossF.Total.item<float32> () |> float
             let b = (lossB.Total.to_type(torch.float32)).item<float32> () |> float
             Expect.isTrue (Double.IsFinite b) "finite loss under autocast"
