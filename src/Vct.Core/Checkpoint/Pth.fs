@@ -100,6 +100,9 @@ module Pth =
             if offset < 0L || Array.exists (fun s -> s < 0L) size || Array.exists (fun s -> s < 0L) stride then
                 bad $"negative size, stride or offset for a tensor on storage {key}"
             let numel = data.shape[0]
+            // The element count in LibTorch's order (a product that overflows before a zero size fails there too).
+            (try Array.fold (fun acc n -> Checked.(*) acc n) 1L size |> ignore
+             with :? OverflowException -> bad $"tensor size {TensorData.showShape size} on storage {key} has more elements than fit in 64 bits")
             if Array.forall (fun s -> s > 0L) size then
                 let last =
                     try Checked.(+) offset (Array.fold2 (fun acc n s -> Checked.(+) acc (Checked.(*) (n - 1L) s)) 0L size stride)
