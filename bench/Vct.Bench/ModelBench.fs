@@ -79,15 +79,15 @@ let run (repeats: int) =
             let images = VctMath.padTo 32L (VctMath.normalise x.Images)
             let pre = VctMath.normalise x.PreMasks.Value
             printfn "model: ours, parts"
-            results["backbone"] <- measure 1 repeats (fun () -> use _ = torch.NewDisposeScope() in m.VisualEncoder.Backbone.call images |> ignore)
+            results["backbone"] <- measure 1 repeats (fun () -> use _ = torch.NewDisposeScope() in m.VisualEncoder.Backbone.Forward images |> ignore)
             for n in [ 1L; 5L ] do
                 let xi, pi = images.narrow(0L, 0L, n), pre.narrow(0L, 0L, n)
-                results[$"swin_{n}"] <- measure 1 repeats (fun () -> use _ = torch.NewDisposeScope() in m.VisualEncoder.Backbone.call xi |> ignore)
+                results[$"swin_{n}"] <- measure 1 repeats (fun () -> use _ = torch.NewDisposeScope() in m.VisualEncoder.Backbone.Forward xi |> ignore)
                 results[$"presam_{n}"] <- measure 1 repeats (fun () -> use _ = torch.NewDisposeScope() in m.VisualEncoder.Forward(xi, Some pi) |> ignore)
             let features = m.VisualEncoder.Forward(images, Some pre)
-            results["pixel_decoder"] <- measure 1 repeats (fun () -> use _ = torch.NewDisposeScope() in m.Head.PixelDecoder.call features |> ignore)
-            let pix = m.Head.PixelDecoder.call features
-            let audio = m.Head.AudioTransformation.call (m.AudioBackboneFeatures((match x.Audio with AudioInput.LogMel(e, _) -> e | AudioInput.Maps m -> m), None))
+            results["pixel_decoder"] <- measure 1 repeats (fun () -> use _ = torch.NewDisposeScope() in m.Head.PixelDecoder.Forward features |> ignore)
+            let pix = m.Head.PixelDecoder.Forward features
+            let audio = m.Head.AudioTransformation.Forward (m.AudioBackboneFeatures((match x.Audio with AudioInput.LogMel(e, _) -> e | AudioInput.Maps m -> m), None))
             results["transformer_decoder"] <-
                 measure 1 repeats (fun () ->
                     use _ = torch.NewDisposeScope()
@@ -95,8 +95,8 @@ let run (repeats: int) =
             if bf16Ok then
                 let bf (f: unit -> unit) () = Precision.run Precision.BFloat16 torch.CPU f
                 printfn "model: ours, parts, bf16"
-                results["backbone_bf16"] <- measure 1 repeats (bf (fun () -> use _ = torch.NewDisposeScope() in m.VisualEncoder.Backbone.call images |> ignore))
-                results["pixel_decoder_bf16"] <- measure 1 repeats (bf (fun () -> use _ = torch.NewDisposeScope() in m.Head.PixelDecoder.call features |> ignore))
+                results["backbone_bf16"] <- measure 1 repeats (bf (fun () -> use _ = torch.NewDisposeScope() in m.VisualEncoder.Backbone.Forward images |> ignore))
+                results["pixel_decoder_bf16"] <- measure 1 repeats (bf (fun () -> use _ = torch.NewDisposeScope() in m.Head.PixelDecoder.Forward features |> ignore))
                 results["transformer_decoder_bf16"] <-
                     measure 1 repeats (bf (fun () ->
                         use _ = torch.NewDisposeScope()

@@ -135,26 +135,26 @@ let run (repeats: int) =
     let full = timeOf runs (fun () ->
         (m.Forward { Images = torch.rand(frames, 3L, 384L, 384L) * 255.0.AsScalar; PreMasks = Some(torch.rand(frames, 3L, 384L, 384L) * 255.0.AsScalar)
                      Audio = AudioInput.LogMel(logMel, None) } :> IDisposable).Dispose())
-    let swin = timeOf runs (fun () -> enc.Backbone.call images |> ignore)
+    let swin = timeOf runs (fun () -> enc.Backbone.Forward images |> ignore)
     stages.Add("Swin-B (RGB frames)", swin)
     let encAll = timeOf runs (fun () -> enc.Forward(images, Some pre) |> ignore)
     stages.Add("pre-SAM branch (second Swin-B, scale blocks, fusion)", encAll - swin)
     let features = enc.Forward(images, Some pre)
     let pd = m.Head.PixelDecoder
-    let pdAll = timeOf runs (fun () -> pd.call features |> ignore)
+    let pdAll = timeOf runs (fun () -> pd.Forward features |> ignore)
     let srcs = [| 12L; 24L; 48L |] |> Array.map (fun s -> torch.randn(frames, 256L, s, s))
     let pos = srcs |> Array.map (PositionEmbedding.sine 128L)
     let encoder = timeOf runs (fun () -> pd.Transformer.Forward(srcs, pos) |> ignore)
     stages.Add("pixel decoder: deformable encoder (6 layers)", encoder)
     stages.Add("pixel decoder: input projections, FPN, mask features", pdAll - encoder)
     let audioMaps = m.AudioBackboneFeatures(logMel, None)
-    let audioT = timeOf runs (fun () -> m.Head.AudioTransformation.call (m.AudioBackboneFeatures(logMel, None)) |> ignore)
+    let audioT = timeOf runs (fun () -> m.Head.AudioTransformation.Forward (m.AudioBackboneFeatures(logMel, None)) |> ignore)
     stages.Add("audio: VGGish + audio MLP", audioT)
-    let pix = pd.call features
-    let audio = m.Head.AudioTransformation.call audioMaps
+    let pix = pd.Forward features
+    let audio = m.Head.AudioTransformation.Forward audioMaps
     let vqb = new VisualQueryBlock(m.Config.Decoder.Query)
     vqb.eval () |> ignore
-    let ppqg = timeOf runs (fun () -> vqb.ForwardFull(pix.MaskFeatures) |> ignore)
+    let ppqg = timeOf runs (fun () -> vqb.Forward(pix.MaskFeatures) |> ignore)
     let dec = timeOf runs (fun () -> (m.Head.Predictor.Forward(audio, pix.MultiScaleFeatures, pix.MaskFeatures) :> IDisposable).Dispose())
     stages.Add("PPQG (query generation)", ppqg)
     stages.Add("decoder: 9 layers + 10 prediction heads", dec - ppqg)
@@ -181,7 +181,7 @@ let run (repeats: int) =
     let withChunked on (f: unit -> unit) () =
         MsDeformAttnCore.chunked <- on
         try f () finally MsDeformAttnCore.chunked <- true
-    let swin1 () = enc.Backbone.call one |> ignore
+    let swin1 () = enc.Backbone.Forward one |> ignore
     let decode () = (m.Head.Predictor.Forward(audio, pix.MultiScaleFeatures, pix.MaskFeatures) :> IDisposable).Dispose()
     let levers =
         [ ab "Swin-B, 1 frame: explicit window attention -> fused SDPA (bias + shift mask as attn_mask)"

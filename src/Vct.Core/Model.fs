@@ -75,6 +75,9 @@ type VctConfig =
         if c.Decoder.Query.NumPixels <> m * m then
             invalidArg "config" $"PPQG expects {c.Decoder.Query.NumPixels} mask-feature pixels but a {c.ImageSize} input gives {m}x{m}"
 
+/// What the head computed: the pixel decoder's maps, the audio MLP's output [BT, C, 6, 4] and the decoder output.
+type HeadOutput = { Pixel: PixelDecoderOutput; Audio: Tensor; Decoder: DecoderOutput }
+
 /// The head: pixel decoder, audio MLP and the VCT decoder (official prefix `sem_seg_head.`).
 type SemSegHead(cfg: VctConfig, gen: torch.Generator) as this =
     inherit Module("SemSegHead")
@@ -85,6 +88,14 @@ type SemSegHead(cfg: VctConfig, gen: torch.Generator) as this =
     member _.PixelDecoder = pixel_decoder
     member _.AudioTransformation = audio_transformation
     member _.Predictor = predictor
+
+    /// features [| res2; res3; res4; res5 |], audioMaps [BT, 512, 6, 4] -> pixel maps, audio tokens, decoder output
+    /// (official: the head's forward, pixel_decoder.forward_features then predictor).
+    member _.Forward(features: Tensor[], audioMaps: Tensor, ?noise: Tensor, ?keepMasks: bool) : HeadOutput =
+        let pix = pixel_decoder.Forward features
+        let audio = audio_transformation.Forward audioMaps
+        { Pixel = pix; Audio = audio
+          Decoder = predictor.Forward(audio, pix.MultiScaleFeatures, pix.MaskFeatures, ?noise = noise, ?keepMasks = keepMasks) }
 
 /// The audio of a forward pass: VGGish log-mel examples (the frozen VGGish runs on them), or VGGish maps computed
 /// before (VGGish is frozen, so a trainer computes a clip's maps once and reuses them: the same numbers).
@@ -181,7 +192,7 @@ module VctMath =
 /// audio MLP and the VCT decoder. State-dict keys are those of the released `model_best.pth` files
 /// (backbone.*, pre_sam_backbone.*, scale_factor_module.*, audio_backbone.*, sem_seg_head.*).
 type VctModel(cfg: VctConfig, gen: torch.Generator) as this =
-    inherit Module<VctInputs, VctOutput>("VCT")
+    inherit Module("VCT")
     do cfg.Validate()
     let encoder = new VisualEncoder({ Swin = cfg.Swin; UsePreSam = cfg.UsePreSam })
     let audio_backbone = new Vggish(VggishConfig.Default)
@@ -218,7 +229,7 @@ type VctModel(cfg: VctConfig, gen: torch.Generator) as this =
             invalidArg "AudioLogMel" $"audio log-mel examples must be [N, 1, 96, 64], got {Shape.show logMel}"
         use _ = torch.no_grad ()
         audio_backbone.eval () |> ignore
-        let maps = audio_backbone.call (logMel.to_type(torch.float32))
+        let maps = audio_backbone.Forward (logMel.to_type(torch.float32))
         match flags with
         | None -> maps
         | Some f ->
@@ -240,9 +251,7 @@ type VctModel(cfg: VctConfig, gen: torch.Generator) as this =
                 | AudioInput.LogMel(examples, flags) -> this.AudioBackboneFeatures(examples.``to``(images.device), flags)
             if audioMaps.shape[0] <> images.shape[0] then
                 invalidArg "inputs" $"{images.shape[0]} frames but {audioMaps.shape[0]} audio examples (after the temporal flags)"
-            let pix = sem_seg_head.PixelDecoder.call features
-            let audio = sem_seg_head.AudioTransformation.call audioMaps
-            let dec = sem_seg_head.Predictor.Forward(audio, pix.MultiScaleFeatures, pix.MaskFeatures, ?noise = noise, ?keepMasks = keepMasks)
+            let { Pixel = pix; Audio = audio; Decoder = dec } = sem_seg_head.Forward(features, audioMaps, ?noise = noise, ?keepMasks = keepMasks)
             // Under a lower-precision autocast region (Platform/Precision.fs) the products come out in bfloat16 or
             // float16; callers always get float32.
             let toF32 (t: Tensor) =
@@ -262,5 +271,3 @@ type VctModel(cfg: VctConfig, gen: torch.Generator) as this =
                            AudioBackbone = audioMaps; AudioFeatures = audio }
                 else None
             { Decoder = dec; Intermediates = inter; InputSize = images.shape[2], images.shape[3] })
-
-    override this.forward(inputs) = this.Forward(inputs)

@@ -191,7 +191,7 @@ let tests =
                 Amp.within region (fun () ->
                     use out = model.Forward inputs
                     let logits = out.Decoder.Last.Logits.detach().clone()
-                    crit.Compute(out.Decoder, targets, sup, new torch.Generator(1UL)), logits)
+                    crit.Forward(out.Decoder, targets, sup, new torch.Generator(1UL)), logits)
             let lossF, logitsF = forward None
             let lossB, logitsB = forward (Some(DeviceType.CPU, torch.ScalarType.BFloat16))
             // The model hands float32 to its callers in both cases (Model.fs); the products ran in bfloat16 under

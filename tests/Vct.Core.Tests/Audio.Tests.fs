@@ -445,7 +445,7 @@ let networks =
             Expect.equal y.shape expected.shape "[1, 128, 24, 16]"
             let rel = (y - expected).abs().max().ToDouble() / expected.abs().max().ToDouble()
             Expect.isLessThanOrEqual rel 1e-4 $"relative error {rel:E2}"
-            Expect.equal ((m.call sd["in.x"]).shape) [| 1L; 512L; 6L; 4L |] "full stack output"
+            Expect.equal ((m.Forward sd["in.x"]).shape) [| 1L; 512L; 6L; 4L |] "full stack output"
         }
 
         test "VGGish keys and shapes are the official audio_backbone.features.*" {
@@ -474,7 +474,7 @@ let networks =
             Expect.equal r.Dropped.Length 7 "6 FC tensors and 1 foreign key dropped"
             Expect.isTrue (r.Dropped |> List.exists (fun k -> k = "audio_backbone.embeddings.0.weight")) "FC reported"
             let x = torch.randn(2L, 1L, 96L, 64L)
-            Expect.equal (maxAbs (m.call x) (src.call x)) 0.0 "same weights, same output"
+            Expect.equal (maxAbs (m.Forward x) (src.Forward x)) 0.0 "same weights, same output"
         }
 
         test "PCA post-processing: the official formula" {
@@ -497,7 +497,7 @@ let networks =
             let weights = sd |> Seq.filter (fun kv -> kv.Key.StartsWith "w.") |> Seq.toArray
             let r = m.LoadStateDict(weights, "w.")
             Expect.equal r.Loaded.Length 6 "3 linears"
-            let y = m.call sd["in.x"]
+            let y = m.Forward sd["in.x"]
             let expected = sd["out.out"]
             Expect.equal y.shape [| 1L; 256L; 6L; 4L |] "shape"
             let rel = (y - expected).abs().max().ToDouble() / expected.abs().max().ToDouble()
@@ -519,7 +519,7 @@ let networks =
             Expect.equal f.shape [| 5L; 512L; 6L; 4L |] "VGGish features"
             Expect.isLessThan (maxAbs f (Audio.encode vggish ex)) 1e-5 "batching does not change the result"
             use mlp = new AudioMlp()
-            Expect.equal (mlp.call f).shape [| 5L; 256L; 6L; 4L |] "audio tokens"
+            Expect.equal (mlp.Forward f).shape [| 5L; 256L; 6L; 4L |] "audio tokens"
         }
     ]
 

@@ -105,7 +105,7 @@ let swin =
                 use _ = torch.NewDisposeScope()
                 use _ = torch.no_grad ()
                 torch.manual_seed (int64 seed) |> ignore
-                let outs = tiny.Value.call (torch.randn(2L, 3L, h, w))
+                let outs = tiny.Value.Forward (torch.randn(2L, 3L, h, w))
                 Expect.equal outs.Length 4 "res2..res5"
                 let mutable eh, ew = (h + 3L) / 4L, (w + 3L) / 4L
                 for i in 0 .. 3 do
@@ -146,7 +146,7 @@ let swin =
             use m = new SwinTransformer(SwinConfig.Tiny, new torch.Generator(3UL))
             m.train()
             use _ = torch.NewDisposeScope()
-            let outs = m.call (torch.randn(2L, 3L, 33L, 47L))
+            let outs = m.Forward (torch.randn(2L, 3L, 33L, 47L))
             let loss = outs |> Array.map (fun t -> t.square().mean()) |> Array.reduce (+)
             loss.backward()
             let grads = m.parameters() |> Seq.filter (fun p -> not (isNull p.grad)) |> Seq.length
@@ -193,7 +193,7 @@ let preSam =
             let e = Expect.throwsC (fun () -> enc.Forward(x, None) |> ignore) id
             Expect.stringContains e.Message "MissingMasks" "the message names the fallbacks"
             let skip = enc.Forward(x, None, MissingMasks.SkipBranch)
-            let rgb = enc.Backbone.call x
+            let rgb = enc.Backbone.Forward x
             for k in 0 .. 3 do Expect.isTrue (same skip[k] rgb[k]) "SkipBranch = RGB features"
             let blank = enc.Forward(x, None, MissingMasks.BlankMaskImage)
             let explicitBlank = enc.Forward(x, Some(PreSam.blankMaskImage 1L 40L 40L torch.CPU))
@@ -209,10 +209,10 @@ let preSam =
             let x = torch.randn(2L, 3L, 36L, 52L)
             let p = torch.randn(2L, 3L, 36L, 52L)
             let fused = enc.Forward(x, Some p)
-            let f = enc.Backbone.call x
-            let pf = enc.PreSamBackbone.Value.call p
+            let f = enc.Backbone.Forward x
+            let pf = enc.PreSamBackbone.Value.Forward p
             for k in 0 .. 3 do
-                let s = enc.ScaleFactorModule.Value[k].call pf[k]
+                let s = enc.ScaleFactorModule.Value[k].Forward pf[k]
                 Expect.sequenceEqual s.shape [| 2L; pf[k].shape[1]; 1L; 1L |] "scale shape"
                 Expect.isTrue (fused[k].allclose(f[k] + s * pf[k], rtol = 1e-5, atol = 1e-6)) $"level {k}"
         }
@@ -242,7 +242,7 @@ let imageNet =
             use g = new Golden("vision_swin_imagenet_expected.pt")
             m.eval()
             use _ = torch.no_grad ()
-            let outs = m.call g["in.x"]
+            let outs = m.Forward g["in.x"]
             for i in 0 .. 3 do expectClose $"res{i + 2}" g[$"out.res{i + 2}"] outs[i]
         }
 

@@ -20,11 +20,11 @@ let goldens =
             use m = new CrossAttentionLayer(256L, 8L)
             loadWeights (g.Weights()) (fun _ -> false) m
             m.eval ()
-            let masked = m.call(g["in.tgt"], g["in.memory_masked"], Some g["in.memory_mask_masked"], Some g["in.pos_masked"], Some g["in.query_pos"])
+            let masked = m.Forward(g["in.tgt"], g["in.memory_masked"], Some g["in.memory_mask_masked"], Some g["in.pos_masked"], Some g["in.query_pos"])
             expectClose "masked" g["out.masked"] masked
-            let audio = m.call(g["in.tgt"], g["in.memory_audio"], Some g["in.memory_mask_audio"], Some g["in.pos_audio"], Some g["in.query_pos"])
+            let audio = m.Forward(g["in.tgt"], g["in.memory_audio"], Some g["in.memory_mask_audio"], Some g["in.pos_audio"], Some g["in.query_pos"])
             expectClose "audio" g["out.audio"] audio
-            expectClose "nomask" g["out.nomask"] (m.call(g["in.tgt"], g["in.memory_audio"], None, None, None))
+            expectClose "nomask" g["out.nomask"] (m.Forward(g["in.tgt"], g["in.memory_audio"], None, None, None))
         }
 
         test "SelfAttentionLayer" {
@@ -32,7 +32,7 @@ let goldens =
             use g = golden "comp_self_attention_layer.pt"
             use m = new SelfAttentionLayer(128L, 4L)
             loadWeights (g.Weights()) (fun _ -> false) m
-            expectClose "out" g["out.out"] (m.call(g["in.tgt"], Some g["in.query_pos"]))
+            expectClose "out" g["out.out"] (m.Forward(g["in.tgt"], Some g["in.query_pos"]))
         }
 
         test "FFNLayer" {
@@ -40,7 +40,7 @@ let goldens =
             use g = golden "comp_ffn_layer.pt"
             use m = new FFNLayer(256L, 256L)
             loadWeights (g.Weights()) (fun _ -> false) m
-            expectClose "out" g["out.out"] (m.call g["in.tgt"])
+            expectClose "out" g["out.out"] (m.Forward g["in.tgt"])
         }
 
         test "AssignAttention in eval: hard one-hot over queries, rows / (count + 1)" {
@@ -49,7 +49,7 @@ let goldens =
             use m = new AssignAttention(AssignConfig.Default 256L)
             loadWeights (g.Weights()) (fun _ -> false) m
             m.eval ()
-            let out, maps = m.ForwardWith(g["in.query"], g["in.key"], None)
+            let out, maps = m.Forward(g["in.query"], g["in.key"])
             expectClose "raw logits" g["out.debug.raw_attn"] maps.Logits
             expectEqual "hard" g["out.eval.hard"] maps.Hard
             expectClose "out" g["out.eval.out"] out
@@ -61,7 +61,7 @@ let goldens =
             use m = new AssignAttention(AssignConfig.Default 256L)
             loadWeights (g.Weights()) (fun _ -> false) m
             m.train ()
-            let out, maps = m.ForwardWith(g["in.query"], g["in.key"], Some g["in.gumbel_noise"])
+            let out, maps = m.Forward(g["in.query"], g["in.key"], g["in.gumbel_noise"])
             expectClose "hard (straight-through value)" g["out.train.hard"] maps.Hard
             expectClose "out" g["out.train.out"] out
         }
@@ -73,7 +73,7 @@ let goldens =
             use proto = new VisualQueryBlock(VcqConfig.For(8L, 8L, Some 23L))
             loadWeights (g.Weights()) (fun _ -> false) proto
             proto.eval ()
-            let o = proto.ForwardFull x
+            let o = proto.Forward x
             expectClose "queries" g["out.query"] o.Queries
             expectClose "prototypes" g["out.prototypes"] o.Prototypes.Value
             expectEqual "assignment arg-max" g["out.debug.assign_argmax"] (o.Assignment.argmax(2L))
@@ -83,7 +83,7 @@ let goldens =
                 if k.StartsWith "prototype" || k.StartsWith "pre_attn" then shared.Remove k |> ignore
             loadWeights shared (fun _ -> false) vcq
             vcq.eval ()
-            let v = vcq.ForwardFull x
+            let v = vcq.Forward x
             expectClose "VCQ queries" g["out.vcq.query"] v.Queries
             expectEqual "VCQ assignment arg-max" g["out.debug.assign_argmax_vcq"] (v.Assignment.argmax(2L))
         }
@@ -117,7 +117,7 @@ let properties =
             let q, k, v = torch.randn(l, b, c), torch.randn(s, b, c), torch.randn(s, b, c)
             // Random mask with column 0 always open, so that no row is fully masked.
             let mask = torch.cat([| torch.zeros(b * h, l, 1L, dtype = torch.ScalarType.Bool); torch.rand(b * h, l, s - 1L).lt(0.3.ToScalar()) |], 2L)
-            let out = m.call(q, k, v, Some mask)
+            let out = m.Forward(q, k, v, Some mask)
             let sd = m.state_dict()
             let w, bi = sd["in_proj_weight"], sd["in_proj_bias"]
             let d = c / h
@@ -141,7 +141,7 @@ let properties =
             torch.manual_seed (int64 seed) |> ignore
             use m = new AssignAttention(AssignConfig.Default 16L)
             m.eval ()
-            let _, maps = m.ForwardWith(torch.randn(2L, 7L, 16L), torch.randn(2L, 11L, 16L), None)
+            let _, maps = m.Forward(torch.randn(2L, 7L, 16L), torch.randn(2L, 11L, 16L))
             Expect.isTrue (maps.Hard.sum(2L).allclose(torch.ones(2L, 1L, 11L))) "one query per pixel"
             Expect.isTrue (maps.Hard.eq(0.0.ToScalar()).logical_or(maps.Hard.eq(1.0.ToScalar())).all().item<bool> ()) "one-hot"
 
@@ -151,11 +151,11 @@ let properties =
             let q, k = torch.randn(1L, 6L, 16L), torch.randn(1L, 40L, 16L)
             use m = new AssignAttention(AssignConfig.Default 16L, new torch.Generator(uint64 (abs seed)))
             m.eval ()
-            let a1, _ = m.ForwardWith(q, k, None)
-            let a2, _ = m.ForwardWith(q, k, None)
+            let a1, _ = m.Forward(q, k)
+            let a2, _ = m.Forward(q, k)
             Expect.isTrue (a1.allclose(a2, 0.0, 0.0)) "eval repeats exactly"
             m.train ()
-            let hards = [ for _ in 1 .. 4 -> (snd (m.ForwardWith(q, k, None))).Hard.detach().clone() ]
+            let hards = [ for _ in 1 .. 4 -> (snd (m.Forward(q, k))).Hard.detach().clone() ]
             let distinct = hards |> List.pairwise |> List.exists (fun (x, y) -> not (x.allclose(y, 0.0, 0.0)))
             Expect.isTrue distinct "training assignments vary with the noise"
 

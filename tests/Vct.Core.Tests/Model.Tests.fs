@@ -134,4 +134,26 @@ let tests =
             let masks01 = VctMath.binaryMasks scores
             Expect.isTrue (masks01[0L, 0L, 0L].item<bool> ()) "left is foreground"
         }
+
+        // docs/architecture.md §2.3: one calling convention for every module of the core.
+        test "module conventions: every Vct.Core module is a non-generic Module called through a typed Forward" {
+            let modules =
+                typeof<VctModel>.Assembly.GetTypes()
+                |> Array.filter (fun t -> t.IsClass && not t.IsAbstract && typeof<torch.nn.Module>.IsAssignableFrom t)
+            let rec bases (t: Type) = if isNull t then [] else t :: bases t.BaseType
+            let genericModule (t: Type) =
+                bases t |> List.tryFind (fun b -> b.IsGenericType && b.GetGenericTypeDefinition().Name.StartsWith "Module`")
+            let offenders =
+                [ for t in modules do
+                    match genericModule t with
+                    | Some b -> yield $"{t.Name} derives from {b.Name} (overrides forward)"
+                    | None -> ()
+                    let forwards =
+                        t.GetMethods(Reflection.BindingFlags.Public ||| Reflection.BindingFlags.Instance ||| Reflection.BindingFlags.DeclaredOnly)
+                        |> Array.filter (fun m -> m.Name = "Forward")
+                    if forwards.Length = 0 then yield $"{t.Name} has no public Forward" ]
+            // The count guards the test itself: a filter that found nothing would pass vacuously.
+            Expect.isGreaterThanOrEqual modules.Length 25 $"found the core's modules ({modules.Length})"
+            Expect.isEmpty offenders ("every module follows the convention: " + String.Join("; ", offenders))
+        }
     ]

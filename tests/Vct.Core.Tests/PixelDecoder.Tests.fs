@@ -97,7 +97,7 @@ let core =
         }
 
         test "reset parameters: offsets point along 8 head directions scaled by p + 1; uniform attention weights" {
-            use m = new MSDeformAttn(256L, 3L, 8L, 4L)
+            use m = new MSDeformAttn({ DModel = 256L; Levels = 3L; Heads = 8L; Points = 4L })
             let sd = m.state_dict()
             let bias = sd["sampling_offsets.bias"].view(8L, 3L, 4L, 2L)
             let b = bias.data<float32>().ToArray()
@@ -129,8 +129,8 @@ let decoder =
                 use pd = new MSDeformAttnPixelDecoder(PixelDecoderConfig.Tiny)
                 swin.eval()
                 pd.eval()
-                let feats = swin.call (torch.randn(1L, 3L, h, w))
-                let out = pd.call feats
+                let feats = swin.Forward (torch.randn(1L, 3L, h, w))
+                let out = pd.Forward feats
                 let c = PixelDecoderConfig.Tiny.ConvDim
                 Expect.sequenceEqual out.MaskFeatures.shape [| 1L; PixelDecoderConfig.Tiny.MaskDim; feats[0].shape[2]; feats[0].shape[3] |] "mask features at 1/4"
                 Expect.equal out.MultiScaleFeatures.Length 3 "three levels"

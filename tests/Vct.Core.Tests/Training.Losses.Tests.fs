@@ -54,7 +54,7 @@ let private checkCriterion (file: string) (subset: Subset) =
     use crit = new Criterion((CriterionConfig.Released subset).WithNumPoints 196L)
     if g.Has "in.logit_scale" then
         expectScalar "logit_scale init" (g["in.logit_scale"].item<float32>() |> float) (crit.LogitScale.item<float32>() |> float)
-    let r = crit.Compute(out, targets, supervision, UniformSource.ofQueue (draws g))
+    let r = crit.Forward(out, targets, supervision, UniformSource.ofQueue (draws g))
     // Matchings: main then aux 0..8, frame by frame.
     let ours = r.Matches |> List.collect List.ofArray
     Expect.equal ours.Length (int (g["match_count"].item<int64>())) "matching count"
@@ -200,7 +200,7 @@ let tests =
             let targets = maps |> Array.map (FrameTarget.ofLabelMap 255L)
             use crit = new Criterion(CriterionConfig.Released Subset.S4)
             let sw = Diagnostics.Stopwatch.StartNew()
-            let r = crit.Compute(out, targets, Supervision.s4 10L 5L [| 1; 23 |], gen)
+            let r = crit.Forward(out, targets, Supervision.s4 10L 5L [| 1; 23 |], gen)
             r.Total.backward()
             Expect.equal r.Terms.Count 31 "31 terms"
             Expect.isTrue (Double.IsFinite(r.Total.item<float32>() |> float)) "finite"
@@ -217,7 +217,7 @@ let tests =
             use crit = new Criterion((CriterionConfig.Released Subset.MS3).WithNumPoints 32L)
             let step () =
                 use scope = torch.NewDisposeScope()
-                let r = crit.Compute(out, targets, Supervision.ms3 5L, gen)
+                let r = crit.Forward(out, targets, Supervision.ms3 5L, gen)
                 r.Total.backward()
                 for p in preds do
                     p.Logits.grad.zero_() |> ignore
@@ -247,7 +247,7 @@ let tests =
             let loss () =
                 use scope = torch.NewDisposeScope()
                 use out = model.Forward inputs
-                let r = crit.Compute(out.Decoder, targets, sup, new torch.Generator(1UL))
+                let r = crit.Forward(out.Decoder, targets, sup, new torch.Generator(1UL))
                 r.Total.backward()
                 r.Total.item<float32>() |> float
             let before = loss ()
@@ -276,7 +276,7 @@ let tests =
             let maps = [| for rows in [ 10L; 20L ] -> torch.arange((64L).ToScalar()).view(64L, 1L).lt(rows.ToScalar()).expand(64L, 64L).to_type(torch.int64) |]
             let targets = maps |> Array.map (FrameTarget.ofLabelMap 255L)
             use crit = new Criterion((CriterionConfig.Released Subset.S4).WithNumPoints 64L)
-            let r = crit.Compute(out, targets, Supervision.s4 10L 5L [| 3; 17 |], gen)
+            let r = crit.Forward(out, targets, Supervision.s4 10L 5L [| 3; 17 |], gen)
             Expect.isTrue (Double.IsFinite(r.Total.item<float32>() |> float)) "finite total"
             r.Total.backward()
             for p in preds do

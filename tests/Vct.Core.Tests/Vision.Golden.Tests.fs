@@ -48,7 +48,7 @@ let swinGolden =
             loadWeights (g.Weights()) isRelIndex m
             m.eval()
             use _ = torch.no_grad ()
-            let outs = m.call g["in.x"]
+            let outs = m.Forward g["in.x"]
             expectClose "res2" g["out.res2"] outs[0]
             expectClose "res3" g["out.res3"] outs[1]
         }
@@ -60,7 +60,7 @@ let swinGolden =
             m.eval()
             use _ = torch.no_grad ()
             use _ = torch.NewDisposeScope()
-            let emb = m.PatchEmbed.call g["in.x"]                                        // [1, 32, 24, 24]
+            let emb = m.PatchEmbed.Forward g["in.x"]                                        // [1, 32, 24, 24]
             let tokens = emb.flatten(2L).transpose(1L, 2L)
             let blk = m.Layers[0].Blocks[0]
             Expect.equal blk.ShiftSize 0L "block 0 is not shifted"
@@ -107,7 +107,7 @@ let swinGolden =
             loadWeights w (fun _ -> false) m
             m.eval()
             use _ = torch.no_grad ()
-            let outs = m.call g["in.x"]
+            let outs = m.Forward g["in.x"]
             for i in 0 .. 3 do
                 expectClose $"res{i + 2}" g[$"out.res{i + 2}"] outs[i]
         }
@@ -123,7 +123,7 @@ let preSamGolden =
                 use blk = new ChannelWeightedBlock(d)
                 loadWeights (g.Weights($"dim{d}.")) (fun _ -> false) blk
                 let pre = g[$"in.dim{d}.pre_sam_feature"]
-                let s = blk.call pre
+                let s = blk.Forward pre
                 expectClose $"scale {d}" g[$"out.dim{d}.scale"] s
                 expectClose $"fused {d}" g[$"out.dim{d}.fused"] (PreSam.fuse g[$"in.dim{d}.feature"] s pre)
         }
@@ -143,7 +143,7 @@ let pixelDecoderGolden =
 
         test "comp_msdeformattn: locations, weights and output (with padding mask)" {
             use g = new Golden("comp_msdeformattn.pt")
-            use m = new MSDeformAttn(256L, 3L, 8L, 4L)
+            use m = new MSDeformAttn({ DModel = 256L; Levels = 3L; Heads = 8L; Points = 4L })
             loadWeights (g.Weights()) (fun _ -> false) m
             m.eval()
             use _ = torch.no_grad ()
@@ -158,7 +158,7 @@ let pixelDecoderGolden =
 
         test "vision_encoder_layer: one deformable encoder layer" {
             use g = new Golden("vision_encoder_layer.pt")
-            use layer = new MSDeformAttnEncoderLayer(64L, 128L, 0.0, 3L, 4L, 4L)
+            use layer = new MSDeformAttnEncoderLayer({ Attention = { DModel = 64L; Levels = 3L; Heads = 4L; Points = 4L }; DimFeedforward = 128L; Dropout = 0.0; Layers = 1 })
             loadWeights (g.Weights()) (fun _ -> false) layer
             layer.eval()
             use _ = torch.no_grad ()
@@ -180,7 +180,7 @@ let pixelDecoderGolden =
             loadWeights (g.Weights()) (fun _ -> false) m
             m.eval()
             use _ = torch.no_grad ()
-            let out = m.call [| g["in.res2"]; g["in.res3"]; g["in.res4"]; g["in.res5"] |]
+            let out = m.Forward [| g["in.res2"]; g["in.res3"]; g["in.res4"]; g["in.res5"] |]
             expectClose "mask_features" g["out.mask_features"] out.MaskFeatures
             expectClose "encoder features" g["out.encoder_features"] out.EncoderFeatures
             for i in 0 .. 2 do

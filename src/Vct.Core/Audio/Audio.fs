@@ -39,12 +39,12 @@ module Audio =
     let encodeBatched (vggish: Vggish) (batch: int) (examples: Tensor) : Tensor =
         let device = (vggish.parameters() |> Seq.head).device
         let n = examples.shape[0]
-        if batch <= 0 || int64 batch >= n then vggish.call(examples.``to``(device))
+        if batch <= 0 || int64 batch >= n then vggish.Forward(examples.``to``(device))
         else
             Scope.run (fun () ->
                 let parts =
                     [| for s in 0L .. int64 batch .. n - 1L ->
-                           vggish.call(examples.narrow(0L, s, min (int64 batch) (n - s)).``to``(device)) |]
+                           vggish.Forward(examples.narrow(0L, s, min (int64 batch) (n - s)).``to``(device)) |]
                 torch.cat(parts, 0L))
 
     /// VGGish features of examples: [N, 1, 96, 64] -> [N, 512, 6, 4].

@@ -35,7 +35,7 @@ module VggishPca =
 /// `features` = conv3x3 stack with max-pooling; input [N, 1, 96, 64] -> [N, 512, 6, 4]. The FC `embeddings`
 /// exist only with `Compact` (otherwise their keys are reported as ignored). Frozen: no gradients, eval mode.
 type Vggish(cfg: VggishConfig) as this =
-    inherit Module<Tensor, Tensor>("VGGish")
+    inherit Module("VGGish")
     let conv (i: int64) (o: int64) = Conv2d(i, o, 3L, padding = 1L) :> Module<Tensor, Tensor>
     let relu () = ReLU() :> Module<Tensor, Tensor>
     let pool () = MaxPool2d(2L, 2L) :> Module<Tensor, Tensor>
@@ -106,7 +106,7 @@ type Vggish(cfg: VggishConfig) as this =
             |> Seq.fold (fun (t: Tensor) m -> (m :?> Module<Tensor, Tensor>).call t) x)
 
     /// x: [N, 1, 96, 64] -> [N, 512, 6, 4] (or [N, 128] with Compact, post-processed with Postprocess).
-    override _.forward(x) =
+    member _.Forward(x: Tensor) : Tensor =
         Shape.requireRank (nameof x) 4 x
         if x.shape[1] <> 1L || x.shape[2] <> 96L || x.shape[3] <> 64L then
             invalidArg (nameof x) $"VGGish expects [N, 1, 96, 64] log-mel examples, got {Shape.show x}"

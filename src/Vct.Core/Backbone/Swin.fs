@@ -85,12 +85,12 @@ module DropPath =
 
 /// Two-layer MLP with GELU (reference: swinb.py, Mlp). x: [.., C] -> [.., C]
 type SwinMlp(dim: int64, hidden: int64, drop: float) as this =
-    inherit Module<Tensor, Tensor>("Mlp")
+    inherit Module("Mlp")
     let fc1 = Linear(dim, hidden)
     let fc2 = Linear(hidden, dim)
     do this.RegisterComponents()
 
-    override _.forward(x) =
+    member _.Forward(x: Tensor) : Tensor =
         Scope.run (fun () ->
             let pre = fc1.call x
             let h = functional.gelu pre
@@ -224,7 +224,7 @@ type SwinTransformerBlock(dim: int64, numHeads: int64, windowSize: int64, shiftS
             let y = if padR > 0L || padB > 0L then y.narrow(1L, 0L, h).narrow(2L, 0L, w).contiguous() else y
             let y = y.view(b, h * w, c)
             let x = shortcut + DropPath.apply dropPath this.training gen y
-            x + DropPath.apply dropPath this.training gen (mlp.call (norm2.call x)))
+            x + DropPath.apply dropPath this.training gen (mlp.Forward (norm2.call x)))
 
 /// 2x2 patch merging: concat (even,even), (odd,even), (even,odd), (odd,odd) -> LayerNorm(4C) -> Linear(4C -> 2C)
 /// (reference: swinb.py, PatchMerging). Odd sizes are zero-padded at the bottom/right.
@@ -286,13 +286,13 @@ type SwinStage(dim: int64, depth: int, numHeads: int64, cfg: SwinConfig, dropPat
 /// Patch embedding: zero-pad to a multiple of the patch size (right/bottom), conv k=s=patch, optional LayerNorm
 /// (reference: swinb.py, PatchEmbed). x: [B, 3, H, W] -> [B, C, ceil(H/p), ceil(W/p)]
 type PatchEmbed(patchSize: int64, inChans: int64, embedDim: int64, patchNorm: bool) as this =
-    inherit Module<Tensor, Tensor>("PatchEmbed")
+    inherit Module("PatchEmbed")
     let proj = Conv2d(inChans, embedDim, patchSize, stride = patchSize)
     do this.RegisterComponents()
     let norm = if patchNorm then Some(LayerNorm([| embedDim |])) else None
     do norm |> Option.iter (fun n -> this.register_module("norm", n))
 
-    override _.forward(x) =
+    member _.Forward(x: Tensor) : Tensor =
         Scope.run (fun () ->
             let hIn, wIn = x.shape[2], x.shape[3]
             let x = if wIn % patchSize <> 0L then functional.pad(x, [| 0L; patchSize - wIn % patchSize |]) else x
@@ -309,7 +309,7 @@ type PatchEmbed(patchSize: int64, inChans: int64, embedDim: int64, patchNorm: bo
 /// (patch_embed.*, layers.i.blocks.j.*, layers.i.downsample.*, norm{i}.*).
 ///   x: [B, InChans, H, W] (any H, W) -> [| [B, C_i, ceil(H/s_i), ceil(W/s_i)] for i in OutIndices |]
 type SwinTransformer(cfg: SwinConfig, ?gen: torch.Generator) as this =
-    inherit Module<Tensor, Tensor[]>("SwinTransformer")
+    inherit Module("SwinTransformer")
     do cfg.Validate()
     let nLayers = cfg.Depths.Length
     let total = Array.sum cfg.Depths
@@ -333,11 +333,11 @@ type SwinTransformer(cfg: SwinConfig, ?gen: torch.Generator) as this =
     member _.Layers = layers
     member _.PatchEmbed = patch_embed
 
-    override _.forward(x) =
+    member _.Forward(x: Tensor) : Tensor[] =
         Shape.requireRank (nameof x) 4 x
         if x.shape[1] <> cfg.InChans then invalidArg (nameof x) $"expected [B, {cfg.InChans}, H, W], got {Shape.show x}"
         use scope = torch.NewDisposeScope()
-        let y = patch_embed.call x
+        let y = patch_embed.Forward x
         let mutable wh, ww = y.shape[2], y.shape[3]
         let mutable cur = functional.dropout(y.flatten(2L).transpose(1L, 2L), cfg.DropRate, this.training)  // [B, HW, C]
         let outs = ResizeArray<Tensor>()

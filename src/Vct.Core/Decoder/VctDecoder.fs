@@ -85,7 +85,7 @@ module PredictionHeads =
 /// masked cross-attention, self-attention and FFN, and shared prediction heads (docs/architecture.md §8; official
 /// `MultiScaleMaskedVCTDecoder`, state-dict prefix `sem_seg_head.predictor.`).
 type VctDecoder(cfg: VctDecoderConfig, gen: torch.Generator) as this =
-    inherit Module<Tensor, Tensor[], Tensor, DecoderOutput>("VctDecoder")
+    inherit Module("VctDecoder")
     let d = cfg.HiddenDim
     let transformer_cross_attention_layers =
         ModuleList<CrossAttentionLayer>([| for _ in 1 .. cfg.DecLayers -> new CrossAttentionLayer(d, cfg.NumHeads) |])
@@ -130,7 +130,7 @@ type VctDecoder(cfg: VctDecoderConfig, gen: torch.Generator) as this =
         use scope = torch.NewDisposeScope()
         let x = decoder_norm.call(output).transpose(0L, 1L)                                  // [BT, N, C]
         let logits = class_embed.call x                                                       // [BT, N, C+1]
-        let masks = torch.einsum("bqc,bchw->bqhw", mask_embed.call x, maskFeatures)           // [BT, N, H, W]
+        let masks = torch.einsum("bqc,bchw->bqhw", mask_embed.Forward x, maskFeatures)           // [BT, N, H, W]
         { Logits = logits.MoveToOuterDisposeScope(); Masks = masks.MoveToOuterDisposeScope() }
 
     /// audio [BT, C, 6, 4]; multiScale = [res5; res4; res3] maps [BT, C, h, w] (low to high resolution);
@@ -152,7 +152,7 @@ type VctDecoder(cfg: VctDecoderConfig, gen: torch.Generator) as this =
                 src.permute(2L, 0L, 1L), pos)
             |> Array.unzip
         let queryPos = query_embed.weight.unsqueeze(1L).repeat(1L, bt, 1L)                 // [N, BT, C]
-        let vq = visual_query_block.ForwardFull(maskFeatures, ?noise = noise)
+        let vq = visual_query_block.Forward(maskFeatures, ?noise = noise)
         let mutable output = query_feat.weight.unsqueeze(1L).repeat(1L, bt, 1L) + vq.Queries // [N, BT, C]
         let predictions = ResizeArray<Prediction>()
         let masks = ResizeArray<Tensor>()
@@ -168,9 +168,9 @@ type VctDecoder(cfg: VctDecoderConfig, gen: torch.Generator) as this =
                     match mask with
                     | Some m -> m
                     | None -> torch.zeros([| bt * cfg.NumHeads; cfg.NumQueries; fst sizes[0] * snd sizes[0] |], dtype = torch.ScalarType.Bool, device = audio.device))
-            output <- transformer_cross_attention_layers[i].call(output, srcs[level], mask, Some poss[level], Some queryPos)
-            output <- transformer_self_attention_layers[i].call(output, Some queryPos)
-            output <- transformer_ffn_layers[i].call output
+            output <- transformer_cross_attention_layers[i].Forward(output, srcs[level], mask, Some poss[level], Some queryPos)
+            output <- transformer_self_attention_layers[i].Forward(output, Some queryPos)
+            output <- transformer_ffn_layers[i].Forward output
             pred <- this.Heads(output, maskFeatures)
             predictions.Add pred
         let feats =
@@ -184,5 +184,3 @@ type VctDecoder(cfg: VctDecoderConfig, gen: torch.Generator) as this =
           ProtoFeat = snd feats
           Assignment = vq.Assignment
           AttentionMasks = List.ofSeq masks })
-
-    override this.forward(audio, multiScale, maskFeatures) = this.Forward(audio, multiScale, maskFeatures)

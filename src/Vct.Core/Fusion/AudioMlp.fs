@@ -12,7 +12,7 @@ open Vct.Core.Checkpoint
 /// `sem_seg_head.audio_transformation`): Linear 512->4096, ReLU, Linear 4096->4096, ReLU, Linear 4096->256
 /// applied per (time, frequency) cell on the channel axis: [N, 512, 6, 4] -> [N, 256, 6, 4].
 type AudioMlp(inDim: int64, middleDim: int64, outDim: int64) as this =
-    inherit Module<Tensor, Tensor>("audio_mlp")
+    inherit Module("audio_mlp")
     let embeddings =
         Sequential(
             [| struct ("0", Linear(inDim, middleDim) :> Module<Tensor, Tensor>); struct ("1", ReLU() :> Module<Tensor, Tensor>)
@@ -32,7 +32,7 @@ type AudioMlp(inDim: int64, middleDim: int64, outDim: int64) as this =
 
     /// x: [N, C, 6, 4] -> [N, outDim, 6, 4]. The official code transposes 1<->3, runs the MLP on [N, 24, C]
     /// and transposes back; per-cell, that is this permutation.
-    override _.forward(x) =
+    member _.Forward(x: Tensor) : Tensor =
         Shape.requireRank (nameof x) 4 x
         if x.shape[1] <> inDim then invalidArg (nameof x) $"audio MLP expects {inDim} channels, got {Shape.show x}"
         Scope.run (fun () ->

@@ -49,13 +49,13 @@ module PreSam =
 /// Squeeze-excitation channel weights: global average pool -> Linear(d -> d/16) -> ReLU -> Linear(d/16 -> d)
 /// -> sigmoid (reference: models/utils/misc.py, channel_weighted_block). x: [B, d, H, W] -> [B, d, 1, 1]
 type ChannelWeightedBlock(dim: int64) as this =
-    inherit Module<Tensor, Tensor>("channel_weighted_block")
+    inherit Module("channel_weighted_block")
     do if dim < 16L then invalidArg (nameof dim) $"dim {dim} must be >= 16 (fc1 has dim/16 outputs)"
     let fc1 = Linear(dim, dim / 16L)
     let fc2 = Linear(dim / 16L, dim)
     do this.RegisterComponents()
 
-    override _.forward(x) =
+    member _.Forward(x: Tensor) : Tensor =
         Shape.requireRank (nameof x) 4 x
         Scope.run (fun () ->
             let b, c = x.shape[0], x.shape[1]
@@ -93,7 +93,7 @@ type VisualEncoder(cfg: VisualEncoderConfig, ?gen: torch.Generator) as this =
     member _.Forward(images: Tensor, preMasks: Tensor option, ?onMissing: MissingMasks) : Tensor[] =
         let onMissing = defaultArg onMissing MissingMasks.Refuse
         match branch with
-        | None -> backbone.call images
+        | None -> backbone.Forward images
         | Some(pre, scales) ->
             let masks =
                 match preMasks, onMissing with
@@ -110,13 +110,13 @@ type VisualEncoder(cfg: VisualEncoderConfig, ?gen: torch.Generator) as this =
                     Some(PreSam.blankMaskImage images.shape[0] images.shape[2] images.shape[3] images.device)
                 | None, MissingMasks.SkipBranch -> None
             match masks with
-            | None -> backbone.call images
+            | None -> backbone.Forward images
             | Some m ->
                 use scope = torch.NewDisposeScope()
-                let features = backbone.call images
-                let preFeatures = pre.call m
+                let features = backbone.Forward images
+                let preFeatures = pre.Forward m
                 let fused =
                     Array.init features.Length (fun k ->
-                        let s = scales[k].call preFeatures[k]
+                        let s = scales[k].Forward preFeatures[k]
                         (PreSam.fuse features[k] s preFeatures[k]).MoveToOuterDisposeScope())
                 fused

@@ -11,7 +11,7 @@ open Vct.Core.Platform
 /// decoder: query [L, B, C], key/value [S, B, C] -> [L, B, C].
 /// A boolean `attnMask` [B*h, L, S] (row b*h + head, batch-major) blocks where True.
 type MultiheadAttention(embedDim: int64, numHeads: int64) as this =
-    inherit Module<Tensor, Tensor, Tensor, Tensor option, Tensor>("MultiheadAttention")
+    inherit Module("MultiheadAttention")
     do
         if embedDim % numHeads <> 0L then
             invalidArg (nameof numHeads) $"embed dim {embedDim} is not divisible by {numHeads} heads"
@@ -31,7 +31,7 @@ type MultiheadAttention(embedDim: int64, numHeads: int64) as this =
     member _.NumHeads = numHeads
 
     /// query [L, B, C], key [S, B, C], value [S, B, C], mask [B*h, L, S] (True = blocked) -> [L, B, C]
-    override _.forward(query, key, value, attnMask) =
+    member _.Forward(query: Tensor, key: Tensor, value: Tensor, attnMask: Tensor option) : Tensor =
         Scope.run (fun () ->
             let l, b = query.shape[0], query.shape[1]
             let s = key.shape[0]
@@ -66,7 +66,7 @@ type MultiheadAttention(embedDim: int64, numHeads: int64) as this =
 /// Post-norm cross-attention block of the official decoder (`CrossAttentionLayer`, dropout 0):
 /// tgt [L, B, C], memory [S, B, C] -> LayerNorm(tgt + MHA(tgt + queryPos, memory + pos, memory)).
 type CrossAttentionLayer(dModel: int64, nHead: int64) as this =
-    inherit Module<Tensor, Tensor, Tensor option, Tensor option, Tensor option, Tensor>("CrossAttentionLayer")
+    inherit Module("CrossAttentionLayer")
     let multihead_attn = new MultiheadAttention(dModel, nHead)
     let norm = LayerNorm(dModel)
 
@@ -75,40 +75,40 @@ type CrossAttentionLayer(dModel: int64, nHead: int64) as this =
         this.RegisterComponents()
 
     /// tgt [L, B, C], memory [S, B, C], mask [B*h, L, S], pos [S, B, C], queryPos [L, B, C] -> [L, B, C]
-    override _.forward(tgt, memory, memoryMask, pos, queryPos) =
+    member _.Forward(tgt: Tensor, memory: Tensor, memoryMask: Tensor option, pos: Tensor option, queryPos: Tensor option) : Tensor =
         Scope.run (fun () ->
             let withPos (x: Tensor) (p: Tensor option) = match p with Some p -> x + p | None -> x
-            let attended = multihead_attn.call(withPos tgt queryPos, withPos memory pos, memory, memoryMask)
+            let attended = multihead_attn.Forward(withPos tgt queryPos, withPos memory pos, memory, memoryMask)
             norm.call (tgt + attended))
 
 /// Post-norm self-attention block (`SelfAttentionLayer`, dropout 0): q = k = tgt + queryPos, v = tgt.
 type SelfAttentionLayer(dModel: int64, nHead: int64) as this =
-    inherit Module<Tensor, Tensor option, Tensor>("SelfAttentionLayer")
+    inherit Module("SelfAttentionLayer")
     let self_attn = new MultiheadAttention(dModel, nHead)
     let norm = LayerNorm(dModel)
     do this.RegisterComponents()
 
     /// tgt [L, B, C], queryPos [L, B, C] -> [L, B, C]
-    override _.forward(tgt, queryPos) =
+    member _.Forward(tgt: Tensor, queryPos: Tensor option) : Tensor =
         Scope.run (fun () ->
             let qk = match queryPos with Some p -> tgt + p | None -> tgt
-            norm.call (tgt + self_attn.call(qk, qk, tgt, None)))
+            norm.call (tgt + self_attn.Forward(qk, qk, tgt, None)))
 
 /// Post-norm feed-forward block (`FFNLayer`, ReLU, dropout 0): LayerNorm(x + linear2(relu(linear1(x)))).
 type FFNLayer(dModel: int64, dimFeedforward: int64) as this =
-    inherit Module<Tensor, Tensor>("FFNLayer")
+    inherit Module("FFNLayer")
     let linear1 = Linear(dModel, dimFeedforward)
     let linear2 = Linear(dimFeedforward, dModel)
     let norm = LayerNorm(dModel)
     do this.RegisterComponents()
 
     /// [..., C] -> [..., C]
-    override _.forward(tgt) =
+    member _.Forward(tgt: Tensor) : Tensor =
         Scope.run (fun () -> norm.call (tgt + linear2.call (functional.relu (linear1.call tgt))))
 
 /// Mask2Former's `MLP`: `numLayers` Linear layers (`layers.<i>`), ReLU between them, none after the last.
 type MLP(inputDim: int64, hiddenDim: int64, outputDim: int64, numLayers: int) as this =
-    inherit Module<Tensor, Tensor>("MLP")
+    inherit Module("MLP")
     do if numLayers < 1 then invalidArg (nameof numLayers) $"an MLP needs at least one layer, got {numLayers}"
     let dims = [ inputDim ] @ List.replicate (numLayers - 1) hiddenDim @ [ outputDim ]
     let layers =
@@ -117,7 +117,7 @@ type MLP(inputDim: int64, hiddenDim: int64, outputDim: int64, numLayers: int) as
     do this.RegisterComponents()
 
     /// [..., inputDim] -> [..., outputDim]
-    override _.forward(x) =
+    member _.Forward(x: Tensor) : Tensor =
         Scope.run (fun () ->
             let mutable y = x
             for i in 0 .. layers.Count - 1 do

@@ -87,10 +87,23 @@ module MsDeformAttnCore =
     let sample (value: Tensor) (shapes: (int64 * int64)[]) (locations: Tensor) (weights: Tensor) : Tensor =
         sampleWith (not chunked) value shapes locations weights
 
+/// Sizes of one multi-scale deformable attention (official MSDeformAttn(d_model, n_levels, n_heads, n_points)).
+/// A record rather than four positional int64 arguments, so that two sizes cannot be swapped silently.
+type MSDeformAttnConfig =
+    { /// channels C of queries and values (d_model)
+      DModel: int64
+      /// feature levels L (n_levels)
+      Levels: int64
+      /// attention heads M (n_heads)
+      Heads: int64
+      /// sampling points P per head and level (n_points)
+      Points: int64 }
+
 /// Multi-scale deformable attention module (reference: ops/modules/ms_deform_attn.py, MSDeformAttn).
 /// Submodule names are the official ones: sampling_offsets, attention_weights, value_proj, output_proj.
-type MSDeformAttn(dModel: int64, nLevels: int64, nHeads: int64, nPoints: int64) as this =
+type MSDeformAttn(cfg: MSDeformAttnConfig) as this =
     inherit Module("MSDeformAttn")
+    let dModel, nLevels, nHeads, nPoints = cfg.DModel, cfg.Levels, cfg.Heads, cfg.Points
     do if dModel % nHeads <> 0L then invalidArg (nameof dModel) $"d_model {dModel} is not divisible by {nHeads} heads"
     let sampling_offsets = Linear(dModel, nHeads * nLevels * nPoints * 2L)
     let attention_weights = Linear(dModel, nHeads * nLevels * nPoints)
@@ -126,10 +139,7 @@ type MSDeformAttn(dModel: int64, nLevels: int64, nHeads: int64, nPoints: int64) 
     /// (p + 1), same for every level; attention weights 0; value/output projections Xavier-uniform with bias 0.
     member _.ResetParameters() = reset ()
 
-    member _.DModel = dModel
-    member _.NLevels = nLevels
-    member _.NHeads = nHeads
-    member _.NPoints = nPoints
+    member _.Config = cfg
 
     /// Sampling locations and (softmaxed) attention weights for the queries.
     ///   query: [N, Lq, C], reference: [N, Lq, L, 2] in [0, 1] (x, y) ->

@@ -6,6 +6,17 @@ open TorchSharp
 open type TorchSharp.torch.nn
 open Vct.Core
 
+/// Sizes of the deformable encoder (official MSDeformAttnTransformerEncoderOnly(d_model, nhead, num_encoder_layers,
+/// dim_feedforward, dropout, "relu", num_feature_levels, enc_n_points), in one record).
+type MSDeformEncoderConfig =
+    { /// the attention of every layer (DModel = d_model, Levels = num_feature_levels, Points = enc_n_points)
+      Attention: MSDeformAttnConfig
+      /// hidden width of each layer's feed-forward block (dim_feedforward)
+      DimFeedforward: int64
+      Dropout: float
+      /// number of encoder layers (num_encoder_layers)
+      Layers: int }
+
 /// Hyper-parameters of MSDeformAttnPixelDecoder (docs/architecture.md §6.1; official:
 /// models/modeling/pixel_decoder/msdeformattn.py).
 type PixelDecoderConfig =
@@ -39,6 +50,13 @@ type PixelDecoderConfig =
         let finest = c.InStrides[c.InStrides.Length - c.TransformerLevels]
         int (Math.Round(Math.Log2(float finest) - Math.Log2(float c.CommonStride)))
 
+    /// The deformable encoder this configuration builds.
+    member c.Encoder : MSDeformEncoderConfig =
+        { Attention = { DModel = c.ConvDim; Levels = int64 c.TransformerLevels; Heads = c.NumHeads; Points = c.NumPoints }
+          DimFeedforward = c.DimFeedforward
+          Dropout = c.Dropout
+          Layers = c.EncLayers }
+
     member c.Validate() =
         if c.InChannels.Length <> c.InStrides.Length then invalidArg "config" "InChannels and InStrides differ in length"
         if c.TransformerLevels < 1 || c.TransformerLevels > c.InChannels.Length then
@@ -50,12 +68,13 @@ type PixelDecoderConfig =
 
 /// Deformable encoder layer, post-norm: s = LN1(s + MSDeformAttn(s + pos, ref, s)); s = LN2(s + FFN(s))
 /// (reference: msdeformattn.py, MSDeformAttnTransformerEncoderLayer, activation ReLU).
-type MSDeformAttnEncoderLayer(dModel: int64, dFfn: int64, dropout: float, nLevels: int64, nHeads: int64, nPoints: int64) as this =
+type MSDeformAttnEncoderLayer(cfg: MSDeformEncoderConfig) as this =
     inherit Module("MSDeformAttnTransformerEncoderLayer")
-    let self_attn = new MSDeformAttn(dModel, nLevels, nHeads, nPoints)
+    let dModel, dropout = cfg.Attention.DModel, cfg.Dropout
+    let self_attn = new MSDeformAttn(cfg.Attention)
     let norm1 = LayerNorm([| dModel |])
-    let linear1 = Linear(dModel, dFfn)
-    let linear2 = Linear(dFfn, dModel)
+    let linear1 = Linear(dModel, cfg.DimFeedforward)
+    let linear2 = Linear(cfg.DimFeedforward, dModel)
     let norm2 = LayerNorm([| dModel |])
     do this.RegisterComponents()
 
@@ -72,9 +91,9 @@ type MSDeformAttnEncoderLayer(dModel: int64, dFfn: int64, dropout: float, nLevel
             norm2.call (src + drop src2))
 
 /// Stack of encoder layers (reference: MSDeformAttnTransformerEncoder).
-type MSDeformAttnEncoder(layerCount: int, make: unit -> MSDeformAttnEncoderLayer) as this =
+type MSDeformAttnEncoder(cfg: MSDeformEncoderConfig) as this =
     inherit Module("MSDeformAttnTransformerEncoder")
-    let layers = ModuleList<MSDeformAttnEncoderLayer>(Array.init layerCount (fun _ -> make ()))
+    let layers = ModuleList<MSDeformAttnEncoderLayer>(Array.init cfg.Layers (fun _ -> new MSDeformAttnEncoderLayer(cfg)))
     do this.RegisterComponents()
 
     member _.Layers = layers
@@ -104,11 +123,11 @@ type MSDeformAttnEncoder(layerCount: int, make: unit -> MSDeformAttnEncoderLayer
 
 /// The encoder with its learned per-level embedding (reference: MSDeformAttnTransformerEncoderOnly; keys
 /// `level_embed` [L, C] and `encoder.layers.i.*`).
-type MSDeformAttnTransformerEncoderOnly(dModel: int64, nHeads: int64, numLayers: int, dFfn: int64, dropout: float,
-                                        nLevels: int64, nPoints: int64) as this =
+type MSDeformAttnTransformerEncoderOnly(cfg: MSDeformEncoderConfig) as this =
     inherit Module("MSDeformAttnTransformerEncoderOnly")
-    let level_embed = Parameter(torch.empty(nLevels, dModel).DetachFromDisposeScope())
-    let encoder = new MSDeformAttnEncoder(numLayers, fun () -> new MSDeformAttnEncoderLayer(dModel, dFfn, dropout, nLevels, nHeads, nPoints))
+    let nLevels = cfg.Attention.Levels
+    let level_embed = Parameter(torch.empty(nLevels, cfg.Attention.DModel).DetachFromDisposeScope())
+    let encoder = new MSDeformAttnEncoder(cfg)
     do this.RegisterComponents()
 
     /// The official init (docs/architecture.md §6.4): Xavier-uniform on every parameter with ≥ 2 dims, then each
@@ -120,6 +139,7 @@ type MSDeformAttnTransformerEncoderOnly(dModel: int64, nHeads: int64, numLayers:
         for layer in encoder.Layers do layer.SelfAttn.ResetParameters()
         init.normal_(level_embed) |> ignore
 
+    member _.Config = cfg
     member _.Encoder = encoder
     member _.LevelEmbed = level_embed
 
@@ -145,10 +165,26 @@ module GroupNormInit =
         init.ones_(gn.weight) |> ignore
         init.zeros_(gn.bias) |> ignore
 
+/// Shape and options of one detectron2 Conv2d of the pixel decoder's FPN (square kernel, stride 1).
+type Conv2dNormConfig =
+    { /// input channels
+      Input: int64
+      /// output channels
+      Output: int64
+      Kernel: int64
+      Padding: int64
+      Bias: bool
+      /// GroupNorm groups of the `norm` child (None: no norm)
+      GroupNormGroups: int64 option
+      /// ReLU after the norm
+      Relu: bool }
+
 /// detectron2's Conv2d with an optional norm and activation: keys `weight`, (`bias`), `norm.*`
 /// (reference: detectron2.layers.Conv2d as the pixel decoder builds it). x: [N, Cin, H, W] -> [N, Cout, H', W']
-type Conv2dNorm(inC: int64, outC: int64, kernel: int64, padding: int64, useBias: bool, groupNormGroups: int64 option, relu: bool) as this =
-    inherit Module<Tensor, Tensor>("Conv2d")
+type Conv2dNorm(cfg: Conv2dNormConfig) as this =
+    inherit Module("Conv2d")
+    let inC, outC, kernel, padding = cfg.Input, cfg.Output, cfg.Kernel, cfg.Padding
+    let useBias, groupNormGroups, relu = cfg.Bias, cfg.GroupNormGroups, cfg.Relu
     let weight = Parameter(torch.empty(outC, inC, kernel, kernel).DetachFromDisposeScope())
     do this.RegisterComponents()
     let bias =
@@ -175,7 +211,7 @@ type Conv2dNorm(inC: int64, outC: int64, kernel: int64, padding: int64, useBias:
         bias |> Option.iter (fun b -> init.zeros_(b) |> ignore)
         norm |> Option.iter GroupNormInit.reset
 
-    override _.forward(x) =
+    member _.Forward(x: Tensor) : Tensor =
         Scope.run (fun () ->
             let y = functional.conv2d(x, weight, (match bias with Some b -> b :> Tensor | None -> null), padding = [| padding; padding |])
             let y = match norm with Some n -> n.call y | None -> y
@@ -195,7 +231,7 @@ type PixelDecoderOutput =
 /// mask_features, adapter_k, layer_k.
 ///   features [| res2; res3; res4; res5 |] -> PixelDecoderOutput
 type MSDeformAttnPixelDecoder(cfg: PixelDecoderConfig) as this =
-    inherit Module<Tensor[], PixelDecoderOutput>("MSDeformAttnPixelDecoder")
+    inherit Module("MSDeformAttnPixelDecoder")
     do cfg.Validate()
     let nIn = cfg.InChannels.Length
     let nLevels = cfg.TransformerLevels
@@ -207,16 +243,18 @@ type MSDeformAttnPixelDecoder(cfg: PixelDecoderConfig) as this =
             Array.map2 (fun (conv: Modules.Conv2d) (gn: Modules.GroupNorm) ->
                 Sequential(conv :> Module<Tensor, Tensor>, gn :> Module<Tensor, Tensor>)) convs norms)
     let transformer =
-        new MSDeformAttnTransformerEncoderOnly(cfg.ConvDim, cfg.NumHeads, cfg.EncLayers, cfg.DimFeedforward, cfg.Dropout,
-                                               int64 nLevels, cfg.NumPoints)
+        new MSDeformAttnTransformerEncoderOnly(cfg.Encoder)
     let mask_features = Conv2d(cfg.ConvDim, cfg.MaskDim, 1L)
     do this.RegisterComponents()
     let nFpn = cfg.NumFpnLevels
     // adapter_{k+1} / layer_{k+1} for the k-th finest input (k < nFpn); applied coarse to fine.
     let fpn =
         Array.init nFpn (fun k ->
-            let lateral = new Conv2dNorm(cfg.InChannels[k], cfg.ConvDim, 1L, 0L, false, Some cfg.GroupNormGroups, false)
-            let output = new Conv2dNorm(cfg.ConvDim, cfg.ConvDim, 3L, 1L, false, Some cfg.GroupNormGroups, true)
+            let conv input kernel relu =
+                new Conv2dNorm({ Input = input; Output = cfg.ConvDim; Kernel = kernel; Padding = kernel / 2L; Bias = false
+                                 GroupNormGroups = Some cfg.GroupNormGroups; Relu = relu })
+            let lateral = conv cfg.InChannels[k] 1L false
+            let output = conv cfg.ConvDim 3L true
             this.register_module($"adapter_{k + 1}", lateral)
             this.register_module($"layer_{k + 1}", output)
             lateral, output)
@@ -242,7 +280,7 @@ type MSDeformAttnPixelDecoder(cfg: PixelDecoderConfig) as this =
             lateral.ResetParameters()
             output.ResetParameters()
 
-    override _.forward(features) =
+    member _.Forward(features: Tensor[]) : PixelDecoderOutput =
         if features.Length <> nIn then
             invalidArg (nameof features) $"expected {nIn} feature maps (res2..), got {features.Length}"
         for k in 0 .. nIn - 1 do
@@ -263,10 +301,10 @@ type MSDeformAttnPixelDecoder(cfg: PixelDecoderConfig) as this =
         for idx in nFpn - 1 .. -1 .. 0 do
             let lateral, output = fpn[idx]
             let x = features[idx].to_type(torch.float32)
-            let cur = lateral.call x
+            let cur = lateral.Forward x
             let up = functional.interpolate(out[out.Count - 1], size = [| cur.shape[2]; cur.shape[3] |],
                                             mode = torch.InterpolationMode.Bilinear, align_corners = false)
-            out.Add(output.call (cur + up))
+            out.Add(output.Forward (cur + up))
         let multi = out |> Seq.truncate 3 |> Seq.map (fun t -> t.alias().MoveToOuterDisposeScope()) |> Seq.toArray
         { MaskFeatures = (mask_features.call out[out.Count - 1]).MoveToOuterDisposeScope()
           EncoderFeatures = out[0].alias().MoveToOuterDisposeScope()

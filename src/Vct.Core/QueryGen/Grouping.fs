@@ -55,7 +55,7 @@ type AssignmentMaps = { Hard: Tensor; Logits: Tensor }
 /// each query's row is divided by its count + eps, and the projected mean of its pixels is returned.
 ///   query [B, N, C], key [B, S, C] -> [B, N, C]
 type AssignAttention(cfg: AssignConfig, gen: torch.Generator) as this =
-    inherit Module<Tensor, Tensor, Tensor>("AssignAttention")
+    inherit Module("AssignAttention")
     do
         if cfg.Dim % cfg.NumHeads <> 0L then
             invalidArg (nameof cfg) $"Dim {cfg.Dim} is not divisible by NumHeads {cfg.NumHeads}"
@@ -73,9 +73,9 @@ type AssignAttention(cfg: AssignConfig, gen: torch.Generator) as this =
 
     member _.Config = cfg
 
-    /// The forward pass with the Gumbel noise given explicitly (`None`: drawn from the generator in
-    /// training, none in eval). Returns the output [B, N, C] and the maps.
-    member _.ForwardWith(query: Tensor, key: Tensor, noise: Tensor option) : Tensor * AssignmentMaps =
+    /// query [B, N, C], key [B, S, C] -> the output [B, N, C] and the maps. `noise` fixes the Gumbel noise
+    /// [B, h, N, S] (omitted: drawn from the generator in training, none in eval).
+    member _.Forward(query: Tensor, key: Tensor, ?noise: Tensor) : Tensor * AssignmentMaps =
         use scope = torch.NewDisposeScope()
         let b, n, c = query.shape[0], query.shape[1], query.shape[2]
         let q = heads (q_proj.call query)                                    // [B, h, N, C/h]
@@ -96,9 +96,3 @@ type AssignAttention(cfg: AssignConfig, gen: torch.Generator) as this =
         let result = proj.call out
         result.MoveToOuterDisposeScope(),
         { Hard = attn.MoveToOuterDisposeScope(); Logits = logits.MoveToOuterDisposeScope() }
-
-    override this.forward(query, key) =
-        let out, maps = this.ForwardWith(query, key, None)
-        maps.Hard.Dispose()
-        maps.Logits.Dispose()
-        out

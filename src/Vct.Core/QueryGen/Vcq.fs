@@ -35,7 +35,7 @@ type VcqOutput =
 /// cross-attention, and hard pixel grouping added residually.
 ///   mask features [B, C, H, W] -> queries [N, B, C]
 type VisualQueryBlock(cfg: VcqConfig, gen: torch.Generator) as this =
-    inherit Module<Tensor, Tensor>("VisualQueryBlock")
+    inherit Module("VisualQueryBlock")
     let c = cfg.Channels
     let pre_proj =
         Sequential(
@@ -59,28 +59,22 @@ type VisualQueryBlock(cfg: VcqConfig, gen: torch.Generator) as this =
     member _.Config = cfg
 
     /// Full output; `noise` fixes the Gumbel noise [B, 1, N, HW] in training (tests), else it is drawn.
-    member _.ForwardFull(x: Tensor, ?noise: Tensor) : VcqOutput =
+    member _.Forward(x: Tensor, ?noise: Tensor) : VcqOutput =
         use scope = torch.NewDisposeScope()
         let b = x.shape[0]
         if x.shape[1] <> c || x.shape[2] * x.shape[3] <> cfg.NumPixels then
             invalidArg "x" $"mask features must be [B, {c}, H, W] with H*W = {cfg.NumPixels}, got {Shape.show x}"
         let pixels = pre_proj.call(x).flatten(2L)                             // [B, C, HW]
-        let queries = query_mixer.call(pixels).permute(2L, 0L, 1L)             // [N, B, C]
+        let queries = query_mixer.Forward(pixels).permute(2L, 0L, 1L)             // [N, B, C]
         let queries, protos =
             match prototype, pre_attn with
             | Some p, Some a ->
                 let protos = p.weight.unsqueeze(1L).repeat(1L, b, 1L)          // [K, B, C]
-                a.call(queries, protos, None, None, None), Some protos
+                a.Forward(queries, protos, None, None, None), Some protos
             | _ -> queries, None
         let qb = queries.transpose(0L, 1L)                                     // [B, N, C]
-        let grouped, maps = assign_attn.ForwardWith(qb, pixels.transpose(1L, 2L), noise)
+        let grouped, maps = assign_attn.Forward(qb, pixels.transpose(1L, 2L), ?noise = noise)
         let out = (qb + grouped).transpose(0L, 1L)                             // [N, B, C]
         { Queries = out.MoveToOuterDisposeScope()
           Prototypes = protos |> Option.map (fun p -> p.MoveToOuterDisposeScope())
           Assignment = maps.Hard.MoveToOuterDisposeScope() }
-
-    override this.forward(x) =
-        let o = this.ForwardFull x
-        o.Assignment.Dispose()
-        o.Prototypes |> Option.iter (fun p -> p.Dispose())
-        o.Queries

@@ -244,7 +244,7 @@ type Criterion(cfg: CriterionConfig) as this =
     /// (`supervision.Frames`, in that order); `uniform` supplies the random point coordinates in the official
     /// order (for each prediction, main first then aux 0..8: one [1, P, 2] draw per frame for matching, then
     /// the candidate and fill draws of the mask loss).
-    member this.Compute(output: DecoderOutput, targets: FrameTarget[], supervision: Supervision, uniform: UniformSource) : LossResult =
+    member this.Forward(output: DecoderOutput, targets: FrameTarget[], supervision: Supervision, uniform: UniformSource) : LossResult =
         if supervision.Frames.Length <> targets.Length then
             invalidArg (nameof targets) $"{targets.Length} targets for {supervision.Frames.Length} supervised frames"
         for t in targets do
@@ -293,5 +293,5 @@ type Criterion(cfg: CriterionConfig) as this =
           Matches = List.ofSeq matches }
 
     /// Compute with points drawn from `gen` (training).
-    member this.Compute(output: DecoderOutput, targets: FrameTarget[], supervision: Supervision, gen: torch.Generator) =
-        this.Compute(output, targets, supervision, UniformSource.ofGenerator output.Last.Masks.device gen)
+    member this.Forward(output: DecoderOutput, targets: FrameTarget[], supervision: Supervision, gen: torch.Generator) =
+        this.Forward(output, targets, supervision, UniformSource.ofGenerator output.Last.Masks.device gen)

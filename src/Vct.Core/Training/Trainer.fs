@@ -87,7 +87,7 @@ module TrainData =
                 use ex = Avsbench.audioExamples r
                 use _ = torch.no_grad ()
                 let device = (Seq.head (model.AudioBackbone.parameters ())).device
-                use maps = model.AudioBackbone.call (ex.``to``(device))
+                use maps = model.AudioBackbone.Forward (ex.``to``(device))
                 // Cached across steps: it must not belong to the caller's dispose scope.
                 maps.cpu().detach().clone().DetachFromDisposeScope())
         /// The maps of the frames that take part: AVSS rows whose vid flag is 0 are dropped.
@@ -337,7 +337,7 @@ module Trainer =
                     BatchSlice.within slice (fun () ->
                         Amp.within autocast (fun () ->
                             let out = model.Forward inputs
-                            criterion.Compute(out.Decoder, targets[k], supervision, uniform)))
+                            criterion.Forward(out.Decoder, targets[k], supervision, uniform)))
                 let total = (if losses.Total.dtype = torch.float32 then losses.Total else losses.Total.to_type(torch.float32)).item<float32> () |> float
                 for kv in losses.Values do
                     if not (termSums.ContainsKey kv.Key) then
@@ -573,7 +573,7 @@ module Trainer =
                     use losses =
                         Amp.within autocast (fun () ->
                             let out = model.Forward inputs
-                            criterion.Compute(out.Decoder, targets, supervision, pointGen))
+                            criterion.Forward(out.Decoder, targets, supervision, pointGen))
                     let total = (if losses.Total.dtype = torch.float32 then losses.Total else losses.Total.to_type(torch.float32)).item<float32> () |> float
                     if Double.IsFinite total then
                         opt.zero_grad ()
