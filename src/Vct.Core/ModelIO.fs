@@ -7,6 +7,8 @@ open System.Collections.Generic
 open System.IO
 open System.Text.Json
 open System.Text.Json.Nodes
+open System.Text.Json.Serialization
+open Microsoft.FSharp.Reflection
 open TorchSharp
 open Vct.Core.Backbone
 open Vct.Core.Fusion
@@ -15,86 +17,59 @@ open Vct.Core.QueryGen
 open Vct.Core.Decoder
 open Vct.Core.Layers
 
-/// VctConfig <-> JSON (every field written; reading fails naming the missing or malformed field).
+/// VctConfig <-> JSON through System.Text.Json: the record fields in snake_case (`image_size`, `swin.patch_size`),
+/// options as null, the subset as "s4" / "ms3" / "avss". Reading fails naming the missing or malformed field.
 [<RequireQualifiedAccess>]
 module ConfigJson =
-    let private arr (xs: 'a seq) (f: 'a -> JsonNode) = JsonArray([| for x in xs -> f x |]) :> JsonNode
-    let private num (x: int64) = JsonValue.Create x :> JsonNode
-    let private fl (x: float) = JsonValue.Create x :> JsonNode
+    /// The subset by its name (read through `Subset.Parse`, so any case and "ss" are accepted).
+    type private SubsetConverter() =
+        inherit JsonConverter<Subset>()
+        override _.Read(reader, _, _) =
+            let text = if reader.TokenType = JsonTokenType.String then reader.GetString() else null
+            try Subset.Parse text with :? ArgumentException as e -> raise (JsonException e.Message)
+        override _.Write(writer, value, _) = writer.WriteStringValue value.Name
 
-    let private subsetName (s: Subset) =
-        match s with Subset.S4 -> "s4" | Subset.MS3 -> "ms3" | Subset.AVSS -> "avss"
+    let private options =
+        let o = JsonSerializerOptions(PropertyNamingPolicy = JsonNamingPolicy.SnakeCaseLower, WriteIndented = true)
+        o.Converters.Add(SubsetConverter())
+        o.Converters.Add(JsonFSharpConverter())
+        o
 
     /// The config as a JSON object.
-    let toJson (c: VctConfig) : JsonObject =
-        let s = c.Swin
-        let p = c.PixelDecoder
-        let d = c.Decoder
-        let q = d.Query
-        JsonObject(
-            [ KeyValuePair("subset", JsonValue.Create(subsetName c.Subset) :> JsonNode)
-              KeyValuePair("use_pre_sam", JsonValue.Create c.UsePreSam)
-              KeyValuePair("audio_mlp_hidden", num c.AudioMlpHidden)
-              KeyValuePair("image_size", num c.ImageSize)
-              KeyValuePair("size_divisibility", num c.SizeDivisibility)
-              KeyValuePair("output_size", num c.OutputSize)
-              KeyValuePair(
-                  "swin",
-                  JsonObject(
-                      [ KeyValuePair("patch_size", num s.PatchSize); KeyValuePair("in_chans", num s.InChans)
-                        KeyValuePair("embed_dim", num s.EmbedDim)
-                        KeyValuePair("depths", arr s.Depths (fun x -> JsonValue.Create x))
-                        KeyValuePair("num_heads", arr s.NumHeads num)
-                        KeyValuePair("window_size", num s.WindowSize); KeyValuePair("mlp_ratio", fl s.MlpRatio)
-                        KeyValuePair("qkv_bias", JsonValue.Create s.QkvBias)
-                        KeyValuePair("qk_scale", (match s.QkScale with Some v -> fl v | None -> null))
-                        KeyValuePair("drop_rate", fl s.DropRate); KeyValuePair("attn_drop_rate", fl s.AttnDropRate)
-                        KeyValuePair("drop_path_rate", fl s.DropPathRate); KeyValuePair("patch_norm", JsonValue.Create s.PatchNorm)
-                        KeyValuePair("out_indices", arr s.OutIndices (fun x -> JsonValue.Create x)) ]) :> JsonNode)
-              KeyValuePair(
-                  "pixel_decoder",
-                  JsonObject(
-                      [ KeyValuePair("in_channels", arr p.InChannels num); KeyValuePair("in_strides", arr p.InStrides num)
-                        KeyValuePair("transformer_levels", JsonValue.Create p.TransformerLevels :> JsonNode)
-                        KeyValuePair("conv_dim", num p.ConvDim); KeyValuePair("mask_dim", num p.MaskDim)
-                        KeyValuePair("group_norm_groups", num p.GroupNormGroups); KeyValuePair("num_heads", num p.NumHeads)
-                        KeyValuePair("num_points", num p.NumPoints); KeyValuePair("enc_layers", JsonValue.Create p.EncLayers)
-                        KeyValuePair("dim_feedforward", num p.DimFeedforward); KeyValuePair("dropout", fl p.Dropout)
-                        KeyValuePair("common_stride", num p.CommonStride) ]) :> JsonNode)
-              KeyValuePair(
-                  "decoder",
-                  JsonObject(
-                      [ KeyValuePair("hidden_dim", num d.HiddenDim); KeyValuePair("num_queries", num d.NumQueries)
-                        KeyValuePair("num_heads", num d.NumHeads); KeyValuePair("dim_feedforward", num d.DimFeedforward)
-                        KeyValuePair("dec_layers", JsonValue.Create d.DecLayers :> JsonNode)
-                        KeyValuePair("num_classes", num d.NumClasses)
-                        KeyValuePair("proto_projections", JsonValue.Create d.ProtoProjections)
-                        KeyValuePair(
-                            "query",
-                            JsonObject(
-                                [ KeyValuePair("channels", num q.Channels); KeyValuePair("num_pixels", num q.NumPixels)
-                                  KeyValuePair("num_queries", num q.NumQueries)
-                                  KeyValuePair("num_prototypes", (match q.NumPrototypes with Some k -> num k | None -> null))
-                                  KeyValuePair("prototype_heads", num q.PrototypeHeads) ]) :> JsonNode) ]) :> JsonNode) ])
+    let toJson (c: VctConfig) : JsonObject = JsonSerializer.SerializeToNode(c, options).AsObject()
 
-    let private get (o: JsonObject) (path: string) (key: string) : JsonNode =
-        let mutable v: JsonNode = null
-        if o.TryGetPropertyValue(key, &v) then v
-        else raise (InvalidDataException $"config: missing field '{path}{key}'")
-
-    let private typed (what: string) (f: unit -> 'a) =
-        try f () with
-        | :? InvalidDataException -> reraise ()
-        | e -> raise (InvalidDataException $"config: field '{what}' is malformed ({e.Message})")
-
-    let private i64 o path k = typed (path + k) (fun () -> (get o path k).GetValue<int64>())
-    let private i32 o path k = typed (path + k) (fun () -> (get o path k).GetValue<int>())
-    let private f64 o path k = typed (path + k) (fun () -> (get o path k).GetValue<float>())
-    let private bool o path k = typed (path + k) (fun () -> (get o path k).GetValue<bool>())
-    let private obj o path k = typed (path + k) (fun () -> (get o path k).AsObject())
-    let private i64s o path k = typed (path + k) (fun () -> [| for x in (get o path k).AsArray() -> x.GetValue<int64>() |])
-    let private i32s o path k = typed (path + k) (fun () -> [| for x in (get o path k).AsArray() -> x.GetValue<int>() |])
-    let private opt o path k f = match (get o path k) with null -> None | _ -> Some(f o path k)
+    /// The first field of `node` that does not fit type `t` (the serializer's own messages do not name nested
+    /// fields): "missing field 'decoder.num_queries'" or "field 'image_size' is malformed (...)".
+    let rec private locate (t: Type) (node: JsonNode) (name: string) : string option =
+        let isOption (t: Type) = t.IsGenericType && t.GetGenericTypeDefinition() = typedefof<option<_>>
+        let shown (n: JsonNode) =
+            let text = if isNull n then "null" else n.ToJsonString()
+            if text.Length > 40 then text.Substring(0, 40) + "..." else text
+        let malformed (expected: string) = Some $"field '{name}' is malformed (expected {expected}, got {shown node})"
+        if isOption t then
+            if isNull node then None else locate (t.GetGenericArguments()[0]) node name
+        elif FSharpType.IsRecord t then
+            match node with
+            | :? JsonObject as o ->
+                FSharpType.GetRecordFields t
+                |> Array.tryPick (fun f ->
+                    let key = JsonNamingPolicy.SnakeCaseLower.ConvertName f.Name
+                    let full = if name = "" then key else $"{name}.{key}"
+                    let mutable v: JsonNode = null
+                    if not (o.TryGetPropertyValue(key, &v)) && not (isOption f.PropertyType) then Some $"missing field '{full}'"
+                    else locate f.PropertyType v full)
+            | _ -> malformed "an object"
+        else
+            let expected =
+                if t = typeof<int64> || t = typeof<int> then "an integer"
+                elif t = typeof<float> then "a number"
+                elif t = typeof<bool> then "true or false"
+                elif t.IsArray then "an array of integers"
+                elif t = typeof<Subset> then "\"s4\", \"ms3\" or \"avss\""
+                else t.Name
+            try
+                if isNull node || isNull (JsonSerializer.Deserialize(node, t, options)) then malformed expected else None
+            with _ -> malformed expected
 
     /// Range checks of every config value, run before a model is built: a value outside its range (or parts that do
     /// not fit together) fails naming the field, instead of a LibTorch error, a division by zero or an allocation
@@ -171,44 +146,16 @@ module ConfigJson =
 
     /// Reads a config written by `toJson`; every value is range-checked (`checkRanges`).
     let ofJson (o: JsonObject) : VctConfig =
-        let s = obj o "" "swin"
-        let p = obj o "" "pixel_decoder"
-        let d = obj o "" "decoder"
-        let q = obj d "decoder." "query"
-        { Subset = typed "subset" (fun () -> Subset.Parse((get o "" "subset").GetValue<string>()))
-          UsePreSam = bool o "" "use_pre_sam"
-          AudioMlpHidden = i64 o "" "audio_mlp_hidden"
-          ImageSize = i64 o "" "image_size"
-          SizeDivisibility = i64 o "" "size_divisibility"
-          OutputSize = i64 o "" "output_size"
-          Swin =
-            { PatchSize = i64 s "swin." "patch_size"; InChans = i64 s "swin." "in_chans"; EmbedDim = i64 s "swin." "embed_dim"
-              Depths = i32s s "swin." "depths"; NumHeads = i64s s "swin." "num_heads"; WindowSize = i64 s "swin." "window_size"
-              MlpRatio = f64 s "swin." "mlp_ratio"; QkvBias = bool s "swin." "qkv_bias"; QkScale = opt s "swin." "qk_scale" f64
-              DropRate = f64 s "swin." "drop_rate"; AttnDropRate = f64 s "swin." "attn_drop_rate"
-              DropPathRate = f64 s "swin." "drop_path_rate"; PatchNorm = bool s "swin." "patch_norm"
-              OutIndices = i32s s "swin." "out_indices" }
-          PixelDecoder =
-            { InChannels = i64s p "pixel_decoder." "in_channels"; InStrides = i64s p "pixel_decoder." "in_strides"
-              TransformerLevels = i32 p "pixel_decoder." "transformer_levels"; ConvDim = i64 p "pixel_decoder." "conv_dim"
-              MaskDim = i64 p "pixel_decoder." "mask_dim"; GroupNormGroups = i64 p "pixel_decoder." "group_norm_groups"
-              NumHeads = i64 p "pixel_decoder." "num_heads"; NumPoints = i64 p "pixel_decoder." "num_points"
-              EncLayers = i32 p "pixel_decoder." "enc_layers"; DimFeedforward = i64 p "pixel_decoder." "dim_feedforward"
-              Dropout = f64 p "pixel_decoder." "dropout"; CommonStride = i64 p "pixel_decoder." "common_stride" }
-          Decoder =
-            { HiddenDim = i64 d "decoder." "hidden_dim"; NumQueries = i64 d "decoder." "num_queries"
-              NumHeads = i64 d "decoder." "num_heads"; DimFeedforward = i64 d "decoder." "dim_feedforward"
-              DecLayers = i32 d "decoder." "dec_layers"; NumClasses = i64 d "decoder." "num_classes"
-              ProtoProjections = bool d "decoder." "proto_projections"
-              Query =
-                { Channels = i64 q "decoder.query." "channels"; NumPixels = i64 q "decoder.query." "num_pixels"
-                  NumQueries = i64 q "decoder.query." "num_queries"
-                  NumPrototypes = opt q "decoder.query." "num_prototypes" i64
-                  PrototypeHeads = i64 q "decoder.query." "prototype_heads" } } }
-        |> checkRanges
+        let config =
+            try JsonSerializer.Deserialize<VctConfig>(o, options)
+            with :? JsonException as e ->
+                match locate typeof<VctConfig> o "" with
+                | Some problem -> raise (InvalidDataException $"config: {problem}")
+                | None -> raise (InvalidDataException $"config: {e.Message}")
+        checkRanges config
 
-    /// Compact JSON text of a config.
-    let toText (c: VctConfig) = (toJson c).ToJsonString(JsonSerializerOptions(WriteIndented = true))
+    /// Indented JSON text of a config.
+    let toText (c: VctConfig) = JsonSerializer.Serialize(c, options)
 
     /// Parses JSON text; `source` names the file in error messages.
     let ofText (source: string) (text: string) =

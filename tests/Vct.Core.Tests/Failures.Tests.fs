@@ -105,7 +105,7 @@ let tests =
                 let json = editConfig ckpt (fun o -> o["swin"]["drop_path_rate"] <- JsonValue.Create 0.1; o["pixel_decoder"]["in_strides"] <- JsonArray(JsonValue.Create 4))
                 runVct args |> expectOneLine $"{json}: config: field 'pixel_decoder.in_strides' has 1 entries for 4 inputs (pixel_decoder.in_channels)"
                 let json = editConfig ckpt (fun o -> o["pixel_decoder"]["in_strides"] <- JsonArray([| for s in [ 4; 8; 16; 32 ] -> JsonValue.Create s :> JsonNode |]); o["image_size"] <- JsonValue.Create "big")
-                runVct args |> expectOneLine $"{json}: config: field 'image_size' is malformed (An element of type 'String' cannot be converted to a 'System.Int64'.)"
+                runVct args |> expectOneLine $"{json}: config: field 'image_size' is malformed (expected an integer, got \"big\")"
             finally
                 Directory.Delete(dir, true)
         }

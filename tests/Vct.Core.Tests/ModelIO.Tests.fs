@@ -3,6 +3,7 @@ module Vct.Core.Tests.ModelIOTests
 open System
 open System.IO
 open Expecto
+open System.Text.Json.Nodes
 open TorchSharp
 open Vct.Core
 open Vct.Core.Platform
@@ -44,6 +45,51 @@ let tests =
             Expect.stringContains e.Message "decoder.num_queries" "names the field"
             let e2 = Expect.throwsC (fun () -> ConfigJson.ofText "junk.json" "{not json" |> ignore) id
             Expect.stringContains e2.Message "junk.json" "names the file"
+        }
+
+        test "config JSON keeps the file format of earlier checkpoints: the same keys, options as null, the subset by name" {
+            let o = ConfigJson.toJson (VctConfig.Released Subset.S4)
+            let rec keys (prefix: string) (n: JsonNode) =
+                match n with
+                | :? JsonObject as o -> [ for kv in o do yield! (let k = prefix + kv.Key in k :: keys (k + ".") kv.Value) ]
+                | _ -> []
+            let under (prefix: string) (names: string list) = names |> List.map (fun k -> prefix + k)
+            let expected =
+                [ "subset"; "use_pre_sam"; "audio_mlp_hidden"; "image_size"; "size_divisibility"; "output_size"; "swin"
+                  "pixel_decoder"; "decoder" ]
+                @ under "swin." [ "patch_size"; "in_chans"; "embed_dim"; "depths"; "num_heads"; "window_size"; "mlp_ratio"; "qkv_bias"
+                                  "qk_scale"; "drop_rate"; "attn_drop_rate"; "drop_path_rate"; "patch_norm"; "out_indices" ]
+                @ under "pixel_decoder." [ "in_channels"; "in_strides"; "transformer_levels"; "conv_dim"; "mask_dim"; "group_norm_groups"
+                                           "num_heads"; "num_points"; "enc_layers"; "dim_feedforward"; "dropout"; "common_stride" ]
+                @ under "decoder." [ "hidden_dim"; "num_queries"; "num_heads"; "dim_feedforward"; "dec_layers"; "num_classes"
+                                     "proto_projections"; "query" ]
+                @ under "decoder.query." [ "channels"; "num_pixels"; "num_queries"; "num_prototypes"; "prototype_heads" ]
+            Expect.equal (Set.ofList (keys "" o)) (Set.ofList expected) "the keys of the config JSON"
+            Expect.equal (o["subset"].GetValue<string>()) "s4" "subset by name"
+            Expect.isNull (o["swin"]["qk_scale"]) "None is null"
+            Expect.equal ((o["swin"]["depths"]).ToJsonString()) "[2,2,18,2]" "arrays of numbers"
+            // A file of the earlier writer: upper-case subset (read case-insensitively), keys in another order.
+            o["subset"] <- JsonValue.Create "S4"
+            Expect.equal (ConfigJson.ofJson o) (VctConfig.Released Subset.S4) "reads back"
+        }
+
+        test "a malformed config field is named with its path" {
+            let attempt (edit: JsonObject -> unit) =
+                let o = ConfigJson.toJson (tiny Subset.S4)
+                edit o
+                (Expect.throwsC (fun () -> ConfigJson.ofText "c.json" (o.ToJsonString()) |> ignore) id).Message
+            Expect.equal (attempt (fun o -> o["swin"]["depths"] <- JsonArray(JsonValue.Create "a")))
+                "c.json: config: field 'swin.depths' is malformed (expected an array of integers, got [\"a\"])" "nested array"
+            Expect.equal (attempt (fun o -> (o["decoder"]["query"]).["channels"] <- JsonValue.Create 1.5))
+                "c.json: config: field 'decoder.query.channels' is malformed (expected an integer, got 1.5)" "deeply nested number"
+            Expect.equal (attempt (fun o -> o["subset"] <- JsonValue.Create "s5"))
+                "c.json: config: field 'subset' is malformed (expected \"s4\", \"ms3\" or \"avss\", got \"s5\")" "unknown subset"
+            Expect.equal (attempt (fun o -> o["pixel_decoder"] <- null))
+                "c.json: config: field 'pixel_decoder' is malformed (expected an object, got null)" "null object"
+            Expect.equal (attempt (fun o -> (o["swin"].AsObject()).Remove "window_size" |> ignore))
+                "c.json: config: missing field 'swin.window_size'" "missing nested field"
+            Expect.equal (attempt (fun o -> o["use_pre_sam"] <- JsonValue.Create 1))
+                "c.json: config: field 'use_pre_sam' is malformed (expected true or false, got 1)" "bool"
         }
 
         test "our checkpoints round-trip: same weights, same outputs, config from JSON or metadata" {
