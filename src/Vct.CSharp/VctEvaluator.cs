@@ -128,12 +128,12 @@ public static class VctEvaluator
             var workers = Math.Max(1, options.Workers);
             using var audio = new TrainData.AudioCache(model);
             cancellationToken.ThrowIfCancellationRequested();
-            var summary = Trainer.evaluate(model, audio, records, false, workers);
+            var summary = Validation.evaluate(model, audio, records, false, workers);
             double? mjShuffled = null, mfShuffled = null;
             if (options.AudioShuffled)
             {
                 cancellationToken.ThrowIfCancellationRequested();
-                var control = Trainer.evaluate(model, audio, records, true, workers);
+                var control = Validation.evaluate(model, audio, records, true, workers);
                 (mjShuffled, mfShuffled) = (control.MJ, control.MF);
             }
             return new EvaluationResult(checkpoint, options.Split, records.Length, summary.MJ, summary.MF, mjShuffled, mfShuffled, Videos(summary));

@@ -252,16 +252,16 @@ let tests =
                 let s = GradScaler()
                 s.Restore(4096.0, 123)
                 let path = Path.Combine(dir, "checkpoint_last.safetensors")
-                Trainer.saveState path cfg model crit opt (Some s) 7 0.5 5
+                RunState.saveState path cfg model crit opt (Some s) 7 0.5 5
                 let s2 = GradScaler()
-                Expect.isTrue (Trainer.loadScalerState path s2) "found"
+                Expect.isTrue (RunState.loadScalerState path s2) "found"
                 Expect.equal (s2.Scale, s2.GrowthTracker) (4096.0, 123) "restored"
                 let plain = Path.Combine(dir, "plain.safetensors")
-                Trainer.saveState plain cfg model crit opt None 7 0.5 5
+                RunState.saveState plain cfg model crit opt None 7 0.5 5
                 let s3 = GradScaler()
-                Expect.isFalse (Trainer.loadScalerState plain s3) "a float32 run's checkpoint has none"
+                Expect.isFalse (RunState.loadScalerState plain s3) "a float32 run's checkpoint has none"
                 Expect.equal s3.Scale GradScalerOptions.Default.InitScale "then the scaler starts afresh"
-                Expect.equal (Trainer.loadState path model crit opt) (7, 0.5, 5) "the rest of the state as before"
+                Expect.equal (RunState.loadState path model crit opt) (7, 0.5, 5) "the rest of the state as before"
             finally
                 Directory.Delete(dir, true)
         }

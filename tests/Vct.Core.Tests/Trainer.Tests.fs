@@ -73,11 +73,11 @@ let tests =
             Expect.isFalse r2.Skipped "a finite gradient steps"
             Expect.isTrue (p.data<float32>().ToArray() |> Array.forall (fun v -> v < 1.0f)) "weights updated"
             use bad = torch.nn.Linear(2L, 2L)
-            Expect.isTrue (Trainer.allFinite bad) "finite weights"
+            Expect.isTrue (TrainStep.allFinite bad) "finite weights"
             do
                 use _ = torch.no_grad ()
                 bad.weight.fill_(TorchSharp.Scalar.op_Implicit nan) |> ignore
-            Expect.isFalse (Trainer.allFinite bad) "a NaN weight is found"
+            Expect.isFalse (TrainStep.allFinite bad) "a NaN weight is found"
         }
 
         test "non-finite gradients skip steps with a warning and stop the run after 5 in a row, nothing saved" {

@@ -146,7 +146,7 @@ let tests =
             let model, _ = Inference.loadModel ckpt None torch.CPU
             use model = model
             use audio = new TrainData.AudioCache(model)
-            let eval = Trainer.evaluate model audio valr false 0
+            let eval = Validation.evaluate model audio valr false 0
             let ious =
                 [ for r in valr ->
                       let mp4 = Path.Combine(dir, r.Id + ".mp4")

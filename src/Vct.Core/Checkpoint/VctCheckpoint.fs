@@ -10,7 +10,7 @@ open Vct.Core.Platform
 /// reference tools write it), the model's config JSON under `vct_config` and any further entries (a training
 /// state's iteration, best M_J, loss-scaler state); model checkpoints also get the config beside them as
 /// `<name>.json`. Every file is written to a temporary name and renamed (a crash never leaves half a checkpoint).
-/// Callers: `ModelIO.save` / `ModelIO.readConfig` (model weights), `Trainer.saveState` / `loadState` (training
+/// Callers: `ModelIO.save` / `ModelIO.readConfig` (model weights), `RunState.saveState` / `loadState` (training
 /// state), `StateDict.save` (a bare module), `vct forward` (named outputs).
 [<RequireQualifiedAccess>]
 module VctCheckpoint =

@@ -103,8 +103,8 @@ module TrainJob =
     /// Evaluates a model on records with the true audio and with each video's audio swapped for another's.
     let evaluateWithControl (model: VctModel) (records: VideoRecord[]) (workers: int) =
         use audio = new TrainData.AudioCache(model)
-        let normal = Trainer.evaluate model audio records false workers
-        let shuffled = Trainer.evaluate model audio records true workers
+        let normal = Validation.evaluate model audio records false workers
+        let shuffled = Validation.evaluate model audio records true workers
         normal, shuffled
 
     /// Runs a whole job: data, training, evaluation, summary.json, plots and overlays in the run directory.
@@ -123,7 +123,7 @@ module TrainJob =
         let kind = kindOf o.Preset o.Data
         let subset = kind
         // A reused run name without --resume is refused before any data is generated or read.
-        Trainer.checkRunDir (Path.Combine(o.RunsDir, o.Name)) o.Resume
+        RunState.checkRunDir (Path.Combine(o.RunsDir, o.Name)) o.Resume
         let root =
             match o.Data with
             | Some d -> d
