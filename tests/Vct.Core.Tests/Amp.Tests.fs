@@ -11,6 +11,7 @@ open TorchSharp.Modules
 open Vct.Core
 open Vct.Core.Platform
 open Vct.Core.Training
+open Vct.Core.Tests.Support
 
 /// A small two-layer model with fixed weights, and a loss of it on fixed inputs.
 let private smallModel (seed: uint64) =
@@ -178,10 +179,7 @@ let tests =
             use model = new VctModel(cfg)
             model.eval () // deterministic; gradients still flow
             let g = new torch.Generator(21UL)
-            let inputs =
-                { Images = torch.rand([| 5L; 3L; 64L; 64L |], generator = g) * 255.0f.AsScalar
-                  PreMasks = None
-                  Audio = AudioInput.LogMel(torch.randn([| 5L; 1L; 96L; 64L |], generator = g), None) }
+            let inputs = Golden.tinyInputs (Some g) cfg 5L false
             let map = torch.arange(64L.AsScalar).view(1L, 64L).lt(24L.AsScalar).expand(64L, 64L).to_type(torch.int64)
             let targets = [| FrameTarget.ofLabelMap 255L map |]
             use crit = new Criterion((CriterionConfig.Released Subset.S4).WithNumPoints 256L)
@@ -220,7 +218,8 @@ let tests =
             Expect.isTrue (e :? ArgumentException) "an argument error"
             for part in [ "--amp"; "CUDA only"; "without --amp" ] do Expect.stringContains e.Message part $"says {part}"
             // Trainer.run refuses before touching the run directory.
-            let dir = Path.Combine(Path.GetTempPath(), $"vct-amp-cpu-{Guid.NewGuid():N}")
+            use tmp = new TempDir("vct-amp-cpu")
+            let dir = Path.Combine(tmp.Path, "runs")
             let cfg = { (TrainJob.config "tiny" Subset.S4 { Preset = "tiny"; Data = None; RunsDir = dir; Name = "r"; Iterations = Some 1; BatchVideos = Some 1
                                                             BaseLr = None; Seed = 1; Resume = false; Device = torch.CPU; Workers = 0; EvalPeriod = None
                                                             SwinWeights = None; VggishWeights = None; MissingMasks = Fusion.MissingMasks.Refuse; Amp = true }) with Amp = true }
@@ -228,7 +227,7 @@ let tests =
             Expect.throwsT<ArgumentException> (fun () -> Trainer.run cfg [||] [||] torch.CPU dir false ignore ignore CancellationToken.None |> ignore) "Trainer.run refuses"
             Expect.isFalse (Directory.Exists dir) "no run directory"
             // The CLI: one line, exit 1, nothing generated.
-            let code, out, err = CliTests.runVct [ "train"; "--amp"; "--device"; "cpu"; "--runs"; dir; "--name"; "r"; "--data"; Path.Combine(dir, "data") ]
+            let code, out, err = runVct [ "train"; "--amp"; "--device"; "cpu"; "--runs"; dir; "--name"; "r"; "--data"; Path.Combine(dir, "data") ]
             Expect.equal code 1 $"exit code 1; stdout {out}"
             Expect.stringContains err "vct: mixed precision (--amp) runs on CUDA only" "the reason"
             Expect.isFalse (err.Contains "   at ") "no stack trace"
@@ -236,33 +235,30 @@ let tests =
         }
 
         test "the loss scaler's state is saved in checkpoint_last and restored" {
-            let dir = Path.Combine(Path.GetTempPath(), $"vct-amp-ckpt-{Guid.NewGuid():N}")
-            Directory.CreateDirectory dir |> ignore
-            try
-                use _ = torch.NewDisposeScope()
-                let cfg =
-                    TrainJob.config "tiny" Subset.S4
-                        { Preset = "tiny"; Data = None; RunsDir = dir; Name = "r"; Iterations = None; BatchVideos = None; BaseLr = None; Seed = 1
-                          Resume = false; Device = torch.CPU; Workers = 0; EvalPeriod = None; SwinWeights = None; VggishWeights = None
-                          MissingMasks = Fusion.MissingMasks.Refuse; Amp = false }
-                use model = new VctModel(cfg.Model)
-                use crit = new Criterion(cfg.Criterion)
-                let settings = Optim.settings cfg.Optim [ "", model :> torch.nn.Module; "criterion", crit :> torch.nn.Module ]
-                let opt, _ = Optim.adamW cfg.Optim settings
-                let s = GradScaler()
-                s.Restore(4096.0, 123)
-                let path = Path.Combine(dir, "checkpoint_last.safetensors")
-                Trainer.saveState path cfg model crit opt (Some s) 7 0.5 5
-                let s2 = GradScaler()
-                Expect.isTrue (Trainer.loadScalerState path s2) "found"
-                Expect.equal (s2.Scale, s2.GrowthTracker) (4096.0, 123) "restored"
-                let plain = Path.Combine(dir, "plain.safetensors")
-                Trainer.saveState plain cfg model crit opt None 7 0.5 5
-                let s3 = GradScaler()
-                Expect.isFalse (Trainer.loadScalerState plain s3) "a float32 run's checkpoint has none"
-                Expect.equal s3.Scale GradScalerOptions.Default.InitScale "then the scaler starts afresh"
-                Expect.equal (Trainer.loadState path model crit opt) (7, 0.5, 5) "the rest of the state as before"
-            finally
-                Directory.Delete(dir, true)
+            use tmp = new TempDir("vct-amp-ckpt")
+            let dir = tmp.Path
+            use _ = torch.NewDisposeScope()
+            let cfg =
+                TrainJob.config "tiny" Subset.S4
+                    { Preset = "tiny"; Data = None; RunsDir = dir; Name = "r"; Iterations = None; BatchVideos = None; BaseLr = None; Seed = 1
+                      Resume = false; Device = torch.CPU; Workers = 0; EvalPeriod = None; SwinWeights = None; VggishWeights = None
+                      MissingMasks = Fusion.MissingMasks.Refuse; Amp = false }
+            use model = new VctModel(cfg.Model)
+            use crit = new Criterion(cfg.Criterion)
+            let settings = Optim.settings cfg.Optim [ "", model :> torch.nn.Module; "criterion", crit :> torch.nn.Module ]
+            let opt, _ = Optim.adamW cfg.Optim settings
+            let s = GradScaler()
+            s.Restore(4096.0, 123)
+            let path = Path.Combine(dir, "checkpoint_last.safetensors")
+            Trainer.saveState path cfg model crit opt (Some s) 7 0.5 5
+            let s2 = GradScaler()
+            Expect.isTrue (Trainer.loadScalerState path s2) "found"
+            Expect.equal (s2.Scale, s2.GrowthTracker) (4096.0, 123) "restored"
+            let plain = Path.Combine(dir, "plain.safetensors")
+            Trainer.saveState plain cfg model crit opt None 7 0.5 5
+            let s3 = GradScaler()
+            Expect.isFalse (Trainer.loadScalerState plain s3) "a float32 run's checkpoint has none"
+            Expect.equal s3.Scale GradScalerOptions.Default.InitScale "then the scaler starts afresh"
+            Expect.equal (Trainer.loadState path model crit opt) (7, 0.5, 5) "the rest of the state as before"
         }
     ]

@@ -11,12 +11,10 @@ open Vct.Core
 open Vct.Core.Platform
 open Vct.Core.Audio
 open Vct.Core.Fusion
+open Vct.Core.Tests.Support
 
-/// The repository root (Golden.repoRoot).
-let repoRoot = Golden.repoRoot
-
-let goldenDir = lazy (Path.Combine(repoRoot.Value, "tests", "golden", "audio"))
-let golden (parts: string list) = Path.Combine(Array.ofList (goldenDir.Value :: parts))
+/// A path under tests/golden/audio.
+let golden (parts: string list) = Golden.path ("audio" :: parts)
 
 type Fixture =
     { Name: string; Rate: int; Channels: int; Encoding: string; Samples: int; Examples: int
@@ -309,18 +307,16 @@ let badInputs =
 
         test "a 40 s clip is truncated to 5 (S4) with a warning, kept whole with none" {
             use _ = torch.NewDisposeScope()
-            let path = Path.Combine(Path.GetTempPath(), $"vct-40s-{Guid.NewGuid():N}.wav")
-            try
-                Wav.writeFloat32 path 8000 [| sine 8000 300.0 0.3 (40 * 8000) |]
-                let r = Examples.ofFile s4 path
-                Expect.equal r.Examples.shape[0] 5L "5 examples"
-                Expect.equal r.Available 41 "41 whole examples in 40 s"
-                Expect.stringContains (String.Join("\n", r.Warnings)) "kept the first 5" "warned"
-                Expect.stringContains (String.Join("\n", r.Warnings)) path "names the file"
-                let all = Examples.ofFile (ExampleOptions.Default None) path
-                Expect.equal all.Examples.shape[0] 41L "none: every whole example"
-            finally
-                File.Delete path
+            use tmp = new TempDir("vct-40s")
+            let path = Path.Combine(tmp.Path, "clip.wav")
+            Wav.writeFloat32 path 8000 [| sine 8000 300.0 0.3 (40 * 8000) |]
+            let r = Examples.ofFile s4 path
+            Expect.equal r.Examples.shape[0] 5L "5 examples"
+            Expect.equal r.Available 41 "41 whole examples in 40 s"
+            Expect.stringContains (String.Join("\n", r.Warnings)) "kept the first 5" "warned"
+            Expect.stringContains (String.Join("\n", r.Warnings)) path "names the file"
+            let all = Examples.ofFile (ExampleOptions.Default None) path
+            Expect.equal all.Examples.shape[0] 41L "none: every whole example"
         }
 
         test "a missing file is a FileNotFoundException naming it" {
@@ -345,27 +341,25 @@ let containers =
             | Some ffmpeg ->
                 use _ = torch.NewDisposeScope()
                 let src = golden [ "wav"; "mix_44k_stereo_pcm16.wav" ]
-                let dir = Directory.CreateTempSubdirectory("vct-ffmpeg").FullName
-                try
-                    let conv (ext: string) =
-                        let out = Path.Combine(dir, "clip." + ext)
-                        let psi = Diagnostics.ProcessStartInfo(ffmpeg, $"-v error -y -i \"{src}\" \"{out}\"")
-                        use p = Diagnostics.Process.Start psi
-                        p.WaitForExit()
-                        out
-                    let flac = Audio.load (conv "flac")
-                    let wav = Audio.load src
-                    Expect.equal flac.SampleRate 44100 "rate"
-                    Expect.equal flac.Channels.Length 2 "channels"
-                    Expect.equal flac.Channels wav.Channels "lossless: same samples"
-                    let mp3 = Examples.ofFile (ExampleOptions.Default None) (conv "mp3")
-                    Expect.equal mp3.Examples.shape[1..] [| 1L; 96L; 64L |] "mp3 decodes to examples"
-                    let bogus = Path.Combine(dir, "bogus.mp4")
-                    File.WriteAllText(bogus, "not a video")
-                    let e = Expect.throwsC (fun () -> Audio.load bogus |> ignore) id
-                    Expect.stringContains e.Message bogus "names the file"
-                finally
-                    Directory.Delete(dir, true)
+                use tmp = new TempDir("vct-ffmpeg")
+                let dir = tmp.Path
+                let conv (ext: string) =
+                    let out = Path.Combine(dir, "clip." + ext)
+                    let psi = Diagnostics.ProcessStartInfo(ffmpeg, $"-v error -y -i \"{src}\" \"{out}\"")
+                    use p = Diagnostics.Process.Start psi
+                    p.WaitForExit()
+                    out
+                let flac = Audio.load (conv "flac")
+                let wav = Audio.load src
+                Expect.equal flac.SampleRate 44100 "rate"
+                Expect.equal flac.Channels.Length 2 "channels"
+                Expect.equal flac.Channels wav.Channels "lossless: same samples"
+                let mp3 = Examples.ofFile (ExampleOptions.Default None) (conv "mp3")
+                Expect.equal mp3.Examples.shape[1..] [| 1L; 96L; 64L |] "mp3 decodes to examples"
+                let bogus = Path.Combine(dir, "bogus.mp4")
+                File.WriteAllText(bogus, "not a video")
+                let e = Expect.throwsC (fun () -> Audio.load bogus |> ignore) id
+                Expect.stringContains e.Message bogus "names the file"
         }
     ]
 
@@ -405,26 +399,24 @@ let pickles =
             let bad = golden [ "bad"; "text.wav" ]
             let e = Expect.throwsC (fun () -> LogMelPickle.read bad |> ignore) id
             Expect.stringContains e.Message bad "names the file"
-            let tmp = Path.Combine(Path.GetTempPath(), $"vct-trunc-{Guid.NewGuid():N}.pkl")
-            try
-                let bytes = File.ReadAllBytes(golden [ "pkl"; "s4_style.pkl" ])
-                File.WriteAllBytes(tmp, bytes[.. bytes.Length / 2])
-                let e = Expect.throwsC (fun () -> LogMelPickle.read tmp |> ignore) id
-                Expect.stringContains e.Message tmp "names the truncated file"
-            finally
-                File.Delete tmp
+            use dir = new TempDir("vct-trunc")
+            let tmp = Path.Combine(dir.Path, "truncated.pkl")
+            let bytes = File.ReadAllBytes(golden [ "pkl"; "s4_style.pkl" ])
+            File.WriteAllBytes(tmp, bytes[.. bytes.Length / 2])
+            let e = Expect.throwsC (fun () -> LogMelPickle.read tmp |> ignore) id
+            Expect.stringContains e.Message tmp "names the truncated file"
         }
     ]
 
-let officialGolden (name: string) = Path.Combine(repoRoot.Value, "tests", "golden", "official", name)
+let officialGolden (name: string) = Golden.path [ "official"; name ]
 
+/// (key, shape) of the official S4 manifest (tests/golden/official) under `prefix`, the prefix removed.
 let manifestKeys (prefix: string) =
-    File.ReadAllLines(officialGolden "manifest_s4.tsv")
-    |> Array.map (fun l -> l.Split('\t'))
-    |> Array.filter (fun p -> p.Length >= 2 && p[0].StartsWith(prefix, StringComparison.Ordinal))
-    |> Array.map (fun p -> p[0].Substring prefix.Length, p[1])
+    Golden.manifestOf (officialGolden "manifest_s4.tsv")
+    |> Array.filter (fun r -> r.Key.StartsWith(prefix, StringComparison.Ordinal))
+    |> Array.map (fun r -> r.Key.Substring prefix.Length, r.Shape)
 
-let shapeText (t: Tensor) = String.Join("x", t.shape)
+let shapeText (t: Tensor) = Golden.shapeText t.shape
 
 [<Tests>]
 let networks =
@@ -523,42 +515,35 @@ let networks =
         }
     ]
 
-/// Runs the built `vct` CLI (the shared helper in Cli.Tests.fs).
-let runVct (args: string list) = CliTests.runVct args
-
 [<Tests>]
 let cli =
     testList "Audio.Cli" [
         test "vct audio examples writes the subset's examples as .npy" {
             use _ = torch.NewDisposeScope()
-            let dir = Directory.CreateTempSubdirectory("vct-cli-audio").FullName
-            try
-                let src = golden [ "wav"; "mix_44k_stereo_pcm16.wav" ]
-                let out = Path.Combine(dir, "x.npy")
-                let code, stdout, err = runVct [ "audio"; "examples"; src; "--subset"; "avss"; "--out"; out ]
-                Expect.equal code 0 $"exit code; stderr: {err}"
-                Expect.stringContains stdout "1 example(s)" "reports the count"
-                let written = Npy.read out
-                let lib = (Examples.ofFile (ExampleOptions.Default(Some Subset.AVSS)) src).Examples
-                Expect.equal written.shape [| 10L; 1L; 96L; 64L |] "AVSS shape"
-                Expect.equal (maxAbs written lib) 0.0 "same as the library"
-            finally
-                Directory.Delete(dir, true)
+            use tmp = new TempDir("vct-cli-audio")
+            let dir = tmp.Path
+            let src = golden [ "wav"; "mix_44k_stereo_pcm16.wav" ]
+            let out = Path.Combine(dir, "x.npy")
+            let code, stdout, err = runVct [ "audio"; "examples"; src; "--subset"; "avss"; "--out"; out ]
+            Expect.equal code 0 $"exit code; stderr: {err}"
+            Expect.stringContains stdout "1 example(s)" "reports the count"
+            let written = Npy.read out
+            let lib = (Examples.ofFile (ExampleOptions.Default(Some Subset.AVSS)) src).Examples
+            Expect.equal written.shape [| 10L; 1L; 96L; 64L |] "AVSS shape"
+            Expect.equal (maxAbs written lib) 0.0 "same as the library"
         }
 
         test "vct audio examples on a folder writes a mirrored tree and lists failures" {
-            let dir = Directory.CreateTempSubdirectory("vct-cli-tree").FullName
-            try
-                let code, stdout, err = runVct [ "audio"; "examples"; golden [ "wav" ]; "--subset"; "s4"; "--out"; dir; "--jobs"; "2" ]
-                Expect.equal code 0 $"exit code; stderr: {err}"
-                Expect.stringContains stdout $"{fixtures.Value.Length} of {fixtures.Value.Length} file(s) written" "all written"
-                Expect.isTrue (File.Exists(Path.Combine(dir, "tones_8k_mono_pcm16.npy"))) "mirrored name"
-                let code, _, err = runVct [ "audio"; "examples"; golden [ "bad" ]; "--subset"; "s4"; "--out"; dir ]
-                Expect.equal code 1 "failures give exit code 1"
-                Expect.stringContains err (golden [ "bad"; "nan.wav" ]) "names each failing file"
-                Expect.isFalse (err.Contains "   at ") "no stack trace"
-            finally
-                Directory.Delete(dir, true)
+            use tmp = new TempDir("vct-cli-tree")
+            let dir = tmp.Path
+            let code, stdout, err = runVct [ "audio"; "examples"; golden [ "wav" ]; "--subset"; "s4"; "--out"; dir; "--jobs"; "2" ]
+            Expect.equal code 0 $"exit code; stderr: {err}"
+            Expect.stringContains stdout $"{fixtures.Value.Length} of {fixtures.Value.Length} file(s) written" "all written"
+            Expect.isTrue (File.Exists(Path.Combine(dir, "tones_8k_mono_pcm16.npy"))) "mirrored name"
+            let code, _, err = runVct [ "audio"; "examples"; golden [ "bad" ]; "--subset"; "s4"; "--out"; dir ]
+            Expect.equal code 1 "failures give exit code 1"
+            Expect.stringContains err (golden [ "bad"; "nan.wav" ]) "names each failing file"
+            Expect.isFalse (err.Contains "   at ") "no stack trace"
         }
 
         test "vct audio examples on a bad file fails with one clear line" {

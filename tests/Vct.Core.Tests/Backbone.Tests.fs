@@ -14,21 +14,15 @@ open Vct.Core.Tests.VisionGolden
 let private config = { FsCheckConfig.defaultConfig with maxTest = 40 }
 let private fewConfig = { FsCheckConfig.defaultConfig with maxTest = 8 }
 
-/// Key, shape rows of an official manifest under `prefix` (prefix removed).
+/// Key, shape, dtype rows of an official manifest under `prefix` (prefix removed).
 let manifest (subset: string) (prefix: string) =
-    File.ReadAllLines(Path.Combine(goldenRoot.Value, $"manifest_{subset}.tsv"))
-    |> Array.skip 1
-    |> Array.map (fun l -> l.Split('\t'))
-    |> Array.filter (fun f -> f[0].StartsWith(prefix, StringComparison.Ordinal))
-    |> Array.map (fun f -> f[0].Substring prefix.Length, f[1], f[2])
-
-let showShape (shape: int64[]) = if shape.Length = 0 then "" else shape |> Array.map string |> String.concat "x"
+    Golden.manifestUnder subset prefix |> Array.map (fun r -> r.Key, r.Shape, r.Dtype)
 
 let ourRows (prefix: string) (m: torch.nn.Module) =
     [| for kv in m.state_dict() do
          if kv.Key.StartsWith(prefix, StringComparison.Ordinal) then
              let dtype = if kv.Value.dtype = torch.int64 then "int64" else "float32"
-             yield kv.Key.Substring prefix.Length, showShape kv.Value.shape, dtype |]
+             yield kv.Key.Substring prefix.Length, Golden.shapeText kv.Value.shape, dtype |]
 
 let expectSameRows (what: string) (official: (string * string * string)[]) (ours: (string * string * string)[]) =
     let o = Set.ofArray official

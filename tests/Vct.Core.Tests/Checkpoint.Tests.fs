@@ -11,6 +11,7 @@ open TorchSharp
 open Vct.Core
 open Vct.Core.Platform
 open Vct.Core.Checkpoint
+open Vct.Core.Tests.Support
 
 // ---------------------------------------------------------------------------------------------------
 // Random state dicts
@@ -77,12 +78,6 @@ let private expectSame (what: string) (specs: TensorSpec list) (loaded: OrderedD
 let private goldenDir = lazy (Path.Combine(Golden.root.Value, "checkpoints"))
 
 let private golden (name: string) = Path.Combine(goldenDir.Value, name)
-
-/// A fresh temporary folder, deleted by the returned disposable.
-let private tempDir () =
-    let dir = Path.Combine(Path.GetTempPath(), $"vct-ckpt-{Guid.NewGuid():N}")
-    Directory.CreateDirectory dir |> ignore
-    dir, { new IDisposable with member _.Dispose() = if Directory.Exists dir then Directory.Delete(dir, true) }
 
 /// Expected tensors of the fixture files, as PyTorch described them (expected.json).
 type private Expected = { Dtype: torch.ScalarType; Shape: int64[]; Stride: int64[]; Offset: int64; Bytes: byte[] }
@@ -177,8 +172,8 @@ let tests =
         testPropertyWithConfig config "safetensors: random state dicts and metadata survive write and read bit-exactly" <|
             fun (RandomStateDict specs) (meta: (NonNull<string> * NonNull<string>) list) ->
                 use _ = torch.NewDisposeScope()
-                let dir, cleanup = tempDir ()
-                use _ = cleanup
+                use tmp = new TempDir("vct-ckpt")
+                let dir = tmp.Path
                 let path = Path.Combine(dir, "random.safetensors")
                 let metadata = Dictionary<string, string>()
                 for (NonNull k, NonNull v) in meta do metadata[k] <- v
@@ -190,8 +185,8 @@ let tests =
         testPropertyWithConfig config ".pth: random state dicts written by TorchSharp.PyBridge read back bit-exactly" <|
             fun (RandomStateDict specs) ->
                 use _ = torch.NewDisposeScope()
-                let dir, cleanup = tempDir ()
-                use _ = cleanup
+                use tmp = new TempDir("vct-ckpt")
+                let dir = tmp.Path
                 let path = Path.Combine(dir, "random.pth")
                 let sd = Dictionary<string, Tensor>()
                 for s in specs do sd[s.Name] <- toTensor s
@@ -203,8 +198,8 @@ let tests =
         testPropertyWithConfig config "safetensors written by us read back with TorchSharp.PyBridge's reader" <|
             fun (RandomStateDict specs) ->
                 use _ = torch.NewDisposeScope()
-                let dir, cleanup = tempDir ()
-                use _ = cleanup
+                use tmp = new TempDir("vct-ckpt")
+                let dir = tmp.Path
                 let path = Path.Combine(dir, "ours.safetensors")
                 Safetensors.write path (Dictionary()) [ for s in specs -> s.Name, toTensor s ]
                 let theirs = TorchSharp.PyBridge.Safetensors.LoadStateDict(path, null)
@@ -354,8 +349,8 @@ let tests =
         // ---- safetensors writing ---------------------------------------------------------------------
         test "writing over a larger file leaves no stale bytes and no temporary file" {
             use _ = torch.NewDisposeScope()
-            let dir, cleanup = tempDir ()
-            use _ = cleanup
+            use tmp = new TempDir("vct-ckpt")
+            let dir = tmp.Path
             let path = Path.Combine(dir, "w.safetensors")
             Safetensors.write path (Dictionary()) [ "big", torch.zeros(1000L) ]
             let bigLength = FileInfo(path).Length
@@ -371,8 +366,8 @@ let tests =
 
         test "a write that fails part-way keeps the old file" {
             use _ = torch.NewDisposeScope()
-            let dir, cleanup = tempDir ()
-            use _ = cleanup
+            use tmp = new TempDir("vct-ckpt")
+            let dir = tmp.Path
             let path = Path.Combine(dir, "keep.safetensors")
             Safetensors.write path (readOnlyDict [ "v", "1" ]) [ "old", torch.arange(5.0f.ToScalar()) ]
             let before = File.ReadAllBytes path
@@ -385,8 +380,8 @@ let tests =
 
         test "the writer pads the header to 8 bytes and stores tensors contiguous, in order" {
             use _ = torch.NewDisposeScope()
-            let dir, cleanup = tempDir ()
-            use _ = cleanup
+            use tmp = new TempDir("vct-ckpt")
+            let dir = tmp.Path
             let path = Path.Combine(dir, "layout.safetensors")
             let t = torch.arange(6L.ToScalar(), dtype = torch.ScalarType.Int16).reshape(2L, 3L).t() // not contiguous
             Safetensors.write path (Dictionary()) [ "b", t; "a", torch.tensor([| true; false |]) ]
@@ -499,8 +494,8 @@ let tests =
 
         test "save then loadFileInto restores a module, through safetensors" {
             use _ = torch.NewDisposeScope()
-            let dir, cleanup = tempDir ()
-            use _ = cleanup
+            use tmp = new TempDir("vct-ckpt")
+            let dir = tmp.Path
             use source = new TinyNet()
             StateDict.loadInto LoadOptions.Default (tinyState ()) source |> ignore
             let path = Path.Combine(dir, "tiny.safetensors")
@@ -535,8 +530,8 @@ let tests =
         }
 
         test "empty, text, truncated zip and truncated legacy files give clear errors" {
-            let dir, cleanup = tempDir ()
-            use _ = cleanup
+            use tmp = new TempDir("vct-ckpt")
+            let dir = tmp.Path
             let empty = writeBytes (Path.Combine(dir, "empty.pth")) [||]
             expectInvalid empty "empty" (fun () -> StateDict.load empty |> ignore)
             let text = writeBytes (Path.Combine(dir, "notes.pth")) (Text.Encoding.ASCII.GetBytes "model weights go here\n")
@@ -554,8 +549,8 @@ let tests =
         }
 
         test "a zip whose storage record is shorter than the pickle says is rejected" {
-            let dir, cleanup = tempDir ()
-            use _ = cleanup
+            use tmp = new TempDir("vct-ckpt")
+            let dir = tmp.Path
             let path = Path.Combine(dir, "short-record.pth")
             File.Copy(golden "state_dict_zip.pth", path)
             let emptyFirstRecord () =
@@ -569,8 +564,8 @@ let tests =
         }
 
         test "safetensors headers that lie are rejected before any data is read" {
-            let dir, cleanup = tempDir ()
-            use _ = cleanup
+            use tmp = new TempDir("vct-ckpt")
+            let dir = tmp.Path
             let past = rawSafetensors (Path.Combine(dir, "past.safetensors")) """{"w":{"dtype":"F32","shape":[4],"data_offsets":[0,16]}}""" 8
             expectInvalid past "past the end" (fun () -> StateDict.load past |> ignore)
             let size = rawSafetensors (Path.Combine(dir, "size.safetensors")) """{"w":{"dtype":"F32","shape":[2,2],"data_offsets":[0,12]}}""" 16

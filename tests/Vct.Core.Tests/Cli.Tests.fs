@@ -1,22 +1,9 @@
 module Vct.Core.Tests.CliTests
 
 open System
-open System.Diagnostics
-open System.IO
 open System.Text.Json
 open Expecto
-
-/// The repository root (Golden.repoRoot).
-let repoRoot = Golden.repoRoot
-
-/// Runs the built `vct` CLI (Release) with `args`; returns exit code, stdout, stderr.
-let runVct (args: string list) =
-    let dll = Path.Combine(repoRoot.Value, "src", "Vct.Cli", "bin", "Release", "net10.0", "vct.dll")
-    if not (File.Exists dll) then failtestf "the CLI is not built: %s (run `dotnet fsi build.fsx build`)" dll
-    let psi = ProcessStartInfo("dotnet")
-    psi.ArgumentList.Add dll
-    for a in args do psi.ArgumentList.Add a
-    Golden.runProcess psi
+open Vct.Core.Tests.Support
 
 [<Tests>]
 let tests =

@@ -7,11 +7,7 @@ open System.IO
 open Expecto
 open Vct.Core.Data
 open Vct.Core.Evaluation
-
-let private tempDir (name: string) =
-    let d = Path.Combine(Path.GetTempPath(), $"vct-data-{name}-{Guid.NewGuid():N}")
-    Directory.CreateDirectory d |> ignore
-    d
+open Vct.Core.Tests.Support
 
 let private tiny (kind: Subset) (seed: int) =
     { SynthOptions.Default kind with Seed = seed; Train = 2; Val = 1; Test = 1; Size = 40; EvalSize = 56 }
@@ -32,7 +28,8 @@ let private throwsMentioning<'E when 'E :> exn> (what: string) (f: unit -> unit)
 let synth =
     testList "Data.Synth" [
         test "same seed, same bytes; another seed, other bytes" {
-            let a, b, c = tempDir "a", tempDir "b", tempDir "c"
+            use tmp = new TempDir("vct-data")
+            let a, b, c = tmp.Folder "a", tmp.Folder "b", tmp.Folder "c"
             Synth.generate (tiny Subset.MS3 5) a |> ignore
             Synth.generate (tiny Subset.MS3 5) b |> ignore
             Synth.generate (tiny Subset.MS3 6) c |> ignore
@@ -42,8 +39,9 @@ let synth =
             Expect.isFalse ((Array.map snd fa |> Array.concat).AsSpan().SequenceEqual(ReadOnlySpan(Array.map snd fc |> Array.concat))) "seed matters"
         }
         test "same bytes across processes (vct synth in a child process vs the library here)" {
-            let a, b = tempDir "proc-a", tempDir "proc-b"
-            let code, _, err = CliTests.runVct [ "synth"; "--kind"; "avss"; "--out"; a; "--train"; "1"; "--val"; "1"; "--test"; "0"; "--size"; "40"; "--seed"; "12" ]
+            use tmp = new TempDir("vct-data")
+            let a, b = tmp.Folder "proc-a", tmp.Folder "proc-b"
+            let code, _, err = runVct [ "synth"; "--kind"; "avss"; "--out"; a; "--train"; "1"; "--val"; "1"; "--test"; "0"; "--size"; "40"; "--seed"; "12" ]
             Expect.equal code 0 $"synth: {err}"
             Synth.generate { SynthOptions.Default Subset.AVSS with Seed = 12; Train = 1; Val = 1; Test = 0; Size = 40 } b |> ignore
             let fa, fb = filesOf a, filesOf b
@@ -52,7 +50,8 @@ let synth =
         }
         for kind in [ Subset.S4; Subset.MS3; Subset.AVSS ] do
             test $"{kind}: output passes the data check and loads back through the readers" {
-                let root = tempDir "synth"
+                use tmp = new TempDir("vct-data")
+                let root = tmp.Folder "synth"
                 let rep = Synth.generate (tiny kind 1) root
                 let check = DataCheck.run root 2
                 Expect.isTrue check.Ok $"""no problems: {String.Join("; ", check.Problems)}"""
@@ -109,19 +108,6 @@ let synth =
 
 /// Writes a 16-bit grey PNG (colour type 0, bit depth 16) by hand: SkiaSharp writes 8-bit only.
 let private writePng16 (path: string) (w: int) (h: int) (values: uint16[]) =
-    let table =
-        Array.init 256 (fun n ->
-            let mutable c = uint32 n
-            for _ in 0 .. 7 do c <- if c &&& 1u <> 0u then 0xEDB88320u ^^^ (c >>> 1) else c >>> 1
-            c)
-    let crc (data: byte[]) =
-        let mutable c = 0xFFFFFFFFu
-        for b in data do c <- table[int ((c ^^^ uint32 b) &&& 0xFFu)] ^^^ (c >>> 8)
-        c ^^^ 0xFFFFFFFFu
-    let be (v: uint32) = [| byte (v >>> 24); byte (v >>> 16); byte (v >>> 8); byte v |]
-    let chunk (kind: string) (data: byte[]) =
-        let body = Array.append (Text.Encoding.ASCII.GetBytes kind) data
-        Array.concat [ be (uint32 data.Length); body; be (crc body) ]
     let raw =
         [| for y in 0 .. h - 1 do
                yield 0uy
@@ -132,15 +118,16 @@ let private writePng16 (path: string) (w: int) (h: int) (values: uint16[]) =
     use packed = new MemoryStream()
     (use z = new Compression.ZLibStream(packed, Compression.CompressionLevel.Fastest, true)
      z.Write(raw, 0, raw.Length))
-    let ihdr = Array.concat [ be (uint32 w); be (uint32 h); [| 16uy; 0uy; 0uy; 0uy; 0uy |] ]
-    File.WriteAllBytes(path, Array.concat [ [| 0x89uy; byte 'P'; byte 'N'; byte 'G'; 13uy; 10uy; 26uy; 10uy |]
-                                            chunk "IHDR" ihdr; chunk "IDAT" (packed.ToArray()); chunk "IEND" [||] ])
+    let ihdr = Array.concat [ Crafted.be32 (uint32 w); Crafted.be32 (uint32 h); [| 16uy; 0uy; 0uy; 0uy; 0uy |] ]
+    File.WriteAllBytes(path, Array.concat [ Crafted.pngSignature
+                                            Crafted.pngChunk "IHDR" ihdr; Crafted.pngChunk "IDAT" (packed.ToArray()); Crafted.pngChunk "IEND" [||] ])
 
 [<Tests>]
 let readers =
     testList "Data.Readers" [
         test "the check reads what training reads: palette masks via their palette, 16-bit masks, empty GT, short audio, the pixel budget" {
-            let root = tempDir "check"
+            use tmp = new TempDir("vct-data")
+            let root = tmp.Folder "check"
             Synth.generate (tiny Subset.S4 9) root |> ignore
             let clean = DataCheck.run root 2
             Expect.isTrue clean.Ok $"""the synthetic set passes: {String.Join("; ", clean.Problems)}"""
@@ -181,14 +168,15 @@ let readers =
                    "train: all 2 ground-truth masks are empty (no object pixel); training and evaluation would see no object"
                    $"val: 1 palette (P-mode) mask(s), e.g. {valr.Masks[0]}: decoded through their palette, white = object, every other colour = background" |]
                 "warnings, sorted"
-            let code, out, _ = CliTests.runVct [ "data"; "check"; root ]
+            let code, out, _ = runVct [ "data"; "check"; root ]
             Expect.equal code 2 "problems: exit 2"
             Expect.stringContains out $"warning: val: 1 palette (P-mode) mask(s), e.g. {valr.Masks[0]}" "warnings printed"
             Expect.stringContains out $"error: {m16}: 16-bit mask" "problems printed"
             Expect.stringContains out "2 problem(s)" "counted"
         }
         test "missing frame, missing mask: clear errors naming the file; the check reports both at once" {
-            let root = tempDir "broken"
+            use tmp = new TempDir("vct-data")
+            let root = tmp.Folder "broken"
             Synth.generate (tiny Subset.S4 2) root |> ignore
             let rv = Avsbench.records Subset.S4 root "val"
             let rt = Avsbench.records Subset.S4 root "test"
@@ -200,7 +188,8 @@ let readers =
             Expect.equal check.Problems.Length 2 $"""both problems: {String.Join("; ", check.Problems)}"""
         }
         test "CSV without a column and unknown split name the CSV" {
-            let root = tempDir "csv"
+            use tmp = new TempDir("vct-data")
+            let root = tmp.Folder "csv"
             let rep = Synth.generate (tiny Subset.S4 3) root
             let csv = Path.Combine(rep.Root, "s4_meta_data.csv")
             let lines = File.ReadAllLines csv
@@ -214,7 +203,8 @@ let readers =
             throwsMentioning<ArgumentException> "unknown split 'dev'" (fun () -> Avsbench.records Subset.S4 root "dev" |> ignore)
         }
         test "a unicode video id is read like any other" {
-            let root = tempDir "unicode"
+            use tmp = new TempDir("vct-data")
+            let root = tmp.Folder "unicode"
             let rep = Synth.generate (tiny Subset.MS3 4) root
             let v = rep.Videos |> Array.find (fun v -> v.Split = "val")
             let uid = "vidéo_日本_ß"
@@ -231,7 +221,8 @@ let readers =
             Expect.isTrue check.Ok $"""the check passes: {String.Join("; ", check.Problems)}"""
         }
         test "a truncated PNG is an error, not a partly decoded image; bad mask values are reported" {
-            let root = tempDir "trunc"
+            use tmp = new TempDir("vct-data")
+            let root = tmp.Folder "trunc"
             Synth.generate (tiny Subset.S4 5) root |> ignore
             let r = Avsbench.records Subset.S4 root "test" |> Array.exactlyOne
             let bytes = File.ReadAllBytes r.Frames[1]
@@ -244,7 +235,8 @@ let readers =
             Expect.exists check.Problems (fun p -> p.Contains(Path.GetFileName r.Masks[0]) && p.Contains "128") "mask value reported"
         }
         test "AVSS raw originals (no processed_* folders) are resized on the fly to the 224-style eval size" {
-            let root = tempDir "raw"
+            use tmp = new TempDir("vct-data")
+            let root = tmp.Folder "raw"
             let rep = Synth.generate (tiny Subset.AVSS 6) root
             for d in Directory.GetDirectories(rep.Root, "processed_*", SearchOption.AllDirectories) do Directory.Delete(d, true)
             let r = Avsbench.records Subset.AVSS root "test" |> Array.exactlyOne
@@ -257,7 +249,8 @@ let readers =
             Expect.isGreaterThan (float agree / float direct.Length) 0.97 "nearest-resized labels match the analytic ones"
         }
         test "S4 raw AVSBench-object tree (s4_data/visual_frames, gt_masks) is read and resized on the fly" {
-            let root = tempDir "s4raw"
+            use tmp = new TempDir("vct-data")
+            let root = tmp.Folder "s4raw"
             let rep = Synth.generate (tiny Subset.S4 8) root
             let d = rep.Root
             Directory.Move(Path.Combine(d, "s4_data_384", "visual_frames_384"), Path.Combine(d, "s4_data", "visual_frames"))
@@ -276,15 +269,16 @@ let readers =
             Expect.isTrue (DataCheck.run root 2).Ok "the check accepts the raw tree"
         }
         test "vct data check exits non-zero and lists the problems; vct synth writes a dataset that passes" {
-            let root = tempDir "cli"
-            let code, out, err = CliTests.runVct [ "synth"; "--kind"; "s4"; "--out"; root; "--train"; "2"; "--val"; "1"; "--test"; "1"; "--size"; "40" ]
+            use tmp = new TempDir("vct-data")
+            let root = tmp.Folder "cli"
+            let code, out, err = runVct [ "synth"; "--kind"; "s4"; "--out"; root; "--train"; "2"; "--val"; "1"; "--test"; "1"; "--size"; "40" ]
             Expect.equal code 0 $"synth exit code; stderr: {err}"
             Expect.stringContains out "shuffled audio" "prints the baselines"
-            let code, out, _ = CliTests.runVct [ "data"; "check"; root ]
+            let code, out, _ = runVct [ "data"; "check"; root ]
             Expect.equal code 0 $"check passes: {out}"
             let r = Avsbench.records Subset.S4 root "train"
             File.Delete r[0].Frames[0]
-            let code, out, _ = CliTests.runVct [ "data"; "check"; root ]
+            let code, out, _ = runVct [ "data"; "check"; root ]
             Expect.notEqual code 0 "non-zero exit"
             Expect.stringContains out (Path.GetFileName r[0].Frames[0]) "names the missing frame"
         }
@@ -391,7 +385,7 @@ let augment =
 let labels =
     testList "Data.Labels" [
         test "palette and grey label PNGs read as PIL's np.array(Image.open(...)) does" {
-            let dir = Path.Combine(CliTests.repoRoot.Value, "tests", "golden", "avsbench")
+            let dir = Path.Combine(repoRoot.Value, "tests", "golden", "avsbench")
             let expected = [| 0uy; 1uy; 2uy; 3uy; 4uy; 70uy; 255uy; 0uy; 12uy; 12uy; 1uy; 0uy |]
             for f in [ "palette_labels.png"; "grey_labels.png" ] do
                 let m = ImageIO.readLabels (Path.Combine(dir, f))

@@ -205,14 +205,12 @@ let properties =
                 use dec = new VctDecoder(VctDecoderConfig.Released(2L, protos, 96L, 96L))
                 let ours =
                     dec.state_dict()
-                    |> Seq.map (fun kv -> "sem_seg_head.predictor." + kv.Key, (kv.Value.shape |> Array.map string |> String.concat "x"))
+                    |> Seq.map (fun kv -> "sem_seg_head.predictor." + kv.Key, Golden.shapeText kv.Value.shape)
                     |> Map.ofSeq
                 let official =
-                    System.IO.File.ReadAllLines(System.IO.Path.Combine(Golden.root.Value, $"manifest_{subset}.tsv"))
-                    |> Array.skip 1
-                    |> Array.map (fun l -> l.Split('\t'))
-                    |> Array.filter (fun c -> c[0].StartsWith "sem_seg_head.predictor.")
-                    |> Array.map (fun c -> c[0], (if c[1] = "scalar" then "" else c[1]))
+                    Golden.manifest subset
+                    |> Array.filter (fun r -> r.Key.StartsWith "sem_seg_head.predictor.")
+                    |> Array.map (fun r -> r.Key, r.Shape)
                     |> Map.ofArray
                 Expect.equal (Set.ofSeq ours.Keys) (Set.ofSeq official.Keys) $"{subset}: same keys"
                 for kv in official do

@@ -13,8 +13,9 @@ open Vct.Core
 open Vct.Core.Platform
 open Vct.Core.Data
 open Vct.Core.Training
+open Vct.Core.Tests.Support
 
-let private cli = lazy (Path.Combine(Golden.repoRoot.Value, "src", "Vct.Cli", "bin", "Release", "net10.0", "vct.dll"))
+let private cli = cliPath
 
 /// mpirun on PATH, if any.
 let private mpirun =
@@ -25,7 +26,7 @@ let private mpirun =
 
 let private requireMpi () =
     if mpirun.Value.IsNone then skiptest "mpirun not found: install Open MPI (openmpi-bin) to run the data-parallel tests"
-    if not (File.Exists cli.Value) then failtestf "the CLI is not built: %s (run `dotnet fsi build.fsx build`)" cli.Value
+    cliDll () |> ignore
 
 /// Launcher flags: root in CI containers, and more ranks than cores on small machines.
 let private mpiFlags = [ "--allow-run-as-root"; "--oversubscribe"; "--mca"; "btl"; "self,vader"; "--bind-to"; "none" ]
@@ -36,13 +37,13 @@ let private psiOf (exe: string) (args: string list) =
     p
 
 /// `vct args` in one process: (exit code, stdout, stderr).
-let private vct (args: string list) = Golden.runProcess (psiOf "dotnet" (cli.Value :: args))
+let private vct (args: string list) = runProcess (psiOf "dotnet" (cli.Value :: args))
 
 /// `mpirun -np n vct args --distributed mpi`.
 let private mpiArgs (n: int) (args: string list) =
     mpiFlags @ [ "-np"; string n; "dotnet"; cli.Value ] @ args @ [ "--distributed"; "mpi" ]
 
-let private mpi (n: int) (args: string list) = Golden.runProcess (psiOf mpirun.Value.Value (mpiArgs n args))
+let private mpi (n: int) (args: string list) = runProcess (psiOf mpirun.Value.Value (mpiArgs n args))
 
 let private ok (what: string) (code: int, _: string, err: string) =
     if code <> 0 then failtestf "%s exited %d:\n%s" what code err
@@ -79,13 +80,10 @@ let private iterationOf (checkpoint: string) =
     int f.Metadata["iteration"]
 
 let private withData (f: string -> string -> unit) =
-    let dir = Path.Combine(Path.GetTempPath(), $"vct-mpi-{Guid.NewGuid():N}")
-    try
+    withTempDir "vct-mpi" (fun dir ->
         let data = Path.Combine(dir, "data")
         Synth.generate { SynthOptions.Default Subset.S4 with Train = 8; Val = 2; Test = 2; Size = 64; EvalSize = 64 } data |> ignore
-        f data (Path.Combine(dir, "runs"))
-    finally
-        try Directory.Delete(dir, true) with _ -> ()
+        f data (Path.Combine(dir, "runs")))
 
 let private common (data: string) (runs: string) (name: string) (iterations: int) =
     [ "train"; "--preset"; "tiny"; "--data"; data; "--runs"; runs; "--name"; name; "--batch"; "4"
@@ -227,7 +225,7 @@ let tests =
                 try
                     Expect.isTrue (waitFor (TimeSpan.FromSeconds 120.0) (fun () -> stepCount metrics >= 2)) "the ranks train"
                     victim <- ranksOf p.Id |> List.find (fun (_, r) -> r = 1) |> fst
-                    let code, _, e = Golden.runProcess (psiOf "kill" [ "-STOP"; string victim ])
+                    let code, _, e = runProcess (psiOf "kill" [ "-STOP"; string victim ])
                     if code <> 0 then failtestf "kill -STOP failed: %s" e
                     let sw = Stopwatch.StartNew()
                     Expect.isTrue (p.WaitForExit 30000) "the job ended within 30 s of the hang"
@@ -237,7 +235,7 @@ let tests =
                     Expect.stringContains err.Result "waited more than 8 s" "the watchdog says why"
                 finally
                     if victim > 0 then
-                        (try Golden.runProcess (psiOf "kill" [ "-KILL"; string victim ]) |> ignore with _ -> ())
+                        (try runProcess (psiOf "kill" [ "-KILL"; string victim ]) |> ignore with _ -> ())
                     if not p.HasExited then p.Kill true)
         }
 
@@ -246,7 +244,7 @@ let tests =
             withData (fun data runs ->
                 let args seed = common data runs "m" 2 @ [ "--seed"; string seed; "--distributed"; "mpi" ]
                 let all = mpiFlags @ [ "-np"; "1"; "dotnet"; cli.Value ] @ args 1 @ [ ":"; "-np"; "1"; "dotnet"; cli.Value ] @ args 2
-                let code, _, err = Golden.runProcess (psiOf mpirun.Value.Value all)
+                let code, _, err = runProcess (psiOf mpirun.Value.Value all)
                 Expect.notEqual code 0 "non-zero exit"
                 Expect.stringContains err "different configurations" "one clear line")
         }
@@ -260,7 +258,7 @@ let tests =
                 try
                     Expect.isTrue (waitFor (TimeSpan.FromSeconds 120.0) (fun () -> stepCount metrics >= 2)) "the ranks train"
                     for pid, _ in ranksOf p.Id do
-                        let code, _, e = Golden.runProcess (psiOf "kill" [ "-TERM"; string pid ])
+                        let code, _, e = runProcess (psiOf "kill" [ "-TERM"; string pid ])
                         if code <> 0 then failtestf "kill -TERM failed: %s" e
                     Expect.isTrue (p.WaitForExit 60000) "the job ended"
                     p.WaitForExit()

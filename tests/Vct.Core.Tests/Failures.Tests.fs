@@ -3,7 +3,6 @@
 module Vct.Core.Tests.FailuresTests
 
 open System
-open System.Diagnostics
 open System.IO
 open System.Text.Json.Nodes
 open Expecto
@@ -11,25 +10,9 @@ open Vct.Core
 open Vct.Core.Platform
 open Vct.Core.Data
 open Vct.Core.Checkpoint
+open Vct.Core.Tests.Support
 
-/// Runs the built CLI with extra environment variables; fails the test after `timeout` (no hang allowed).
-let runVctEnv (env: (string * string) list) (args: string list) =
-    let dll = Path.Combine(Golden.repoRoot.Value, "src", "Vct.Cli", "bin", "Release", "net10.0", "vct.dll")
-    if not (File.Exists dll) then failtestf "the CLI is not built: %s (run `dotnet fsi build.fsx build`)" dll
-    let psi = ProcessStartInfo("dotnet", RedirectStandardOutput = true, RedirectStandardError = true, UseShellExecute = false)
-    psi.ArgumentList.Add dll
-    for a in args do psi.ArgumentList.Add a
-    psi.Environment.Remove "VCT_DEBUG" |> ignore
-    for k, v in env do psi.Environment[k] <- v
-    use p = Process.Start psi
-    let out = p.StandardOutput.ReadToEndAsync()
-    let err = p.StandardError.ReadToEndAsync()
-    if not (p.WaitForExit 120_000) then
-        p.Kill true
-        failtestf "vct %s did not end within 120 s" (String.Join(" ", args))
-    p.WaitForExit()
-    p.ExitCode, out.Result, err.Result
-
+/// The CLI without a time limit is `Support.runVct`; here every run is bounded (120 s) and VCT_DEBUG is unset.
 let runVct args = runVctEnv [] args
 
 /// Expects exit 1 and exactly one stderr line `vct: <expected>`, without a stack trace.
@@ -44,11 +27,6 @@ let expectLastLine (expected: string) (code: int, out: string, err: string) =
     let lines = err.Split('\n', StringSplitOptions.RemoveEmptyEntries ||| StringSplitOptions.TrimEntries)
     Expect.equal (Array.last lines) $"vct: {expected}" "the last line names the file and the problem"
     Expect.isFalse (err.Contains "   at ") "no stack trace"
-
-let tempDir (name: string) =
-    let d = Path.Combine(Path.GetTempPath(), $"vct-fail-{name}-{Guid.NewGuid():N}")
-    Directory.CreateDirectory d |> ignore
-    d
 
 /// A tiny S4 checkpoint (32x32 input) and its config JSON.
 let tinyCheckpoint (dir: string) =
@@ -69,162 +47,144 @@ let editConfig (ckpt: string) (edit: JsonObject -> unit) =
 let tests =
     testList "Failures" [
         test "a malformed checkpoint config is one line naming the file; VCT_DEBUG=1 adds the stack trace" {
-            let dir = tempDir "json"
-            try
-                let ckpt = tinyCheckpoint dir
-                let json = ModelIO.configPathOf ckpt
-                File.WriteAllText(json, "{ \"subset\": \"s4\", ")
-                let args = [ "eval"; "--checkpoint"; ckpt; "--data"; dir; "--out"; Path.Combine(dir, "o"); "--device"; "cpu" ]
-                let code, out, err = runVct args
-                Expect.equal code 1 $"exit 1: {err}"
-                Expect.stringStarts err $"vct: {json}: not valid JSON (" "names the file and the problem"
-                Expect.equal (err.Trim().Split('\n').Length) 1 "one line"
-                Expect.isFalse (err.Contains "   at ") "no stack trace"
-                let code, _, err = runVctEnv [ "VCT_DEBUG", "1" ] args
-                Expect.equal code 1 "same exit code with VCT_DEBUG=1"
-                Expect.stringStarts err $"vct: {json}: not valid JSON (" "same first line"
-                Expect.stringContains err "   at " "the stack trace with VCT_DEBUG=1"
-                ignore out
-            finally
-                Directory.Delete(dir, true)
+            use tmp = new TempDir("vct-fail-json")
+            let dir = tmp.Path
+            let ckpt = tinyCheckpoint dir
+            let json = ModelIO.configPathOf ckpt
+            File.WriteAllText(json, "{ \"subset\": \"s4\", ")
+            let args = [ "eval"; "--checkpoint"; ckpt; "--data"; dir; "--out"; Path.Combine(dir, "o"); "--device"; "cpu" ]
+            let code, out, err = runVct args
+            Expect.equal code 1 $"exit 1: {err}"
+            Expect.stringStarts err $"vct: {json}: not valid JSON (" "names the file and the problem"
+            Expect.equal (err.Trim().Split('\n').Length) 1 "one line"
+            Expect.isFalse (err.Contains "   at ") "no stack trace"
+            let code, _, err = runVctEnv [ "VCT_DEBUG", "1" ] args
+            Expect.equal code 1 "same exit code with VCT_DEBUG=1"
+            Expect.stringStarts err $"vct: {json}: not valid JSON (" "same first line"
+            Expect.stringContains err "   at " "the stack trace with VCT_DEBUG=1"
+            ignore out
         }
 
         test "config values are range-checked before a model is built" {
-            let dir = tempDir "range"
-            try
-                let ckpt = tinyCheckpoint dir
-                let args = [ "eval"; "--checkpoint"; ckpt; "--data"; dir; "--out"; Path.Combine(dir, "o"); "--device"; "cpu" ]
-                let json = editConfig ckpt (fun o -> o["swin"]["embed_dim"] <- JsonValue.Create -8)
-                runVct args |> expectOneLine $"{json}: config: field 'swin.embed_dim' must be in 1..4096, got -8"
-                let json = editConfig ckpt (fun o -> o["swin"]["embed_dim"] <- JsonValue.Create 32; o["decoder"]["num_heads"] <- JsonValue.Create 0)
-                runVct args |> expectOneLine $"{json}: config: field 'decoder.num_heads' must be in 1..64, got 0"
-                let json = editConfig ckpt (fun o -> o["decoder"]["num_heads"] <- JsonValue.Create 3)
-                runVct args |> expectOneLine $"{json}: config: field 'decoder.num_heads' = 3 does not divide decoder.hidden_dim = 64"
-                let json = editConfig ckpt (fun o -> o["decoder"]["num_heads"] <- JsonValue.Create 4; o["swin"]["drop_path_rate"] <- JsonValue.Create 1.5)
-                runVct args |> expectOneLine $"{json}: config: field 'swin.drop_path_rate' must be in [0, 1), got 1.5"
-                let json = editConfig ckpt (fun o -> o["swin"]["drop_path_rate"] <- JsonValue.Create 0.1; o["pixel_decoder"]["in_strides"] <- JsonArray(JsonValue.Create 4))
-                runVct args |> expectOneLine $"{json}: config: field 'pixel_decoder.in_strides' has 1 entries for 4 inputs (pixel_decoder.in_channels)"
-                let json = editConfig ckpt (fun o -> o["pixel_decoder"]["in_strides"] <- JsonArray([| for s in [ 4; 8; 16; 32 ] -> JsonValue.Create s :> JsonNode |]); o["image_size"] <- JsonValue.Create "big")
-                runVct args |> expectOneLine $"{json}: config: field 'image_size' is malformed (An element of type 'String' cannot be converted to a 'System.Int64'.)"
-            finally
-                Directory.Delete(dir, true)
+            use tmp = new TempDir("vct-fail-range")
+            let dir = tmp.Path
+            let ckpt = tinyCheckpoint dir
+            let args = [ "eval"; "--checkpoint"; ckpt; "--data"; dir; "--out"; Path.Combine(dir, "o"); "--device"; "cpu" ]
+            let json = editConfig ckpt (fun o -> o["swin"]["embed_dim"] <- JsonValue.Create -8)
+            runVct args |> expectOneLine $"{json}: config: field 'swin.embed_dim' must be in 1..4096, got -8"
+            let json = editConfig ckpt (fun o -> o["swin"]["embed_dim"] <- JsonValue.Create 32; o["decoder"]["num_heads"] <- JsonValue.Create 0)
+            runVct args |> expectOneLine $"{json}: config: field 'decoder.num_heads' must be in 1..64, got 0"
+            let json = editConfig ckpt (fun o -> o["decoder"]["num_heads"] <- JsonValue.Create 3)
+            runVct args |> expectOneLine $"{json}: config: field 'decoder.num_heads' = 3 does not divide decoder.hidden_dim = 64"
+            let json = editConfig ckpt (fun o -> o["decoder"]["num_heads"] <- JsonValue.Create 4; o["swin"]["drop_path_rate"] <- JsonValue.Create 1.5)
+            runVct args |> expectOneLine $"{json}: config: field 'swin.drop_path_rate' must be in [0, 1), got 1.5"
+            let json = editConfig ckpt (fun o -> o["swin"]["drop_path_rate"] <- JsonValue.Create 0.1; o["pixel_decoder"]["in_strides"] <- JsonArray(JsonValue.Create 4))
+            runVct args |> expectOneLine $"{json}: config: field 'pixel_decoder.in_strides' has 1 entries for 4 inputs (pixel_decoder.in_channels)"
+            let json = editConfig ckpt (fun o -> o["pixel_decoder"]["in_strides"] <- JsonArray([| for s in [ 4; 8; 16; 32 ] -> JsonValue.Create s :> JsonNode |]); o["image_size"] <- JsonValue.Create "big")
+            runVct args |> expectOneLine $"{json}: config: field 'image_size' is malformed (An element of type 'String' cannot be converted to a 'System.Int64'.)"
         }
 
         test "training options are range-checked before any data is read" {
-            let dir = tempDir "opts"
-            try
-                let common = [ "train"; "--preset"; "tiny"; "--data"; Path.Combine(dir, "nodata"); "--runs"; Path.Combine(dir, "runs"); "--name"; "r"; "--device"; "cpu" ]
-                runVct (common @ [ "--iterations"; "0" ]) |> expectOneLine "--iterations must be in 1..100000000, got 0"
-                runVct (common @ [ "--batch"; "-2" ]) |> expectOneLine "--batch must be in 1..4096, got -2"
-                runVct (common @ [ "--eval-period"; "0" ]) |> expectOneLine "--eval-period must be in 1..100000000, got 0"
-                runVct (common @ [ "--lr"; "NaN" ]) |> expectOneLine "--lr must be in (0, 1], got NaN"
-                runVct (common @ [ "--threads"; "0" ]) |> expectOneLine "--threads must be in 1..1024, got 0"
-                Expect.isFalse (Directory.Exists(Path.Combine(dir, "runs"))) "nothing written"
-            finally
-                Directory.Delete(dir, true)
+            use tmp = new TempDir("vct-fail-opts")
+            let dir = tmp.Path
+            let common = [ "train"; "--preset"; "tiny"; "--data"; Path.Combine(dir, "nodata"); "--runs"; Path.Combine(dir, "runs"); "--name"; "r"; "--device"; "cpu" ]
+            runVct (common @ [ "--iterations"; "0" ]) |> expectOneLine "--iterations must be in 1..100000000, got 0"
+            runVct (common @ [ "--batch"; "-2" ]) |> expectOneLine "--batch must be in 1..4096, got -2"
+            runVct (common @ [ "--eval-period"; "0" ]) |> expectOneLine "--eval-period must be in 1..100000000, got 0"
+            runVct (common @ [ "--lr"; "NaN" ]) |> expectOneLine "--lr must be in (0, 1], got NaN"
+            runVct (common @ [ "--threads"; "0" ]) |> expectOneLine "--threads must be in 1..1024, got 0"
+            Expect.isFalse (Directory.Exists(Path.Combine(dir, "runs"))) "nothing written"
         }
 
         test "vct score with zero videos or NaN scores says so instead of dividing by zero" {
-            let dir = tempDir "score"
-            try
-                let s0, g0 = Path.Combine(dir, "s0.npy"), Path.Combine(dir, "g0.npy")
-                NpyFile.writeFloat32 s0 [| 0L; 1L; 2L; 4L; 4L |] [||]
-                NpyFile.writeUInt8 g0 [| 0L; 1L; 4L; 4L |] [||]
-                runVct [ "score"; "--subset"; "s4"; "--scores"; s0; "--gt"; g0; "--quiet" ]
-                |> expectOneLine $"{s0}: holds no videos (scores shape (0,1,2,4,4)); nothing to score"
-                let s1, g1 = Path.Combine(dir, "s1.npy"), Path.Combine(dir, "g1.npy")
-                let scores = Array.init 32 (fun i -> if i = 5 || i = 9 then nanf else float32 (i % 3))
-                NpyFile.writeFloat32 s1 [| 1L; 1L; 2L; 4L; 4L |] scores
-                NpyFile.writeUInt8 g1 [| 1L; 1L; 4L; 4L |] (Array.init 16 (fun i -> byte (i % 2)))
-                runVct [ "score"; "--subset"; "s4"; "--scores"; s1; "--gt"; g1; "--quiet" ]
-                |> expectOneLine $"{s1}: the scores of video '0' hold 2 NaN value(s); the predictions are broken (non-finite weights or a failed export)"
-                runVct [ "score"; "--subset"; "avss"; "--classes"; "0"; "--scores"; s1; "--gt"; g1; "--quiet" ]
-                |> expectOneLine "--classes must be in 2..1000, got 0"
-                let folder = Path.Combine(dir, "empty")
-                Directory.CreateDirectory folder |> ignore
-                runVct [ "score"; "--subset"; "s4"; "--scores"; folder; "--gt"; folder; "--quiet" ]
-                |> expectOneLine $"{folder}: no <id>_scores.npy files"
-            finally
-                Directory.Delete(dir, true)
+            use tmp = new TempDir("vct-fail-score")
+            let dir = tmp.Path
+            let s0, g0 = Path.Combine(dir, "s0.npy"), Path.Combine(dir, "g0.npy")
+            NpyFile.writeFloat32 s0 [| 0L; 1L; 2L; 4L; 4L |] [||]
+            NpyFile.writeUInt8 g0 [| 0L; 1L; 4L; 4L |] [||]
+            runVct [ "score"; "--subset"; "s4"; "--scores"; s0; "--gt"; g0; "--quiet" ]
+            |> expectOneLine $"{s0}: holds no videos (scores shape (0,1,2,4,4)); nothing to score"
+            let s1, g1 = Path.Combine(dir, "s1.npy"), Path.Combine(dir, "g1.npy")
+            let scores = Array.init 32 (fun i -> if i = 5 || i = 9 then nanf else float32 (i % 3))
+            NpyFile.writeFloat32 s1 [| 1L; 1L; 2L; 4L; 4L |] scores
+            NpyFile.writeUInt8 g1 [| 1L; 1L; 4L; 4L |] (Array.init 16 (fun i -> byte (i % 2)))
+            runVct [ "score"; "--subset"; "s4"; "--scores"; s1; "--gt"; g1; "--quiet" ]
+            |> expectOneLine $"{s1}: the scores of video '0' hold 2 NaN value(s); the predictions are broken (non-finite weights or a failed export)"
+            runVct [ "score"; "--subset"; "avss"; "--classes"; "0"; "--scores"; s1; "--gt"; g1; "--quiet" ]
+            |> expectOneLine "--classes must be in 2..1000, got 0"
+            let folder = Path.Combine(dir, "empty")
+            Directory.CreateDirectory folder |> ignore
+            runVct [ "score"; "--subset"; "s4"; "--scores"; folder; "--gt"; folder; "--quiet" ]
+            |> expectOneLine $"{folder}: no <id>_scores.npy files"
         }
 
         test "vct eval on an empty split says so; no NaN reaches the JSON" {
-            let dir = tempDir "eval"
-            try
-                let data = Path.Combine(dir, "data")
-                Synth.generate { SynthOptions.Default Subset.S4 with Train = 1; Val = 1; Test = 0; Size = 32; EvalSize = 32 } data |> ignore
-                let ckpt = tinyCheckpoint dir
-                let out = Path.Combine(dir, "o")
-                runVct [ "eval"; "--checkpoint"; ckpt; "--data"; data; "--split"; "test"; "--out"; out; "--device"; "cpu" ]
-                |> expectOneLine $"{data}: the test split has no videos; nothing to evaluate"
-                Expect.isFalse (Directory.Exists out) "no output written"
-            finally
-                Directory.Delete(dir, true)
+            use tmp = new TempDir("vct-fail-eval")
+            let dir = tmp.Path
+            let data = Path.Combine(dir, "data")
+            Synth.generate { SynthOptions.Default Subset.S4 with Train = 1; Val = 1; Test = 0; Size = 32; EvalSize = 32 } data |> ignore
+            let ckpt = tinyCheckpoint dir
+            let out = Path.Combine(dir, "o")
+            runVct [ "eval"; "--checkpoint"; ckpt; "--data"; data; "--split"; "test"; "--out"; out; "--device"; "cpu" ]
+            |> expectOneLine $"{data}: the test split has no videos; nothing to evaluate"
+            Expect.isFalse (Directory.Exists out) "no output written"
         }
 
         test "a LibTorch error (frames of height 0) is one line without the native trace" {
-            let dir = tempDir "torch"
-            try
-                let ckpt = tinyCheckpoint dir
-                let inputs = Path.Combine(dir, "in.safetensors")
-                let meta = Collections.Generic.Dictionary<string, string>()
-                use images = TorchSharp.torch.zeros(1L, 3L, 0L, 32L)
-                use audio = TorchSharp.torch.zeros(1L, 1L, 96L, 64L)
-                Checkpoint.Safetensors.write inputs meta [ "images", images; "audio_log_mel", audio ]
-                let code, out, err = runVct [ "forward"; "--checkpoint"; ckpt; "--inputs"; inputs; "--out"; Path.Combine(dir, "out.safetensors"); "--device"; "cpu" ]
-                Expect.equal code 1 $"exit 1; stdout: {out}; stderr: {err}"
-                let lines = err.Split('\n', StringSplitOptions.RemoveEmptyEntries ||| StringSplitOptions.TrimEntries)
-                let last = Array.last lines
-                Expect.equal last "vct: LibTorch: Calculated padded input size per channel: (0 x 32). Kernel size: (4 x 4). Kernel size can't be greater than actual input size" "the first line of LibTorch's message, marked as such"
-                Expect.isFalse (err.Contains "Exception raised from" || err.Contains "frame #") "no native trace"
-                Expect.isFalse (err.Contains "   at ") "no managed stack trace"
-            finally
-                Directory.Delete(dir, true)
+            use tmp = new TempDir("vct-fail-torch")
+            let dir = tmp.Path
+            let ckpt = tinyCheckpoint dir
+            let inputs = Path.Combine(dir, "in.safetensors")
+            let meta = Collections.Generic.Dictionary<string, string>()
+            use images = TorchSharp.torch.zeros(1L, 3L, 0L, 32L)
+            use audio = TorchSharp.torch.zeros(1L, 1L, 96L, 64L)
+            Checkpoint.Safetensors.write inputs meta [ "images", images; "audio_log_mel", audio ]
+            let code, out, err = runVct [ "forward"; "--checkpoint"; ckpt; "--inputs"; inputs; "--out"; Path.Combine(dir, "out.safetensors"); "--device"; "cpu" ]
+            Expect.equal code 1 $"exit 1; stdout: {out}; stderr: {err}"
+            let lines = err.Split('\n', StringSplitOptions.RemoveEmptyEntries ||| StringSplitOptions.TrimEntries)
+            let last = Array.last lines
+            Expect.equal last "vct: LibTorch: Calculated padded input size per channel: (0 x 32). Kernel size: (4 x 4). Kernel size can't be greater than actual input size" "the first line of LibTorch's message, marked as such"
+            Expect.isFalse (err.Contains "Exception raised from" || err.Contains "frame #") "no native trace"
+            Expect.isFalse (err.Contains "   at ") "no managed stack trace"
         }
 
         test "a checkpoint named .json is refused before its config could overwrite it" {
-            let dir = tempDir "outjson"
-            try
-                let out = Path.Combine(dir, "x.json")
-                runVct [ "convert"; "--subset"; "s4"; "--checkpoint"; Path.Combine(dir, "none.pth"); "--out"; out ]
-                |> expectOneLine $"{out}: a checkpoint cannot be a .json file (its config is written beside it as <name>.json); use a .safetensors name"
-                use m = new VctModel(VctConfig.Tiny(Subset.S4, 32L, 23L))
-                let e = Expect.throwsC (fun () -> ModelIO.save out m) id
-                Expect.stringStarts e.Message $"{out}: a checkpoint cannot be a .json file" "the library refuses too"
-                Expect.isEmpty (Directory.GetFiles dir) "nothing written"
-            finally
-                Directory.Delete(dir, true)
+            use tmp = new TempDir("vct-fail-outjson")
+            let dir = tmp.Path
+            let out = Path.Combine(dir, "x.json")
+            runVct [ "convert"; "--subset"; "s4"; "--checkpoint"; Path.Combine(dir, "none.pth"); "--out"; out ]
+            |> expectOneLine $"{out}: a checkpoint cannot be a .json file (its config is written beside it as <name>.json); use a .safetensors name"
+            use m = new VctModel(VctConfig.Tiny(Subset.S4, 32L, 23L))
+            let e = Expect.throwsC (fun () -> ModelIO.save out m) id
+            Expect.stringStarts e.Message $"{out}: a checkpoint cannot be a .json file" "the library refuses too"
+            Expect.isEmpty (Directory.GetFiles dir) "nothing written"
         }
 
         test "resuming from a checkpoint with malformed metadata names the file and the field" {
-            let dir = tempDir "resume"
-            try
-                let run = Path.Combine(dir, "runs", "r")
-                Directory.CreateDirectory run |> ignore
-                let last = Path.Combine(run, "checkpoint_last.safetensors")
-                let meta = Collections.Generic.Dictionary<string, string>()
-                for k, v in [ "format", "pt"; "iteration", "twelve"; "best_mj", "0.5"; "best_iteration", "10" ] do meta[k] <- v
-                use t = TorchSharp.torch.zeros(1L)
-                Checkpoint.Safetensors.write last meta [ "optimizer_state", t ]
-                let data = Path.Combine(dir, "data")
-                Synth.generate { SynthOptions.Default Subset.S4 with Train = 2; Val = 1; Test = 0; Size = 32; EvalSize = 32 } data |> ignore
-                let prev = Path.Combine(run, "checkpoint_prev.safetensors")
-                runVct [ "train"; "--preset"; "tiny"; "--data"; data; "--runs"; Path.Combine(dir, "runs"); "--name"; "r"; "--resume"; "--batch"; "1"; "--device"; "cpu"; "--workers"; "0" ]
-                |> expectLastLine $"cannot resume: {last}: metadata 'iteration' is not an iteration count ('twelve'); {prev} does not exist"
-            finally
-                Directory.Delete(dir, true)
+            use tmp = new TempDir("vct-fail-resume")
+            let dir = tmp.Path
+            let run = Path.Combine(dir, "runs", "r")
+            Directory.CreateDirectory run |> ignore
+            let last = Path.Combine(run, "checkpoint_last.safetensors")
+            let meta = Collections.Generic.Dictionary<string, string>()
+            for k, v in [ "format", "pt"; "iteration", "twelve"; "best_mj", "0.5"; "best_iteration", "10" ] do meta[k] <- v
+            use t = TorchSharp.torch.zeros(1L)
+            Checkpoint.Safetensors.write last meta [ "optimizer_state", t ]
+            let data = Path.Combine(dir, "data")
+            Synth.generate { SynthOptions.Default Subset.S4 with Train = 2; Val = 1; Test = 0; Size = 32; EvalSize = 32 } data |> ignore
+            let prev = Path.Combine(run, "checkpoint_prev.safetensors")
+            runVct [ "train"; "--preset"; "tiny"; "--data"; data; "--runs"; Path.Combine(dir, "runs"); "--name"; "r"; "--resume"; "--batch"; "1"; "--device"; "cpu"; "--workers"; "0" ]
+            |> expectLastLine $"cannot resume: {last}: metadata 'iteration' is not an iteration count ('twelve'); {prev} does not exist"
         }
 
         test "a malformed label2idx.json is reported naming the file" {
-            let dir = tempDir "avss"
-            try
-                let rep = Synth.generate { SynthOptions.Default Subset.AVSS with Train = 1; Val = 1; Test = 0; Size = 40 } dir
-                let json = Path.Combine(rep.Root, "label2idx.json")
-                File.WriteAllText(json, "{\"background\": 0, \"dog\": \"one\"}")
-                let code, out, _ = runVct [ "data"; "check"; dir ]
-                Expect.equal code 2 "the check fails with its own code"
-                Expect.stringContains out $"error: {json}: not a JSON object of class name -> index (" "names the file"
-            finally
-                Directory.Delete(dir, true)
+            use tmp = new TempDir("vct-fail-avss")
+            let dir = tmp.Path
+            let rep = Synth.generate { SynthOptions.Default Subset.AVSS with Train = 1; Val = 1; Test = 0; Size = 40 } dir
+            let json = Path.Combine(rep.Root, "label2idx.json")
+            File.WriteAllText(json, "{\"background\": 0, \"dog\": \"one\"}")
+            let code, out, _ = runVct [ "data"; "check"; dir ]
+            Expect.equal code 2 "the check fails with its own code"
+            Expect.stringContains out $"error: {json}: not a JSON object of class name -> index (" "names the file"
         }
     ]

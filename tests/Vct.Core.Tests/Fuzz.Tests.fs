@@ -26,7 +26,7 @@ let timeLimit = 10.0
 /// forged size would make a reader allocate.
 let memoryLimit (inputBytes: int) = 256L * 1024L * 1024L + 64L * int64 inputBytes
 
-let private dir = lazy (Directory.CreateTempSubdirectory("vct-fuzz").FullName)
+let private dir = lazy (Support.sessionDir "fuzz")
 
 let private show (bytes: byte[]) =
     let head = Convert.ToBase64String(bytes[.. min bytes.Length 256 - 1])
@@ -70,7 +70,7 @@ let private config n = { FsCheckConfig.defaultConfig with maxTest = n * scale }
 let private prop (n: int) (title: string) (g: Gen<byte[]>) (name: string) (read: string -> unit) =
     testPropertyWithConfig (config n) title (Prop.forAll (Arb.fromGen g) (check name read))
 
-let private golden (parts: string list) = Path.Combine(Array.ofList (Golden.repoRoot.Value :: "tests" :: "golden" :: parts))
+let private golden (parts: string list) = Golden.path parts
 
 // Valid seeds, made here or taken from the golden fixtures.
 let private wavSeeds =

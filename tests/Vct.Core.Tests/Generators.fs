@@ -122,19 +122,8 @@ let wav : Gen<byte[]> =
 
 // --- PNG ------------------------------------------------------------------------------------------------------
 
-let private crc32 (data: byte[]) =
-    let mutable c = 0xFFFFFFFFu
-    for b in data do
-        c <- c ^^^ uint32 b
-        for _ in 0 .. 7 do c <- if c &&& 1u <> 0u then (c >>> 1) ^^^ 0xEDB88320u else c >>> 1
-    c ^^^ 0xFFFFFFFFu
-
-let private be32 (v: uint32) = [| byte (v >>> 24); byte (v >>> 16); byte (v >>> 8); byte v |]
-
-/// A PNG chunk with a correct CRC.
-let pngChunk (kind: string) (data: byte[]) =
-    let body = Array.append (ascii kind) data
-    Array.concat [ be32 (uint32 data.Length); body; be32 (crc32 body) ]
+let private be32 = Crafted.be32
+let private pngChunk = Crafted.pngChunk
 
 /// A PNG whose IHDR (correct CRC) claims random, often huge or wrapping, sizes and colour types, followed by
 /// random chunks (PLTE with forged lengths, small IDATs).
@@ -155,7 +144,7 @@ let forgedPng : Gen<byte[]> =
             else Array.concat [ be32 plteLen; ascii "PLTE"; palette; be32 0u ]
         return
             Array.concat
-                [ [| 0x89uy; byte 'P'; byte 'N'; byte 'G'; 13uy; 10uy; 26uy; 10uy |]
+                [ Crafted.pngSignature
                   pngChunk "IHDR" ihdr
                   plte
                   pngChunk "IDAT" idat

@@ -14,151 +14,13 @@ open Vct.Core.Platform
 open Vct.Core.Audio
 open Vct.Core.Checkpoint
 open Vct.Core.Data
-
-/// Runs `f` on a pool thread; fails the test when it does not end within `seconds` (a hang), else returns its value
-/// or rethrows its exception unwrapped.
-let within (seconds: int) (what: string) (f: unit -> 'T) : 'T =
-    let t = Task.Run(fun () -> f ())
-    if Task.WaitAny([| t :> Task |], TimeSpan.FromSeconds(float seconds)) <> 0 then
-        failtest $"{what}: did not finish within {seconds} s"
-    t.GetAwaiter().GetResult()
-
-/// The exception `f` throws within `seconds`.
-let throwsWithin (seconds: int) (what: string) (f: unit -> unit) : exn =
-    within seconds what (fun () ->
-        try
-            f ()
-            failtest $"{what}: expected an exception"
-        with
-        | :? AssertException -> reraise ()
-        | e -> e)
-
-/// A fresh temporary folder.
-let tempDir (name: string) =
-    let d = Path.Combine(Path.GetTempPath(), $"vct-harden-{name}-{Guid.NewGuid():N}")
-    Directory.CreateDirectory d |> ignore
-    d
-
-/// Writes `bytes` to a new file `name` in a fresh folder; returns its path.
-let crafted (name: string) (bytes: byte[]) =
-    let p = Path.Combine(tempDir "file", name)
-    File.WriteAllBytes(p, bytes)
-    p
-
-let private le32 (v: uint32) = BitConverter.GetBytes v
-let private le16 (v: uint16) = BitConverter.GetBytes v
-let private be32 (v: uint32) = [| byte (v >>> 24); byte (v >>> 16); byte (v >>> 8); byte v |]
-
-/// CRC-32 (PNG, zlib polynomial 0xEDB88320).
-let crc32 (data: byte[]) =
-    let mutable c = 0xFFFFFFFFu
-    for b in data do
-        c <- c ^^^ uint32 b
-        for _ in 0 .. 7 do c <- if c &&& 1u <> 0u then (c >>> 1) ^^^ 0xEDB88320u else c >>> 1
-    c ^^^ 0xFFFFFFFFu
-
-/// One PNG chunk: length, type, data, CRC.
-let pngChunk (kind: string) (data: byte[]) =
-    let body = Array.append (Encoding.ASCII.GetBytes kind) data
-    Array.concat [ be32 (uint32 data.Length); body; be32 (crc32 body) ]
-
-/// A PNG whose IHDR claims `w` x `h` RGB pixels, with a tiny IDAT (its data cannot fill such an image).
-let forgedPng (w: uint32) (h: uint32) =
-    let ihdr = Array.concat [ be32 w; be32 h; [| 8uy; 2uy; 0uy; 0uy; 0uy |] ]
-    Array.concat
-        [ [| 0x89uy; byte 'P'; byte 'N'; byte 'G'; 13uy; 10uy; 26uy; 10uy |]
-          pngChunk "IHDR" ihdr
-          pngChunk "IDAT" [| 0x78uy; 0x9Cuy; 0x63uy; 0x60uy; 0x00uy; 0x00uy; 0x00uy; 0x02uy; 0x00uy; 0x01uy; 0uy; 0uy |]
-          pngChunk "IEND" [||] ]
-
-/// A RIFF/WAVE header, a 16-bit mono 16 kHz `fmt ` chunk, then `chunks` (id, declared size, body bytes).
-let wavWith (chunks: (string * uint32 * byte[]) list) =
-    let fmt = Array.concat [ le16 1us; le16 1us; le32 16000u; le32 32000u; le16 2us; le16 16us ]
-    let body =
-        Array.concat
-            [ yield Encoding.ASCII.GetBytes "WAVE"
-              yield Encoding.ASCII.GetBytes "fmt "
-              yield le32 16u
-              yield fmt
-              for id, size, data in chunks do
-                  yield Encoding.ASCII.GetBytes id
-                  yield le32 size
-                  yield data ]
-    Array.concat [ Encoding.ASCII.GetBytes "RIFF"; le32 (uint32 body.Length); body ]
-
-/// A protocol-2 pickle of a dict whose keys are `depth`-deep nested 1-tuples around None (`keys` of them, equal).
-let deepTuplePickle (depth: int) (keys: int) =
-    use ms = new MemoryStream()
-    ms.Write([| 0x80uy; 2uy; byte '}' |], 0, 3)
-    for _ in 1 .. keys do
-        ms.WriteByte(byte 'N')
-        for _ in 1 .. depth do ms.WriteByte 0x85uy // TUPLE1
-        ms.WriteByte(byte 'N')
-        ms.WriteByte(byte 's') // SETITEM
-    ms.WriteByte(byte '.')
-    ms.ToArray()
-
-/// Video records that only carry an id (the loader never opens their files).
-let fakeRecords (n: int) : VideoRecord[] =
-    Array.init n (fun i ->
-        { Id = string i; Split = "train"; Kind = Subset.S4; Category = ""; CategoryLabel = 0; Frames = [||]
-          Masks = [||]; MaskFrames = [||]; PreMasks = [||]; Audio = AudioSource.Wav ""; VidTemporalFlag = [||]
-          GtTemporalFlag = [||]; Raw = false })
-
-/// A one-video AVSBench-semantic tree for `Prepare.objectTree` (MS3: label v1m): metadata.csv, 8x8 frames and
-/// labels_rgb. Returns the metadata path.
-let semanticTree (root: string) (vid: string) (uid: string) =
-    let meta = Path.Combine(root, "metadata.csv")
-    File.WriteAllLines(meta, [ "vid,uid,s_min,s_sec,e_min,e_sec,label,split"; $"{vid},{uid},0,0,0,5,v1m,train" ])
-    let safeUid = if SafePath.problem uid = None then uid else "u"
-    for i in 0 .. 4 do
-        ImageIO.write (Path.Combine(root, "v1m", safeUid, "frames", $"{i}.jpg")) (Image.Create(8, 8, 3, 90uy))
-        ImageIO.write (Path.Combine(root, "v1m", safeUid, "labels_rgb", $"{i}.png")) (Image.Create(8, 8, 3, 128uy))
-    meta
+open Vct.Core.Tests.Support
+open Vct.Core.Tests.Crafted
 
 /// Runs ffmpeg with one argument per item; fails the test when it fails.
 let ffmpegTo (ffmpeg: string) (args: string list) =
     let code, _, err = ChildProcess.run ffmpeg ([ "-nostdin"; "-v"; "error"; "-y" ] @ args)
     if code <> 0 then failtest $"ffmpeg failed: {err}"
-
-let goldenWav (name: string) = Path.Combine(Golden.repoRoot.Value, "tests", "golden", "audio", "wav", name)
-
-/// Managed bytes `f` allocates on its thread (a reader must check a declared size before allocating it).
-let allocatedBy (f: unit -> unit) =
-    let before = GC.GetAllocatedBytesForCurrentThread()
-    (try f () with _ -> ())
-    GC.GetAllocatedBytesForCurrentThread() - before
-
-let private shortUnicode (s: string) = Array.append [| 0x8Cuy; byte s.Length |] (Encoding.ASCII.GetBytes s)
-
-/// A legacy-format torch.save of one FloatStorage "0" whose 8-byte element count says `numel`, with no data after it.
-let legacyPthClaiming (numel: int64) =
-    let magic = Array.append [| 0x80uy; 2uy; 0x8Auy; 10uy |] (Array.append [| 0x6Cuy; 0xFCuy; 0x9Cuy; 0x46uy; 0xF9uy; 0x20uy; 0x6Auy; 0xA8uy; 0x50uy; 0x19uy |] [| byte '.' |])
-    let protocol = [| 0x80uy; 2uy; byte 'M'; 0xE9uy; 0x03uy; byte '.' |]
-    let sysInfo = [| 0x80uy; 2uy; byte '}'; byte '.' |]
-    let main =
-        Array.concat
-            [ [| 0x80uy; 2uy; byte '(' |]; shortUnicode "storage"; Encoding.ASCII.GetBytes "ctorch\nFloatStorage\n"
-              shortUnicode "0"; shortUnicode "cpu"; [| byte 'K'; 4uy; byte 't'; byte 'Q'; byte '.' |] ]
-    let keys = Array.concat [ [| 0x80uy; 2uy; byte ']'; byte '(' |]; shortUnicode "0"; [| byte 'e'; byte '.' |] ]
-    Array.concat [ magic; protocol; sysInfo; main; keys; BitConverter.GetBytes numel ]
-
-/// Runs the built `vct` CLI with `args`, killed after `seconds`; returns (exit code, stdout + stderr). A run past the
-/// bound fails the test (a hang).
-let vctWithin (seconds: int) (args: string list) =
-    let dll = Path.Combine(Golden.repoRoot.Value, "src", "Vct.Cli", "bin", "Release", "net10.0", "vct.dll")
-    if not (File.Exists dll) then failtest $"the CLI is not built: {dll}"
-    let psi = Diagnostics.ProcessStartInfo("dotnet", UseShellExecute = false, RedirectStandardOutput = true, RedirectStandardError = true)
-    psi.ArgumentList.Add dll
-    for a in args do psi.ArgumentList.Add a
-    use p = Diagnostics.Process.Start psi
-    let out = p.StandardOutput.ReadToEndAsync()
-    let err = p.StandardError.ReadToEndAsync()
-    if not (p.WaitForExit(seconds * 1000)) then
-        (try p.Kill true with _ -> ())
-        failtest $"""vct {String.Join(" ", args)}: no exit within {seconds} s"""
-    p.WaitForExit()
-    p.ExitCode, out.Result + err.Result
 
 /// How a loader scenario fails: a worker (from batch 2 on), the consumer (after its first batch), the caller's
 /// cancellation (after the first batch), in any combination.
@@ -198,9 +60,10 @@ let tests =
     testList "Hardening" [
         // --- Images: a forged header never allocates or decodes past the pixel budget ---------------------------
         test "a 69-byte PNG that claims 100000x100000 pixels is refused naming the file and its size (no SIGSEGV)" {
+            use tmp = new TempDir("vct-harden")
             let bytes = forgedPng 100000u 100000u
             Expect.equal bytes.Length 69 "a 69-byte file"
-            let path = crafted "huge.png" bytes
+            let path = crafted tmp "huge.png" bytes
             let expected = $"{path}: image is 100000x100000 (10000000000 pixels), over the budget of 67108864 pixels per frame"
             for read in [ ImageIO.readRgb; ImageIO.readLabels ] do
                 let e = throwsWithin 20 "decode" (fun () -> read path |> ignore)
@@ -209,13 +72,15 @@ let tests =
         }
 
         test "a PNG whose width x height x 4 wraps to 0 in 32 bits is refused as well" {
-            let path = crafted "wrap.png" (forgedPng 65536u 16384u)
+            use tmp = new TempDir("vct-harden")
+            let path = crafted tmp "wrap.png" (forgedPng 65536u 16384u)
             let e = throwsWithin 20 "decode" (fun () -> ImageIO.readRgb path |> ignore)
             Expect.equal e.Message $"{path}: image is 65536x16384 (1073741824 pixels), over the budget of 67108864 pixels per frame" "exact message"
         }
 
         test "a 69-byte PNG that claims 8192x8192 pixels (within the budget) is refused as implausible for its size" {
-            let path = crafted "big.png" (forgedPng 8192u 8192u)
+            use tmp = new TempDir("vct-harden")
+            let path = crafted tmp "big.png" (forgedPng 8192u 8192u)
             let e = throwsWithin 20 "decode" (fun () -> ImageIO.readRgb path |> ignore)
             Expect.equal e.Message $"{path}: image is 8192x8192 (67108864 pixels) in a file of 69 bytes, more than 16384 pixels per byte (truncated or forged header)" "exact message"
             let allocated = within 20 "decode" (fun () -> allocatedBy (fun () -> ImageIO.readRgb path |> ignore))
@@ -223,16 +88,17 @@ let tests =
         }
 
         test "a palette PNG whose chunk length is near 2^32 ends the chunk walk (no wrap, no out-of-range read)" {
+            use tmp = new TempDir("vct-harden")
             // Colour type 3 makes readLabels walk the chunks for PLTE; a chunk length of 0xFFFFFFF0 used to wrap.
             let ihdr = Array.concat [ be32 2u; be32 2u; [| 8uy; 3uy; 0uy; 0uy; 0uy |] ]
             let bytes =
                 Array.concat
-                    [ [| 0x89uy; byte 'P'; byte 'N'; byte 'G'; 13uy; 10uy; 26uy; 10uy |]
+                    [ pngSignature
                       pngChunk "IHDR" ihdr
                       be32 0xFFFFFFF0u
                       Encoding.ASCII.GetBytes "tEXt"
                       Array.zeroCreate 8 ]
-            let path = crafted "walk.png" bytes
+            let path = crafted tmp "walk.png" bytes
             let e = throwsWithin 20 "decode" (fun () -> ImageIO.readLabels path |> ignore)
             Expect.isTrue (e :? InvalidDataException) $"InvalidDataException, got {e.GetType().Name}: {e.Message}"
             Expect.stringStarts e.Message $"{path}: " "names the file"
@@ -240,7 +106,8 @@ let tests =
 
         // --- WAV: 64-bit chunk walk, every step forward ---------------------------------------------------------
         test "a WAV with a huge unknown chunk (size 0xFFFFFFF8, -8 as an int) fails at once instead of looping" {
-            let path = crafted "huge_chunk.wav" (wavWith [ "junk", 0xFFFFFFF8u, [||]; "data", 0u, [||] ])
+            use tmp = new TempDir("vct-harden")
+            let path = crafted tmp "huge_chunk.wav" (wavWith [ "junk", 0xFFFFFFF8u, [||]; "data", 0u, [||] ])
             Expect.equal (FileInfo(path).Length) 52L "52 bytes"
             let expected = $"{path}: not a readable WAV file (chunk 'junk' at byte 36 declares 4294967288 bytes, but the file ends at byte 52)"
             let e = throwsWithin 20 "Wav.read" (fun () -> Wav.read SampleScaling.Exact path |> ignore)
@@ -251,17 +118,18 @@ let tests =
         }
 
         test "an odd-sized chunk that pads past the end and a data chunk past the end give clear errors" {
-            let path = crafted "odd.wav" (wavWith [ "data", 4u, [| 1uy; 0uy; 2uy; 0uy |]; "LIST", 0xFFFFFFFFu, [||] ])
+            use tmp = new TempDir("vct-harden")
+            let path = crafted tmp "odd.wav" (wavWith [ "data", 4u, [| 1uy; 0uy; 2uy; 0uy |]; "LIST", 0xFFFFFFFFu, [||] ])
             // The data chunk comes first after fmt: the walk stops there and never looks at the broken LIST chunk.
             let w = within 20 "Wav.read" (fun () -> Wav.read SampleScaling.Exact path)
             Expect.equal w.Channels [| [| 1.0 / 32768.0; 2.0 / 32768.0 |] |] "two samples"
-            let path = crafted "past.wav" (wavWith [ "data", 0x7FFFFFF0u, [| 1uy; 0uy |] ])
+            let path = crafted tmp "past.wav" (wavWith [ "data", 0x7FFFFFF0u, [| 1uy; 0uy |] ])
             let e = throwsWithin 20 "Wav.read" (fun () -> Wav.read SampleScaling.Exact path |> ignore)
             Expect.equal e.Message $"{path}: truncated: the header declares 2147483632 bytes of audio but the file holds 2" "exact message"
         }
 
         test "a forward-only stream reads as the file does (streaming reads, no whole-file copy)" {
-            let path = Path.Combine(Golden.repoRoot.Value, "tests", "golden", "audio", "wav", "tones_48k_stereo_pcm24.wav")
+            let path = goldenWav "tones_48k_stereo_pcm24.wav"
             let direct = Wav.read SampleScaling.Exact path
             use fs = File.OpenRead path
             let oneWay =
@@ -282,7 +150,8 @@ let tests =
         }
 
         test "vct data check on a tree holding the huge-chunk WAV reports it and ends" {
-            let root = tempDir "check"
+            use tmp = new TempDir("vct-harden")
+            let root = tmp.Folder "check"
             Synth.generate { SynthOptions.Default Subset.S4 with Seed = 2; Train = 1; Val = 1; Test = 0; Size = 40; EvalSize = 56 } root |> ignore
             let r = Avsbench.records Subset.S4 root "val" |> Array.exactlyOne
             let wav = match r.Audio with AudioSource.Wav p -> p | AudioSource.LogMelPickle p -> failtest $"{p}: not a wav"
@@ -295,7 +164,8 @@ let tests =
 
         // --- Pickle: deep nesting neither hashes nor compares recursively ----------------------------------------
         test "a 1 MB pickle whose dict key is a tuple nested 1,000,000 deep loads (no stack overflow)" {
-            let path = crafted "deep.pkl" (deepTuplePickle 1_000_000 1)
+            use tmp = new TempDir("vct-harden")
+            let path = crafted tmp "deep.pkl" (deepTuplePickle 1_000_000 1)
             Expect.isGreaterThan (FileInfo(path).Length) 1_000_000L "over 1 MB"
             use f = within 60 "Pth.read" (fun () -> Pth.read path)
             Expect.equal f.Format PthFormat.Pickle "a plain pickle"
@@ -305,7 +175,8 @@ let tests =
         }
 
         test "two equal deeply nested tuple keys are one key (iterative equality)" {
-            let path = crafted "deep2.pkl" (deepTuplePickle 300_000 2)
+            use tmp = new TempDir("vct-harden")
+            let path = crafted tmp "deep2.pkl" (deepTuplePickle 300_000 2)
             use f = within 60 "Pth.read" (fun () -> Pth.read path)
             match f.Root with
             | PyValue.Dict d -> Expect.equal d.Count 1 "equal keys"
@@ -316,6 +187,7 @@ let tests =
 
         // --- Paths: CSV names stay one path component; writers stay inside their output folder -----------------
         test "CSV names that are absolute, hold '..', separators or NUL are refused with the CSV line" {
+            use tmp = new TempDir("vct-harden")
             for value, why in
                 [ "../../evil", "holds a path separator"; "..", "is a folder reference"; ".", "is a folder reference"
                   "/etc/passwd", "holds a path separator"; "a\\b", "holds a path separator"; "nul\000x", "holds a NUL character"
@@ -323,7 +195,7 @@ let tests =
                 Expect.equal (SafePath.problem value) (Some why) $"'{value}'"
             for ok in [ "-0Ab3_x"; "vidéo_日本"; "a..b"; "x y" ] do
                 Expect.equal (SafePath.problem ok) None $"'{ok}' is a plain name"
-            let root = tempDir "csv"
+            let root = tmp.Folder "csv"
             let rep = Synth.generate { SynthOptions.Default Subset.S4 with Seed = 3; Train = 1; Val = 1; Test = 0; Size = 40; EvalSize = 56 } root
             let csv = Path.Combine(rep.Root, "s4_meta_data.csv")
             let lines = File.ReadAllLines csv
@@ -345,19 +217,21 @@ let tests =
         }
 
         test "prepare refuses a vid that would write outside the output folder, naming the CSV line" {
-            let sem = tempDir "sem"
+            use tmp = new TempDir("vct-harden")
+            let sem = tmp.Folder "sem"
             let meta = semanticTree sem "../../escape" "u"
-            let out = tempDir "out"
+            let out = tmp.Folder "out"
             let e = throwsWithin 60 "objectTree" (fun () -> Prepare.objectTree Subset.MS3 sem out ignore |> ignore)
             Expect.equal e.Message $"{meta}: line 2: vid '../../escape' holds a path separator (it must be a plain file name)" "exact message"
             Expect.isEmpty (Directory.GetFiles(out, "*", SearchOption.AllDirectories)) "nothing written"
         }
 
         test "prepare does not write through a symbolic link that leads out of the output folder" {
-            let sem = tempDir "sem"
+            use tmp = new TempDir("vct-harden")
+            let sem = tmp.Folder "sem"
             semanticTree sem "v" "u" |> ignore
-            let out = tempDir "out"
-            let outside = tempDir "outside"
+            let out = tmp.Folder "out"
+            let outside = tmp.Folder "outside"
             let root = Path.Combine(out, "Multi-sources", "ms3_data_384")
             Directory.CreateDirectory root |> ignore
             let link = Path.Combine(root, "visual_frames_384")
@@ -380,10 +254,11 @@ let tests =
 
         // --- ffmpeg: file names are single arguments, the first audio stream is chosen ---------------------------
         test "a file name holding '\"' and options reaches ffmpeg as one argument (no option injection)" {
+            use tmp = new TempDir("vct-harden")
             match Media.tryFindFfmpeg () with
             | None -> skiptest "ffmpeg is not installed"
             | Some ffmpeg ->
-                let dir = tempDir "ffmpeg"
+                let dir = tmp.Folder "ffmpeg"
                 let plain = Path.Combine(dir, "plain.flac")
                 ffmpegTo ffmpeg [ "-i"; ChildProcess.fileArg (goldenWav "speech_16k_mono_pcm16.wav"); ChildProcess.fileArg plain ]
                 // Through a quoted command string this name ended the input and added `-f lavfi -i anullsrc`.
@@ -398,10 +273,11 @@ let tests =
         }
 
         test "ffmpeg decodes the first audio stream (-map 0:a:0), not the one it would rank best" {
+            use tmp = new TempDir("vct-harden")
             match Media.tryFindFfmpeg () with
             | None -> skiptest "ffmpeg is not installed"
             | Some ffmpeg ->
-                let dir = tempDir "ffmpeg"
+                let dir = tmp.Folder "ffmpeg"
                 let mkv = Path.Combine(dir, "two.mkv")
                 // Stream 0: 16 kHz mono; stream 1: 44.1 kHz stereo (ffmpeg's default choice: more channels).
                 ffmpegTo ffmpeg
@@ -414,8 +290,9 @@ let tests =
 
         // --- Checkpoints and .npy: declared sizes are checked against the bytes there are before allocating ----
         test "a 7-byte pickle declaring a 2 GB bytes object fails without allocating it" {
+            use tmp = new TempDir("vct-harden")
             let bytes = Array.concat [ [| 0x80uy; 2uy; byte 'B' |]; BitConverter.GetBytes 0x7FFFFF00u ]
-            let path = crafted "big_bytes.pkl" bytes
+            let path = crafted tmp "big_bytes.pkl" bytes
             let e = throwsWithin 20 "Pth.read" (fun () -> (Pth.read path :> IDisposable).Dispose())
             Expect.equal e.Message $"{path}: pickle: a length of 2147483392 bytes, but only 0 remain (truncated file?) (at byte 7)" "exact message"
             let allocated = within 20 "Pth.read" (fun () -> allocatedBy (fun () -> (Pth.read path :> IDisposable).Dispose()))
@@ -423,15 +300,17 @@ let tests =
         }
 
         test "a legacy .pth whose storage claims 2^28 floats with no data fails before allocating the storage" {
-            let path = crafted "legacy.pth" (legacyPthClaiming (1L <<< 28))
+            use tmp = new TempDir("vct-harden")
+            let path = crafted tmp "legacy.pth" (legacyPthClaiming (1L <<< 28))
             let e = throwsWithin 20 "Pth.read" (fun () -> (Pth.read path :> IDisposable).Dispose())
             Expect.equal e.Message $"{path}: a storage of 268435456 x Float32 (1073741824 bytes) but only 0 bytes remain (truncated file?)" "exact message"
-            use f = within 20 "Pth.read" (fun () -> Pth.read (crafted "legacy_ok.pth" (Array.append (legacyPthClaiming 2L) (Array.zeroCreate 8))))
+            use f = within 20 "Pth.read" (fun () -> Pth.read (crafted tmp "legacy_ok.pth" (Array.append (legacyPthClaiming 2L) (Array.zeroCreate 8))))
             Expect.equal f.Format PthFormat.Legacy "the same file with its 8 bytes of data reads"
         }
 
         test "a zip .pth whose directory declares a 2 GB record from 16 stored bytes is refused" {
-            let path = Path.Combine(tempDir "zip", "forged.pth")
+            use tmp = new TempDir("vct-harden")
+            let path = Path.Combine(tmp.Folder "zip", "forged.pth")
             do
                 use zip = new Compression.ZipArchive(File.Create path, Compression.ZipArchiveMode.Create)
                 let add (name: string) (data: byte[]) =
@@ -457,22 +336,23 @@ let tests =
         }
 
         test ".npy shapes whose element count overflows 64 bits are refused (a wrapped product used to pass)" {
+            use tmp = new TempDir("vct-harden")
             let npyWith (descr: string) (shape: string) =
                 let header = $"{{'descr': '{descr}', 'fortran_order': False, 'shape': {shape}, }}\n"
                 Array.concat [ [| 0x93uy |]; Encoding.ASCII.GetBytes "NUMPY"; [| 1uy; 0uy |]; BitConverter.GetBytes(uint16 header.Length); Encoding.ASCII.GetBytes header ]
-            let path = crafted "wrap.npy" (npyWith "<f4" "(4611686018427387904, 4)")
+            let path = crafted tmp "wrap.npy" (npyWith "<f4" "(4611686018427387904, 4)")
             let e = throwsWithin 20 "readHeader" (fun () -> NpyFile.readHeader path |> ignore)
             Expect.equal e.Message $"{path}: not a readable .npy file (shape (4611686018427387904,4) is too large)" "exact message"
-            let path = crafted "zero.npy" (npyWith "<f4" "(0, 4611686018427387904, 4)")
+            let path = crafted tmp "zero.npy" (npyWith "<f4" "(0, 4611686018427387904, 4)")
             let e = throwsWithin 20 "Npy.read" (fun () -> Npy.read path |> ignore)
             Expect.equal e.Message $"{path}: not a readable .npy file (shape (0,4611686018427387904,4) is too large)" "no elements, but strides that overflow"
-            let path = crafted "neg.npy" (npyWith "<f8" "(-1, 3)")
+            let path = crafted tmp "neg.npy" (npyWith "<f8" "(-1, 3)")
             let e = throwsWithin 20 "Npy.read" (fun () -> Npy.read path |> ignore)
             Expect.equal e.Message $"{path}: not a readable .npy file (bad shape entry '-1')" "exact message"
-            let path = crafted "hlen.npy" (Array.concat [ [| 0x93uy |]; Encoding.ASCII.GetBytes "NUMPY"; [| 2uy; 0uy |]; BitConverter.GetBytes 0x7FFFFFFFu; Encoding.ASCII.GetBytes "{}" ])
+            let path = crafted tmp "hlen.npy" (Array.concat [ [| 0x93uy |]; Encoding.ASCII.GetBytes "NUMPY"; [| 2uy; 0uy |]; BitConverter.GetBytes 0x7FFFFFFFu; Encoding.ASCII.GetBytes "{}" ])
             let e = throwsWithin 20 "readHeader" (fun () -> NpyFile.readHeader path |> ignore)
             Expect.equal e.Message $"{path}: not a readable .npy file (truncated header)" "a 2 GB header length in a 14-byte file (12 + hlen used to wrap)"
-            let path = crafted "noquote.npy" (Array.concat [ [| 0x93uy |]; Encoding.ASCII.GetBytes "NUMPY"; [| 1uy; 0uy; 16uy; 0uy |]; Encoding.ASCII.GetBytes "{'descr': <f4 }\n" ])
+            let path = crafted tmp "noquote.npy" (Array.concat [ [| 0x93uy |]; Encoding.ASCII.GetBytes "NUMPY"; [| 1uy; 0uy; 16uy; 0uy |]; Encoding.ASCII.GetBytes "{'descr': <f4 }\n" ])
             let e = throwsWithin 20 "readHeader" (fun () -> NpyFile.readHeader path |> ignore)
             Expect.equal e.Message $"{path}: not a readable .npy file (the 'descr' value is not a quoted string)" "exact message"
         }
@@ -494,7 +374,8 @@ let tests =
 
         // --- The CLI on the crafted inputs: a clean non-zero exit, never 134/139 or a hang -----------------------
         test "vct audio examples and vct data check on the crafted files exit cleanly (no 134/139, no hang)" {
-            let dir = tempDir "cli"
+            use tmp = new TempDir("vct-harden")
+            let dir = tmp.Folder "cli"
             let wav = Path.Combine(dir, "huge_chunk.wav")
             File.WriteAllBytes(wav, wavWith [ "junk", 0xFFFFFFF8u, [||]; "data", 0u, [||] ])
             let wavError = $"{wav}: not a readable WAV file (chunk 'junk' at byte 36 declares 4294967288 bytes, but the file ends at byte 52)"
@@ -505,7 +386,7 @@ let tests =
             Expect.equal code 1 $"folder mode: the file is listed as failed: {text}"
             Expect.stringContains text wavError "folder mode names it"
             // A tree with the huge-chunk WAV, a forged 100000x100000 frame and a deeply nested log-mel pickle.
-            let root = tempDir "tree"
+            let root = tmp.Folder "tree"
             Synth.generate { SynthOptions.Default Subset.S4 with Seed = 4; Train = 1; Val = 1; Test = 1; Size = 40; EvalSize = 56 } root |> ignore
             let recs = [| for s in [ "train"; "val"; "test" ] -> Avsbench.records Subset.S4 root s |> Array.exactlyOne |]
             let wavOf (r: VideoRecord) = match r.Audio with AudioSource.Wav p -> p | AudioSource.LogMelPickle p -> p
@@ -525,7 +406,8 @@ let tests =
         }
 
         test "a WAV over 2 GB (sparse) fails naming the file before reading its audio" {
-            let path = Path.Combine(tempDir "big", "big.wav")
+            use tmp = new TempDir("vct-harden")
+            let path = Path.Combine(tmp.Folder "big", "big.wav")
             do
                 use fs = new FileStream(path, FileMode.CreateNew)
                 let head = wavWith [ "data", 0xFFFFFFFFu, [||] ]

@@ -2,7 +2,6 @@ module Vct.Core.Tests.HubTests
 
 open System
 open System.Collections.Concurrent
-open System.Diagnostics
 open System.IO
 open System.Net
 open System.Net.Sockets
@@ -11,6 +10,7 @@ open System.Text
 open System.Threading
 open Expecto
 open Vct.Core.Checkpoint
+open Vct.Core.Tests.Support
 
 /// A request the loopback server saw: path, Range and If-Range headers.
 type Seen = { Path: string; Range: string option; IfRange: string option }
@@ -117,16 +117,10 @@ let private randomBytes (n: int) (seed: int) =
 let private sha (b: byte[]) = Convert.ToHexStringLower(SHA256.HashData b)
 
 /// A temporary cache folder, deleted afterwards.
-type TempCache() =
-    let dir = Path.Combine(Path.GetTempPath(), "vct-hub-" + Guid.NewGuid().ToString("N"))
-    do Directory.CreateDirectory dir |> ignore
-    member _.Dir = dir
-    member _.Files = Directory.EnumerateFiles(dir, "*", SearchOption.AllDirectories) |> List.ofSeq
-    interface IDisposable with
-        member _.Dispose() = try Directory.Delete(dir, true) with _ -> ()
+let private tempCache () = new TempDir("vct-hub")
 
-let private settings (cache: TempCache) (server: Loopback) =
-    { CacheRoot = cache.Dir; Offline = false; HfEndpoint = server.Base; Timeout = TimeSpan.FromSeconds 10.0 }
+let private settings (cache: TempDir) (server: Loopback) =
+    { CacheRoot = cache.Path; Offline = false; HfEndpoint = server.Base; Timeout = TimeSpan.FromSeconds 10.0 }
 
 let private resolve (s: HubSettings) (reference: string) = Hub.resolveWith s None ignore CancellationToken.None reference
 
@@ -139,7 +133,7 @@ let private errorOf (f: unit -> 'a) : exn =
 
 let private setup () =
     let server = (new Loopback()).Start()
-    let cache = new TempCache()
+    let cache = tempCache ()
     let data = randomBytes 20000 7
     server.Serve("/files/model.pth", data)
     server, cache, data
@@ -154,7 +148,7 @@ let tests =
             let s = settings cache server
             let url = server.Url "/files/model.pth"
             let path = resolve s url
-            Expect.equal path (Path.Combine(cache.Dir, $"127.0.0.1_{server.Port}", "files", "model.pth")) "layout: host_port / URL path"
+            Expect.equal path (Path.Combine(cache.Path, $"127.0.0.1_{server.Port}", "files", "model.pth")) "layout: host_port / URL path"
             Expect.sequenceEqual (File.ReadAllBytes path) data "bytes"
             Expect.equal (File.ReadAllText(path + ".sha256")) $"{sha data}  model.pth\n" "sidecar in sha256sum format"
             Expect.isFalse (File.Exists(path + ".part")) "no .part left"
@@ -377,7 +371,7 @@ let tests =
         }
 
         test "an unreachable host (a closed port) gives one clear message" {
-            use cache = new TempCache()
+            use cache = tempCache ()
             let closed =
                 let l = new TcpListener(IPAddress.Loopback, 0)
                 l.Start()
@@ -385,7 +379,7 @@ let tests =
                 l.Stop()
                 p
             let url = $"http://127.0.0.1:{closed}/files/model.pth"
-            let s = { CacheRoot = cache.Dir; Offline = false; HfEndpoint = "http://127.0.0.1:1"; Timeout = TimeSpan.FromSeconds 5.0 }
+            let s = { CacheRoot = cache.Path; Offline = false; HfEndpoint = "http://127.0.0.1:1"; Timeout = TimeSpan.FromSeconds 5.0 }
             let e = errorOf (fun () -> resolve s url)
             Expect.isTrue (e :? IOException) "IOException"
             Expect.stringContains e.Message url "URL"
@@ -407,12 +401,12 @@ let tests =
         }
 
         test "local paths are themselves; a missing one that is no reference is named" {
-            use cache = new TempCache()
-            let s = { CacheRoot = cache.Dir; Offline = true; HfEndpoint = "http://127.0.0.1:1"; Timeout = TimeSpan.FromSeconds 1.0 }
-            let f = Path.Combine(cache.Dir, "local.pth")
+            use cache = tempCache ()
+            let s = { CacheRoot = cache.Path; Offline = true; HfEndpoint = "http://127.0.0.1:1"; Timeout = TimeSpan.FromSeconds 1.0 }
+            let f = Path.Combine(cache.Path, "local.pth")
             File.WriteAllBytes(f, [| 1uy; 2uy |])
             Expect.equal (resolve s f) f "existing file"
-            let missing = Path.Combine(cache.Dir, "nope.pth")
+            let missing = Path.Combine(cache.Path, "nope.pth")
             let e = errorOf (fun () -> resolve s missing)
             Expect.isTrue (e :? FileNotFoundException) "FileNotFoundException"
             Expect.stringContains e.Message missing "names it"
@@ -469,7 +463,7 @@ let tests =
             use _ = cache
             let saved = [ for k in [ "VCT_CACHE"; "VCT_OFFLINE"; "VCT_HF_ENDPOINT" ] -> k, Environment.GetEnvironmentVariable k ]
             try
-                Environment.SetEnvironmentVariable("VCT_CACHE", cache.Dir)
+                Environment.SetEnvironmentVariable("VCT_CACHE", cache.Path)
                 Environment.SetEnvironmentVariable("VCT_OFFLINE", null)
                 Environment.SetEnvironmentVariable("VCT_HF_ENDPOINT", server.Base)
                 let reports = ResizeArray<Vct.DownloadProgress>()
@@ -485,10 +479,10 @@ let tests =
         }
 
         test "Inference.loadModel and VctSegmenter.Load resolve through the hub" {
-            use cache = new TempCache()
+            use cache = tempCache ()
             let saved = [ for k in [ "VCT_CACHE"; "VCT_OFFLINE" ] -> k, Environment.GetEnvironmentVariable k ]
             try
-                Environment.SetEnvironmentVariable("VCT_CACHE", cache.Dir)
+                Environment.SetEnvironmentVariable("VCT_CACHE", cache.Path)
                 Environment.SetEnvironmentVariable("VCT_OFFLINE", "1")
                 let expectOffline (what: string) (f: unit -> unit) =
                     let e = errorOf f
@@ -504,16 +498,13 @@ let tests =
             let server, cache, data = setup ()
             use _ = server
             use _ = cache
-            let dll = Path.Combine(CliTests.repoRoot.Value, "src", "Vct.Cli", "bin", "Release", "net10.0", "vct.dll")
-            if not (File.Exists dll) then failtestf "the CLI is not built: %s (run `dotnet fsi build.fsx build`)" dll
+            cliDll () |> ignore
             let run (args: string list) (offline: bool) =
-                let psi = ProcessStartInfo("dotnet")
-                psi.ArgumentList.Add dll
-                for a in args do psi.ArgumentList.Add a
-                psi.Environment["VCT_CACHE"] <- cache.Dir
+                let psi = cliStartInfo args
+                psi.Environment["VCT_CACHE"] <- cache.Path
                 psi.Environment["VCT_HF_ENDPOINT"] <- server.Base
                 if offline then psi.Environment["VCT_OFFLINE"] <- "1" else psi.Environment.Remove "VCT_OFFLINE" |> ignore
-                Golden.runProcess psi
+                runProcess psi
             let code, out, err = run [ "weights"; "list" ] false
             Expect.equal code 0 $"list exit code; stderr: {err}"
             for name in [ "s4"; "ms3"; "avss"; "swin-b-22k"; "vggish"; "swin_base_patch4_window12_384_22k.pth"; "vggish-10086976.pth"; "--swin-weights" ] do
@@ -523,7 +514,7 @@ let tests =
             let code, out, err = run [ "weights"; "get"; url ] false
             Expect.equal code 0 $"get exit code; stderr: {err}"
             let path = out.Trim()
-            Expect.equal path (Path.Combine(cache.Dir, $"127.0.0.1_{server.Port}", "files", "model.pth")) "prints the cached path"
+            Expect.equal path (Path.Combine(cache.Path, $"127.0.0.1_{server.Port}", "files", "model.pth")) "prints the cached path"
             Expect.sequenceEqual (File.ReadAllBytes path) data "bytes"
             let code, _, err = run [ "weights"; "get"; server.Url "/files/other.pth" ] true
             Expect.equal code 1 "offline miss fails"

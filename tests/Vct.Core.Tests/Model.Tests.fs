@@ -10,20 +10,12 @@ open Vct.Core.Backbone
 open Vct.Core.Fusion
 
 /// The official manifest of `subset` as key -> "AxB" shape text ("" for scalars).
-let manifest (subset: string) =
-    File.ReadAllLines(Path.Combine(Golden.root.Value, $"manifest_{subset}.tsv"))
-    |> Array.skip 1
-    |> Array.map (fun l -> l.Split('\t'))
-    |> Array.map (fun c -> c[0], (if c[1] = "scalar" then "" else c[1]))
-    |> Map.ofArray
+let manifest (subset: string) = Golden.manifest subset |> Array.map (fun r -> r.Key, r.Shape) |> Map.ofArray
 
-let shapeText (t: torch.Tensor) = t.shape |> Array.map string |> String.concat "x"
+let shapeText (t: torch.Tensor) = Golden.shapeText t.shape
 
-let tinyInputs (cfg: VctConfig) (frames: int64) (withMasks: bool) =
-    let s = cfg.ImageSize
-    { Images = torch.rand(frames, 3L, s, s) * 255.0.ToScalar()
-      PreMasks = if withMasks then Some(torch.rand(frames, 3L, s, s) * 255.0.ToScalar()) else None
-      Audio = AudioInput.LogMel(torch.randn(frames, 1L, 96L, 64L), None) }
+/// Inputs drawn from LibTorch's global generator.
+let tinyInputs (cfg: VctConfig) (frames: int64) (withMasks: bool) = Golden.tinyInputs None cfg frames withMasks
 
 [<Tests>]
 let tests =

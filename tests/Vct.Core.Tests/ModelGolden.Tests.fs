@@ -11,32 +11,6 @@ open TorchSharp
 open Vct.Core
 open Vct.Core.Platform
 open Vct.Core.Checkpoint
-open Vct.Core.QueryGen
-
-/// The official config overrides of the committed small fixtures (make_model_fixtures.py SMALL_CFG and the
-/// rebuilt literal-width modules) as a VctConfig.
-let smallConfig (subset: Subset) : VctConfig =
-    let r = VctConfig.Released subset
-    let width = 64L
-    let queries = 8L
-    let classes, protos =
-        match subset with
-        | Subset.S4 -> 2L, Some 23L
-        | Subset.MS3 -> 2L, None
-        | Subset.AVSS -> 6L, Some 6L
-    { r with
-        Swin = { r.Swin with EmbedDim = 16L; Depths = [| 2; 2; 2; 2 |]; NumHeads = [| 1L; 2L; 4L; 8L |] }
-        PixelDecoder = { r.PixelDecoder with InChannels = [| 16L; 32L; 64L; 128L |]; ConvDim = width; MaskDim = width; EncLayers = 2 }
-        Decoder =
-            { r.Decoder with
-                HiddenDim = width; NumQueries = queries; DimFeedforward = 96L; NumClasses = classes
-                Query = { VcqConfig.For(96L, 96L, protos) with Channels = width; NumQueries = queries } }
-        AudioMlpHidden = 128L }
-
-/// The file keys the model does not have (docs/architecture.md §14.3); everything else must match exactly.
-let documentedLeftover (k: string) = k.StartsWith "criterion." || k.StartsWith "audio_backbone.embeddings."
-
-let loadOptions = { LoadOptions.Default with Remap = (fun k -> if documentedLeftover k then None else Some k); Strict = false }
 
 /// err <= rtol*|e| + 1e-5*max|e| elementwise; returns (ok, max abs error, max rel error, max |expected|).
 let closeness (rtol: float) (expected: torch.Tensor) (actual: torch.Tensor) =
@@ -79,12 +53,12 @@ let checkFolder (cfg: VctConfig) (folder: string) =
     use _ = torch.NewDisposeScope()
     use _ = torch.no_grad ()
     use m = new VctModel(cfg)
-    let report = StateDict.loadFileInto loadOptions (Path.Combine(folder, "model_best.pth")) m
+    let report = StateDict.loadFileInto Golden.loadOptions (Path.Combine(folder, "model_best.pth")) m
     Expect.isEmpty report.Missing "keys missing from the checkpoint"
     Expect.isEmpty report.Unexpected "unexpected checkpoint keys"
     Expect.isEmpty report.ShapeMismatched "shape mismatches"
     Expect.isEmpty report.DtypeMismatched "dtype mismatches"
-    Expect.all report.Dropped documentedLeftover "only the documented leftovers are dropped"
+    Expect.all report.Dropped Golden.documentedLeftover "only the documented leftovers are dropped"
     Expect.exists report.Dropped (fun k -> k.StartsWith "criterion.") "criterion.* reported as dropped"
     Expect.exists report.Dropped (fun k -> k.StartsWith "audio_backbone.embeddings.") "audio_backbone.embeddings.* reported as dropped"
     m.eval ()
@@ -137,7 +111,7 @@ let checkFolder (cfg: VctConfig) (folder: string) =
     printfn "ModelGolden %A (%s):\n%s" cfg.Subset folder table
 
 let subsets = [ Subset.S4; Subset.MS3; Subset.AVSS ]
-let name (s: Subset) = (sprintf "%A" s).ToLowerInvariant()
+let name (s: Subset) = Golden.subsetName s
 
 // ---- released size: regenerated with the official code on request ------------------------------------------
 
@@ -177,7 +151,7 @@ let tests =
     testList "ModelGolden" [
         for s in subsets do
             test $"small official model ({name s}): checkpoint loads exactly, forward matches (outputs 1e-3, intermediates 1e-4)" {
-                checkFolder (smallConfig s) (Path.Combine(Golden.root.Value, "model", name s))
+                checkFolder (Golden.smallConfig s) (Path.Combine(Golden.root.Value, "model", name s))
             }
         for s in subsets do
             test $"released-size official model ({name s}): regenerated with the official code, forward matches" {

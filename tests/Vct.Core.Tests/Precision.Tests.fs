@@ -13,9 +13,9 @@ open Vct.Core.Checkpoint
 
 /// The committed small official-weight model of `subset` (tests/golden/model/<subset>) and its golden inputs.
 let private goldenModel (subset: Subset) =
-    let folder = Path.Combine(Golden.root.Value, "model", ModelGoldenTests.name subset)
-    let m = new VctModel(ModelGoldenTests.smallConfig subset)
-    StateDict.loadFileInto ModelGoldenTests.loadOptions (Path.Combine(folder, "model_best.pth")) m |> ignore
+    let folder = Golden.path [ "model"; Golden.subsetName subset ]
+    let m = new VctModel(Golden.smallConfig subset)
+    StateDict.loadFileInto Golden.loadOptions (Path.Combine(folder, "model_best.pth")) m |> ignore
     m.eval ()
     use g = new Golden.File(folder, "golden.pt")
     let inputs =

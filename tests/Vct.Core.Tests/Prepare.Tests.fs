@@ -70,7 +70,7 @@ let tests =
         }
 
         test "objectTree writes the official S4 and MS3 384 layouts from AVSBench-semantic" {
-            Golden.withTempDir "vct-prepare" (fun d ->
+            Support.withTempDir "vct-prepare" (fun d ->
                 let sem = Path.Combine(d, "AVSBench_semantic")
                 let obj = Path.Combine(d, "AVSBench_object")
                 Directory.CreateDirectory sem |> ignore
@@ -98,7 +98,7 @@ let tests =
         }
 
         test "objectTree names the file and the problem" {
-            Golden.withTempDir "vct-prepare" (fun d ->
+            Support.withTempDir "vct-prepare" (fun d ->
                 let sem = Path.Combine(d, "sem")
                 Directory.CreateDirectory sem |> ignore
                 semanticTree sem [ "vidA", "uidA", "v1s", "train" ]

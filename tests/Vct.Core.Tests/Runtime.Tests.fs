@@ -7,6 +7,7 @@ open Expecto
 open TorchSharp
 open Vct.Core
 open Vct.Core.Platform
+open Vct.Core.Tests.Support
 
 /// Runs this test program in a child process in mode `mode`, with extra environment variables.
 let runChild (mode: string) (env: (string * string) list) =
@@ -17,7 +18,7 @@ let runChild (mode: string) (env: (string * string) list) =
     psi.ArgumentList.Add "--child"
     psi.ArgumentList.Add mode
     for (k, v) in env do psi.Environment[k] <- v
-    Golden.runProcess psi
+    runProcess psi
 
 [<Tests>]
 let tests =
@@ -53,35 +54,31 @@ let tests =
         }
 
         test "two processes initialising at once with an empty cache both work" {
-            let cache = Path.Combine(Path.GetTempPath(), $"vct-cache-{Guid.NewGuid():N}")
-            try
-                let env = [ Runtime.CacheVariable, cache ]
-                let results =
-                    [ for _ in 1 .. 3 -> Threading.Tasks.Task.Run(fun () -> runChild "init" env) ]
-                    |> List.map (fun t -> t.Result)
-                for (code, out, err) in results do
-                    Expect.equal code 0 $"child failed: {out}\n{err}"
-                    Expect.stringContains out "sum=15" "child computed with TorchSharp"
-                let leftovers = if Directory.Exists cache then Directory.GetFiles(cache, "*.tmp", SearchOption.AllDirectories) else [||]
-                Expect.isEmpty leftovers "no temporary files left behind"
-            finally
-                if Directory.Exists cache then Directory.Delete(cache, true)
+            use tmp = new TempDir("vct-cache")
+            let cache = Path.Combine(tmp.Path, "cache")
+            let env = [ Runtime.CacheVariable, cache ]
+            let results =
+                [ for _ in 1 .. 3 -> Threading.Tasks.Task.Run(fun () -> runChild "init" env) ]
+                |> List.map (fun t -> t.Result)
+            for (code, out, err) in results do
+                Expect.equal code 0 $"child failed: {out}\n{err}"
+                Expect.stringContains out "sum=15" "child computed with TorchSharp"
+            let leftovers = if Directory.Exists cache then Directory.GetFiles(cache, "*.tmp", SearchOption.AllDirectories) else [||]
+            Expect.isEmpty leftovers "no temporary files left behind"
         }
 
         test "a corrupt cached copy is replaced" {
             let report = Runtime.init ()
             if not report.CompatFixApplied then skiptest "fix not applied here"
-            let cache = Path.Combine(Path.GetTempPath(), $"vct-cache-{Guid.NewGuid():N}")
-            try
-                let rel = Path.GetRelativePath(Path.GetDirectoryName(Path.GetDirectoryName report.PatchedLibrary), report.PatchedLibrary)
-                let target = Path.Combine(cache, rel)
-                Directory.CreateDirectory(Path.GetDirectoryName target) |> ignore
-                File.WriteAllBytes(target, [| 1uy; 2uy; 3uy |])
-                let code, out, err = runChild "init" [ Runtime.CacheVariable, cache ]
-                Expect.equal code 0 $"child failed: {out}\n{err}"
-                Expect.equal (FileInfo(target).Length) (FileInfo(report.PatchedLibrary).Length) "rewritten"
-            finally
-                if Directory.Exists cache then Directory.Delete(cache, true)
+            use tmp = new TempDir("vct-cache")
+            let cache = Path.Combine(tmp.Path, "cache")
+            let rel = Path.GetRelativePath(Path.GetDirectoryName(Path.GetDirectoryName report.PatchedLibrary), report.PatchedLibrary)
+            let target = Path.Combine(cache, rel)
+            Directory.CreateDirectory(Path.GetDirectoryName target) |> ignore
+            File.WriteAllBytes(target, [| 1uy; 2uy; 3uy |])
+            let code, out, err = runChild "init" [ Runtime.CacheVariable, cache ]
+            Expect.equal code 0 $"child failed: {out}\n{err}"
+            Expect.equal (FileInfo(target).Length) (FileInfo(report.PatchedLibrary).Length) "rewritten"
         }
 
         test "turning the fix off leaves TorchSharp's own failure, named" {

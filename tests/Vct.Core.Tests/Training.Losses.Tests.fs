@@ -235,10 +235,7 @@ let tests =
             use model = new VctModel(cfg)
             model.eval ()   // deterministic (no Gumbel noise, no stochastic depth); gradients still flow
             let g = new torch.Generator(21UL)
-            let inputs =
-                { Images = torch.rand([| 5L; 3L; 64L; 64L |], generator = g) * (255.0f).ToScalar()
-                  PreMasks = None
-                  Audio = AudioInput.LogMel(torch.randn([| 5L; 1L; 96L; 64L |], generator = g), None) }
+            let inputs = Golden.tinyInputs (Some g) cfg 5L false
             let map = torch.arange((64L).ToScalar()).view(1L, 64L).lt((24L).ToScalar()).expand(64L, 64L).to_type(torch.int64)
             let targets = [| FrameTarget.ofLabelMap 255L map |]
             use crit = new Criterion((CriterionConfig.Released Subset.S4).WithNumPoints 256L)
