@@ -12,52 +12,12 @@ open Vct.Core
 open Vct.Core.Platform
 open Vct.Core.Checkpoint
 open Vct.Core.Tests.Support
+open Vct.Core.Tests.Generators
 
 // ---------------------------------------------------------------------------------------------------
-// Random state dicts
+// Random state dicts (Generators.RandomStateDict)
 
-/// One tensor of a random state dict: raw little-endian bytes of a row-major tensor.
-type TensorSpec = { Name: string; Dtype: torch.ScalarType; Shape: int64[]; Bytes: byte[] }
-
-/// 0..12 tensors with unique dotted names, rank 0..4, dims 0..3.
-type RandomStateDict = RandomStateDict of TensorSpec list
-
-let private segments =
-    [| "sem_seg_head"; "pixel_decoder"; "layers"; "transformer"; "encoder"; "query_feat"; "level_embed"
-       "norm"; "weight"; "bias"; "running_mean"; "num_batches_tracked"; "0"; "3"; "12"; "audio_proj"; "größe" |]
-
-let private dtypes =
-    [| torch.ScalarType.Float32; torch.ScalarType.Float16; torch.ScalarType.BFloat16; torch.ScalarType.Int64
-       torch.ScalarType.Float64; torch.ScalarType.Int32; torch.ScalarType.Byte; torch.ScalarType.Bool |]
-
-let private specGen =
-    gen {
-        let! parts = Gen.choose (1, 5) |> Gen.bind (fun n -> Gen.listOfLength n (Gen.elements segments))
-        let! dtype = Gen.elements dtypes
-        let! rank = Gen.choose (0, 4)
-        let! dims = Gen.listOfLength rank (Gen.choose (0, 3))
-        let! seed = Gen.choose (0, Int32.MaxValue)
-        let shape = dims |> List.map int64 |> Array.ofList
-        let bytes = Array.zeroCreate<byte> (int (Array.fold (*) 1L shape * TensorData.elementSize dtype))
-        Random(seed).NextBytes bytes // any bit pattern: NaN payloads and subnormals must survive too
-        if dtype = torch.ScalarType.Bool then
-            for i in 0 .. bytes.Length - 1 do bytes[i] <- bytes[i] &&& 1uy
-        return { Name = String.concat "." parts; Dtype = dtype; Shape = shape; Bytes = bytes }
-    }
-
-type Arbitraries =
-    static member RandomStateDict() =
-        gen {
-            let! n = Gen.choose (0, 12)
-            let! specs = Gen.listOfLength n specGen
-            // Unique names: a repeated name gets its position appended as one more segment.
-            let seen = HashSet<string>()
-            let specs = specs |> List.mapi (fun i s -> if seen.Add s.Name then s else { s with Name = $"{s.Name}.{i}" })
-            return RandomStateDict specs
-        }
-        |> Arb.fromGen
-
-let private config = { FsCheckConfig.defaultConfig with maxTest = 40; arbitrary = [ typeof<Arbitraries> ] }
+let private config = { FsCheckConfig.defaultConfig with maxTest = 40; arbitrary = [ typeof<Generators.StateDicts> ] }
 
 let private toTensor (s: TensorSpec) = TensorData.ofBytes s.Dtype s.Shape (ReadOnlySpan s.Bytes)
 

@@ -1,13 +1,17 @@
-/// FsCheck generators of malformed inputs for the fuzz suite (Fuzz.Tests.fs): mutations of valid seed files
-/// (truncations, byte flips, "interesting" integers written over lengths, insertions) and structured forgeries
-/// of each format (huge declared sizes, wrapped integers, deep nesting, negative shapes).
+/// The FsCheck generators of the test suite. Mostly malformed inputs for the `Fuzz` lists: mutations of valid
+/// seed files (truncations, byte flips, "interesting" integers written over lengths, insertions) and structured
+/// forgeries of each format (huge declared sizes, wrapped integers, deep nesting, negative shapes); then random
+/// state dicts (checkpoint round trips) and cost matrices (the Hungarian solver).
 module Vct.Core.Tests.Generators
 
 open System
+open System.Collections.Generic
 open System.IO
 open System.Text
 open FsCheck
 open FsCheck.FSharp
+open TorchSharp
+open Vct.Core.Checkpoint
 
 /// Integers that break size arithmetic: 0, 1, around 2^7/2^8/2^15/2^16/2^31/2^32/2^63, negative values.
 let interesting32 : uint32[] =
@@ -304,3 +308,69 @@ let pthZip : Gen<byte[]> =
             add "archive/data/0" (Array.zeroCreate recordBytes)
         return ms.ToArray()
     }
+
+// --- random state dicts ---------------------------------------------------------------------------------------
+
+/// One tensor of a random state dict: raw little-endian bytes of a row-major tensor.
+type TensorSpec = { Name: string; Dtype: torch.ScalarType; Shape: int64[]; Bytes: byte[] }
+
+/// 0..12 tensors with unique dotted names, rank 0..4, dims 0..3.
+type RandomStateDict = RandomStateDict of TensorSpec list
+
+let private segments =
+    [| "sem_seg_head"; "pixel_decoder"; "layers"; "transformer"; "encoder"; "query_feat"; "level_embed"
+       "norm"; "weight"; "bias"; "running_mean"; "num_batches_tracked"; "0"; "3"; "12"; "audio_proj"; "größe" |]
+
+let private dtypes =
+    [| torch.ScalarType.Float32; torch.ScalarType.Float16; torch.ScalarType.BFloat16; torch.ScalarType.Int64
+       torch.ScalarType.Float64; torch.ScalarType.Int32; torch.ScalarType.Byte; torch.ScalarType.Bool |]
+
+let private specGen =
+    gen {
+        let! parts = Gen.choose (1, 5) |> Gen.bind (fun n -> Gen.listOfLength n (Gen.elements segments))
+        let! dtype = Gen.elements dtypes
+        let! rank = Gen.choose (0, 4)
+        let! dims = Gen.listOfLength rank (Gen.choose (0, 3))
+        let! seed = Gen.choose (0, Int32.MaxValue)
+        let shape = dims |> List.map int64 |> Array.ofList
+        let bytes = Array.zeroCreate<byte> (int (Array.fold (*) 1L shape * TensorData.elementSize dtype))
+        Random(seed).NextBytes bytes // any bit pattern: NaN payloads and subnormals must survive too
+        if dtype = torch.ScalarType.Bool then
+            for i in 0 .. bytes.Length - 1 do bytes[i] <- bytes[i] &&& 1uy
+        return { Name = String.concat "." parts; Dtype = dtype; Shape = shape; Bytes = bytes }
+    }
+
+/// The arbitrary of RandomStateDict (FsCheckConfig.arbitrary).
+type StateDicts =
+    static member RandomStateDict() =
+        gen {
+            let! n = Gen.choose (0, 12)
+            let! specs = Gen.listOfLength n specGen
+            // Unique names: a repeated name gets its position appended as one more segment.
+            let seen = HashSet<string>()
+            let specs = specs |> List.mapi (fun i s -> if seen.Add s.Name then s else { s with Name = $"{s.Name}.{i}" })
+            return RandomStateDict specs
+        }
+        |> Arb.fromGen
+
+// --- cost matrices --------------------------------------------------------------------------------------------
+
+/// How the entries of a random cost matrix are drawn.
+type MatrixKind =
+    | Uniform          // floats in [0, 1)
+    | SmallInts        // 0..3: many ties
+    | Constant         // every optimum ties
+    | Signed           // N(0, 100)-ish, negative entries
+    | Forbidden        // 0..9 with ~30 % +infinity (possibly infeasible)
+
+/// The arbitrary of (rows, columns, kind, seed) cases, 1..7 x 1..7 (FsCheckConfig.arbitrary).
+type CostMatrices =
+    static member Case() =
+        gen {
+            let! n = Gen.choose (1, 7)
+            let! m = Gen.choose (1, 7)
+            let! kind = Gen.elements [ Uniform; SmallInts; Constant; Signed; Forbidden ]
+            let! seed = Gen.choose (0, Int32.MaxValue)
+            return n, m, kind, seed
+        }
+        |> Arb.fromGen

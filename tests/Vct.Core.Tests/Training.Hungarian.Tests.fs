@@ -2,11 +2,10 @@ module Vct.Core.Tests.TrainingHungarianTests
 
 open System
 open Expecto
-open FsCheck
-open FsCheck.FSharp
 open TorchSharp
 open Vct.Core.Training
 open Vct.Core.Tests.Golden
+open Vct.Core.Tests.Generators
 
 // ---------------------------------------------------------------------------------------------------
 // Brute force and random matrices
@@ -30,13 +29,6 @@ let bruteForce (cost: float[,]) : float option =
                     used[j] <- false
     go 0 0.0
     if Double.IsPositiveInfinity best then None else Some best
-
-type MatrixKind =
-    | Uniform          // floats in [0, 1)
-    | SmallInts        // 0..3: many ties
-    | Constant         // every optimum ties
-    | Signed           // N(0, 100)-ish, negative entries
-    | Forbidden        // 0..9 with ~30 % +infinity (possibly infeasible)
 
 let makeMatrix (kind: MatrixKind) (n: int) (m: int) (seed: int) =
     let r = Random seed
@@ -68,18 +60,7 @@ let agreesWithBruteForce (cost: float[,]) =
         let total = Hungarian.totalCost cost a
         Expect.floatClose { absolute = 1e-9; relative = 1e-12 } total best "optimal total"
 
-type Shapes =
-    static member Case() =
-        gen {
-            let! n = Gen.choose (1, 7)
-            let! m = Gen.choose (1, 7)
-            let! kind = Gen.elements [ Uniform; SmallInts; Constant; Signed; Forbidden ]
-            let! seed = Gen.choose (0, Int32.MaxValue)
-            return n, m, kind, seed
-        }
-        |> Arb.fromGen
-
-let private config = { FsCheckConfig.defaultConfig with maxTest = 300; arbitrary = [ typeof<Shapes> ] }
+let private config = { FsCheckConfig.defaultConfig with maxTest = 300; arbitrary = [ typeof<CostMatrices> ] }
 
 [<Tests>]
 let tests =
