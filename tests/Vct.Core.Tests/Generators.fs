@@ -8,6 +8,8 @@ open System
 open System.Collections.Generic
 open System.IO
 open System.Text
+open System.Threading.Tasks
+open Expecto
 open FsCheck
 open FsCheck.FSharp
 open TorchSharp
@@ -374,3 +376,62 @@ type CostMatrices =
             return n, m, kind, seed
         }
         |> Arb.fromGen
+
+// --- running generated files through a reader (the `Fuzz` lists) --------------------------------------------
+// Each `Fuzz` list (one per folder file: Audio, Checkpoint, Data) sends generated malformed WAV, PNG/JPEG, .npy,
+// pickle, .pth (zip and legacy), safetensors and CSV inputs through a reader with a time and a memory bound. The
+// property: the reader returns a value or fails with a clean error (InvalidDataException, IOException or
+// NotSupportedException) whose message names the file, within the bound.
+
+/// Seconds one reader call may take.
+let timeLimit = 10.0
+
+/// Managed bytes one reader call may allocate on its thread: generous for inputs of a few KB, far below what a
+/// forged size would make a reader allocate.
+let memoryLimit (inputBytes: int) = 256L * 1024L * 1024L + 64L * int64 inputBytes
+
+/// The folder of the fuzz suite's files (this run's; deleted when the test program exits).
+let fuzzDir = lazy (Support.sessionDir "fuzz")
+
+let private show (bytes: byte[]) =
+    let head = Convert.ToBase64String(bytes[.. min bytes.Length 256 - 1])
+    $"{bytes.Length} bytes, base64 of the first 256: {head}"
+
+/// Runs `read` on `bytes` written to a fresh file `name`; fails unless it returns or throws a clean error naming
+/// the file, within the time and memory bounds.
+let check (name: string) (read: string -> unit) (bytes: byte[]) =
+    let path = Path.Combine(fuzzDir.Value, $"{Guid.NewGuid():N}-{name}")
+    File.WriteAllBytes(path, bytes)
+    try
+        let t =
+            Task.Run(fun () ->
+                let before = GC.GetAllocatedBytesForCurrentThread()
+                let outcome = try Ok(read path) with e -> Error e
+                outcome, GC.GetAllocatedBytesForCurrentThread() - before)
+        if not (t.Wait(TimeSpan.FromSeconds timeLimit)) then failtest $"{name}: no result within {timeLimit} s ({show bytes})"
+        let outcome, allocated = t.Result
+        if allocated > memoryLimit bytes.Length then
+            failtest $"{name}: allocated {allocated} bytes for a {bytes.Length}-byte input ({show bytes})"
+        match outcome with
+        | Ok() -> ()
+        | Error e ->
+            let clean =
+                match e with
+                | :? InvalidDataException | :? IOException | :? NotSupportedException -> true
+                | _ -> false
+            if not clean || not (e.Message.Contains path) then
+                failtest $"{name}: not a clean error naming the file: {e.GetType().Name}: {e.Message}\n{e.StackTrace}\n({show bytes})"
+    finally
+        try File.Delete path with _ -> ()
+
+/// Cases per property are multiplied by VCT_FUZZ_SCALE (default 1: the CI budget; e.g. 20 for a longer soak).
+let private scale =
+    match Int32.TryParse(Environment.GetEnvironmentVariable "VCT_FUZZ_SCALE") with
+    | true, k when k > 0 -> k
+    | _ -> 1
+
+let private config n = { FsCheckConfig.defaultConfig with maxTest = n * scale }
+
+/// A property of `n` cases (times VCT_FUZZ_SCALE): files drawn from `g`, written as `name`, go through `read` (`check`).
+let prop (n: int) (title: string) (g: Gen<byte[]>) (name: string) (read: string -> unit) =
+    testPropertyWithConfig (config n) title (Prop.forAll (Arb.fromGen g) (check name read))

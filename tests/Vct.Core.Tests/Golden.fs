@@ -35,6 +35,9 @@ type File(folder: string, name: string) =
     interface IDisposable with
         member _.Dispose() = (file :> IDisposable).Dispose()
 
+/// A golden file under tests/golden/vision.
+let vision (name: string) = new File("vision", name)
+
 /// Copies golden weights into a module: every golden key must exist with the same shape, and every module
 /// key must be covered except those `mayMiss` accepts.
 let loadWeights (weights: Dictionary<string, Tensor>) (mayMiss: string -> bool) (m: torch.nn.Module) =
@@ -100,6 +103,26 @@ let manifestUnder (subset: string) (prefix: string) =
 
 /// A shape as the manifests write it: "AxB", "" for a scalar.
 let shapeText (shape: int64[]) = String.Join("x", shape)
+
+/// (key, shape, dtype) rows of `manifest subset` under `prefix`, the prefix removed.
+let manifestRows (subset: string) (prefix: string) =
+    manifestUnder subset prefix |> Array.map (fun r -> r.Key, r.Shape, r.Dtype)
+
+/// (key, shape, dtype) rows of a module's state dict under `prefix` (prefix removed), as the manifests write them.
+let stateDictRows (prefix: string) (m: torch.nn.Module) =
+    [| for kv in m.state_dict() do
+         if kv.Key.StartsWith(prefix, StringComparison.Ordinal) then
+             let dtype = if kv.Value.dtype = torch.int64 then "int64" else "float32"
+             yield kv.Key.Substring prefix.Length, shapeText kv.Value.shape, dtype |]
+
+/// The same rows on both sides (up to 8 differences each way in the message), and as many.
+let expectSameRows (what: string) (official: (string * string * string)[]) (ours: (string * string * string)[]) =
+    let o = Set.ofArray official
+    let u = Set.ofArray ours
+    let missing = Set.difference o u |> Set.toList |> List.truncate 8
+    let extra = Set.difference u o |> Set.toList |> List.truncate 8
+    Expect.isTrue (missing.IsEmpty && extra.IsEmpty) $"{what}: official but not ours {missing}; ours but not official {extra}"
+    Expect.equal ours.Length official.Length $"{what}: entry count"
 
 // ---- the committed small official-weight models (tests/golden/model/<subset>) -------------------------------
 

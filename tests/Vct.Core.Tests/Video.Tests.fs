@@ -1,3 +1,5 @@
+/// Tests of src/Vct.Core/Video: mask PNGs and overlays, frame sampling, `Predict.run` on videos and image lists (bad
+/// inputs, rotation, alpha, cancellation) against the evaluation path.
 module Vct.Core.Tests.VideoTests
 
 open System

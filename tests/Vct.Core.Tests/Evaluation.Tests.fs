@@ -1,4 +1,6 @@
-module Vct.Core.Tests.MetricsTests
+/// Tests of src/Vct.Core/Evaluation: the S4/MS3 and AVSS metrics against the official evaluators, their properties,
+/// `vct score` and the C# facade's evaluator.
+module Vct.Core.Tests.EvaluationTests
 
 open Vct.Core
 open Vct.Core.Platform
