@@ -44,25 +44,28 @@ let properties =
             Expect.isFalse (m.all(-1L).any().item<bool> ()) "every row has an open key"
             Expect.sequenceEqual m.shape [| 8L; 5L; 6L |] "[B*h, N, h*w]"
 
-        testProperty "decoder output shapes for any number of frames (tiny widths)" <| fun (frames: FsCheck.PositiveInt) ->
-            use _ = torch.NewDisposeScope()
-            let bt = int64 (1 + frames.Get % 3)
-            let cfg =
-                { VctDecoderConfig.Released(2L, Some 5L, 8L, 8L) with
-                    HiddenDim = 32L; NumQueries = 7L; NumHeads = 4L; DimFeedforward = 16L
-                    Query = { VcqConfig.For(8L, 8L, Some 5L) with Channels = 32L; NumQueries = 7L } }
-            use dec = new VctDecoder(cfg)
-            dec.eval ()
-            let audio = torch.randn(bt, 32L, 6L, 4L)
-            let ms = [| torch.randn(bt, 32L, 2L, 2L); torch.randn(bt, 32L, 4L, 4L); torch.randn(bt, 32L, 8L, 8L) |]
-            use out = dec.Forward(audio, ms, torch.randn(bt, 32L, 8L, 8L), keepMasks = true)
-            Expect.equal out.Predictions.Length 10 "1 + 9 predictions"
-            Expect.sequenceEqual out.Last.Logits.shape [| bt; 7L; 3L |] "class logits"
-            Expect.sequenceEqual out.Last.Masks.shape [| bt; 7L; 8L; 8L |] "mask logits"
-            Expect.sequenceEqual out.AudioFeat.Value.shape [| bt; 32L |] "audio feat"
-            Expect.sequenceEqual out.ProtoFeat.Value.shape [| bt; 5L; 32L |] "proto feat"
-            Expect.equal out.AttentionMasks.Length 9 "one mask per layer"
-            Expect.isTrue (out.AudioFeat.Value.norm(-1).allclose(torch.ones(bt))) "unit norm"
+        testList "decoder output shapes for any number of frames (tiny widths)" [
+            for bt in [ 1L; 2L; 3L ] ->
+                test $"{bt} frame(s)" {
+                    use _ = torch.NewDisposeScope()
+                    let cfg =
+                        { VctDecoderConfig.Released(2L, Some 5L, 8L, 8L) with
+                            HiddenDim = 32L; NumQueries = 7L; NumHeads = 4L; DimFeedforward = 16L
+                            Query = { VcqConfig.For(8L, 8L, Some 5L) with Channels = 32L; NumQueries = 7L } }
+                    use dec = new VctDecoder(cfg)
+                    dec.eval ()
+                    let audio = torch.randn(bt, 32L, 6L, 4L)
+                    let ms = [| torch.randn(bt, 32L, 2L, 2L); torch.randn(bt, 32L, 4L, 4L); torch.randn(bt, 32L, 8L, 8L) |]
+                    use out = dec.Forward(audio, ms, torch.randn(bt, 32L, 8L, 8L), keepMasks = true)
+                    Expect.equal out.Predictions.Length 10 "1 + 9 predictions"
+                    Expect.sequenceEqual out.Last.Logits.shape [| bt; 7L; 3L |] "class logits"
+                    Expect.sequenceEqual out.Last.Masks.shape [| bt; 7L; 8L; 8L |] "mask logits"
+                    Expect.sequenceEqual out.AudioFeat.Value.shape [| bt; 32L |] "audio feat"
+                    Expect.sequenceEqual out.ProtoFeat.Value.shape [| bt; 5L; 32L |] "proto feat"
+                    Expect.equal out.AttentionMasks.Length 9 "one mask per layer"
+                    Expect.isTrue (out.AudioFeat.Value.norm(-1).allclose(torch.ones(bt))) "unit norm"
+                }
+        ]
 
         test "decoder state-dict names and shapes equal the official S4 and MS3 manifests" {
             for (subset, protos) in [ "s4", Some 23L; "ms3", None ] do

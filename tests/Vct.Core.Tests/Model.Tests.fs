@@ -39,21 +39,24 @@ let tests =
                     Expect.equal ours[kv.Key] kv.Value $"{subset}: shape of {kv.Key}"
         }
 
-        testProperty "Tiny model: output shapes for any number of frames" <| fun (n: FsCheck.PositiveInt) ->
-            use _ = torch.NewDisposeScope()
-            let frames = int64 (1 + n.Get % 3)
-            let cfg = VctConfig.Tiny(Subset.S4, 64L, 4L)
-            use m = new VctModel(cfg)
-            m.eval ()
-            use out = m.Forward(tinyInputs cfg frames false)
-            let last = out.Decoder.Last
-            Expect.sequenceEqual last.Logits.shape [| frames; 20L; 3L |] "class logits [BT, N, C+1]"
-            Expect.sequenceEqual last.Masks.shape [| frames; 20L; 16L; 16L |] "mask logits at 1/4"
-            Expect.equal out.Decoder.Predictions.Length 10 "10 predictions"
-            use seg = Segment.ofOutput m SegmentOptions.Default None out
-            let scores = seg.Scores
-            Expect.sequenceEqual scores.shape [| frames; 2L; 64L; 64L |] "semantic scores"
-            Expect.sequenceEqual (VctMath.binaryMasks scores).shape [| frames; 64L; 64L |] "binary masks"
+        testList "Tiny model: output shapes for any number of frames" [
+            for frames in [ 1L; 2L; 3L ] ->
+                test $"{frames} frame(s)" {
+                    use _ = torch.NewDisposeScope()
+                    let cfg = VctConfig.Tiny(Subset.S4, 64L, 4L)
+                    use m = new VctModel(cfg)
+                    m.eval ()
+                    use out = m.Forward(tinyInputs cfg frames false)
+                    let last = out.Decoder.Last
+                    Expect.sequenceEqual last.Logits.shape [| frames; 20L; 3L |] "class logits [BT, N, C+1]"
+                    Expect.sequenceEqual last.Masks.shape [| frames; 20L; 16L; 16L |] "mask logits at 1/4"
+                    Expect.equal out.Decoder.Predictions.Length 10 "10 predictions"
+                    use seg = Segment.ofOutput m SegmentOptions.Default None out
+                    let scores = seg.Scores
+                    Expect.sequenceEqual scores.shape [| frames; 2L; 64L; 64L |] "semantic scores"
+                    Expect.sequenceEqual (VctMath.binaryMasks scores).shape [| frames; 64L; 64L |] "binary masks"
+                }
+        ]
 
         test "gradients reach every trainable parameter and none reach VGGish" {
             use _ = torch.NewDisposeScope()
