@@ -1,3 +1,5 @@
+/// Tests of src/Vct.Core/Audio: WAV and ffmpeg reading, resampling, the log-mel front end, examples per subset,
+/// log-mel pickles, VGGish, `vct audio`; the hardening and fuzz cases of the audio readers.
 module Vct.Core.Tests.AudioTests
 
 open System
@@ -11,12 +13,10 @@ open Vct.Core
 open Vct.Core.Platform
 open Vct.Core.Audio
 open Vct.Core.Fusion
+open Vct.Core.Tests.Support
 
-/// The repository root (Golden.repoRoot).
-let repoRoot = Golden.repoRoot
-
-let goldenDir = lazy (Path.Combine(repoRoot.Value, "tests", "golden", "audio"))
-let golden (parts: string list) = Path.Combine(Array.ofList (goldenDir.Value :: parts))
+/// A path under tests/golden/audio.
+let golden (parts: string list) = Golden.path ("audio" :: parts)
 
 type Fixture =
     { Name: string; Rate: int; Channels: int; Encoding: string; Samples: int; Examples: int
@@ -309,18 +309,16 @@ let badInputs =
 
         test "a 40 s clip is truncated to 5 (S4) with a warning, kept whole with none" {
             use _ = torch.NewDisposeScope()
-            let path = Path.Combine(Path.GetTempPath(), $"vct-40s-{Guid.NewGuid():N}.wav")
-            try
-                Wav.writeFloat32 path 8000 [| sine 8000 300.0 0.3 (40 * 8000) |]
-                let r = Examples.ofFile s4 path
-                Expect.equal r.Examples.shape[0] 5L "5 examples"
-                Expect.equal r.Available 41 "41 whole examples in 40 s"
-                Expect.stringContains (String.Join("\n", r.Warnings)) "kept the first 5" "warned"
-                Expect.stringContains (String.Join("\n", r.Warnings)) path "names the file"
-                let all = Examples.ofFile (ExampleOptions.Default None) path
-                Expect.equal all.Examples.shape[0] 41L "none: every whole example"
-            finally
-                File.Delete path
+            use tmp = new TempDir("vct-40s")
+            let path = Path.Combine(tmp.Path, "clip.wav")
+            Wav.writeFloat32 path 8000 [| sine 8000 300.0 0.3 (40 * 8000) |]
+            let r = Examples.ofFile s4 path
+            Expect.equal r.Examples.shape[0] 5L "5 examples"
+            Expect.equal r.Available 41 "41 whole examples in 40 s"
+            Expect.stringContains (String.Join("\n", r.Warnings)) "kept the first 5" "warned"
+            Expect.stringContains (String.Join("\n", r.Warnings)) path "names the file"
+            let all = Examples.ofFile (ExampleOptions.Default None) path
+            Expect.equal all.Examples.shape[0] 41L "none: every whole example"
         }
 
         test "a missing file is a FileNotFoundException naming it" {
@@ -345,27 +343,25 @@ let containers =
             | Some ffmpeg ->
                 use _ = torch.NewDisposeScope()
                 let src = golden [ "wav"; "mix_44k_stereo_pcm16.wav" ]
-                let dir = Directory.CreateTempSubdirectory("vct-ffmpeg").FullName
-                try
-                    let conv (ext: string) =
-                        let out = Path.Combine(dir, "clip." + ext)
-                        let psi = Diagnostics.ProcessStartInfo(ffmpeg, $"-v error -y -i \"{src}\" \"{out}\"")
-                        use p = Diagnostics.Process.Start psi
-                        p.WaitForExit()
-                        out
-                    let flac = Audio.load (conv "flac")
-                    let wav = Audio.load src
-                    Expect.equal flac.SampleRate 44100 "rate"
-                    Expect.equal flac.Channels.Length 2 "channels"
-                    Expect.equal flac.Channels wav.Channels "lossless: same samples"
-                    let mp3 = Examples.ofFile (ExampleOptions.Default None) (conv "mp3")
-                    Expect.equal mp3.Examples.shape[1..] [| 1L; 96L; 64L |] "mp3 decodes to examples"
-                    let bogus = Path.Combine(dir, "bogus.mp4")
-                    File.WriteAllText(bogus, "not a video")
-                    let e = Expect.throwsC (fun () -> Audio.load bogus |> ignore) id
-                    Expect.stringContains e.Message bogus "names the file"
-                finally
-                    Directory.Delete(dir, true)
+                use tmp = new TempDir("vct-ffmpeg")
+                let dir = tmp.Path
+                let conv (ext: string) =
+                    let out = Path.Combine(dir, "clip." + ext)
+                    let psi = Diagnostics.ProcessStartInfo(ffmpeg, $"-v error -y -i \"{src}\" \"{out}\"")
+                    use p = Diagnostics.Process.Start psi
+                    p.WaitForExit()
+                    out
+                let flac = Audio.load (conv "flac")
+                let wav = Audio.load src
+                Expect.equal flac.SampleRate 44100 "rate"
+                Expect.equal flac.Channels.Length 2 "channels"
+                Expect.equal flac.Channels wav.Channels "lossless: same samples"
+                let mp3 = Examples.ofFile (ExampleOptions.Default None) (conv "mp3")
+                Expect.equal mp3.Examples.shape[1..] [| 1L; 96L; 64L |] "mp3 decodes to examples"
+                let bogus = Path.Combine(dir, "bogus.mp4")
+                File.WriteAllText(bogus, "not a video")
+                let e = Expect.throwsC (fun () -> Audio.load bogus |> ignore) id
+                Expect.stringContains e.Message bogus "names the file"
         }
     ]
 
@@ -405,26 +401,24 @@ let pickles =
             let bad = golden [ "bad"; "text.wav" ]
             let e = Expect.throwsC (fun () -> LogMelPickle.read bad |> ignore) id
             Expect.stringContains e.Message bad "names the file"
-            let tmp = Path.Combine(Path.GetTempPath(), $"vct-trunc-{Guid.NewGuid():N}.pkl")
-            try
-                let bytes = File.ReadAllBytes(golden [ "pkl"; "s4_style.pkl" ])
-                File.WriteAllBytes(tmp, bytes[.. bytes.Length / 2])
-                let e = Expect.throwsC (fun () -> LogMelPickle.read tmp |> ignore) id
-                Expect.stringContains e.Message tmp "names the truncated file"
-            finally
-                File.Delete tmp
+            use dir = new TempDir("vct-trunc")
+            let tmp = Path.Combine(dir.Path, "truncated.pkl")
+            let bytes = File.ReadAllBytes(golden [ "pkl"; "s4_style.pkl" ])
+            File.WriteAllBytes(tmp, bytes[.. bytes.Length / 2])
+            let e = Expect.throwsC (fun () -> LogMelPickle.read tmp |> ignore) id
+            Expect.stringContains e.Message tmp "names the truncated file"
         }
     ]
 
-let officialGolden (name: string) = Path.Combine(repoRoot.Value, "tests", "golden", "official", name)
+let officialGolden (name: string) = Golden.path [ "official"; name ]
 
+/// (key, shape) of the official S4 manifest (tests/golden/official) under `prefix`, the prefix removed.
 let manifestKeys (prefix: string) =
-    File.ReadAllLines(officialGolden "manifest_s4.tsv")
-    |> Array.map (fun l -> l.Split('\t'))
-    |> Array.filter (fun p -> p.Length >= 2 && p[0].StartsWith(prefix, StringComparison.Ordinal))
-    |> Array.map (fun p -> p[0].Substring prefix.Length, p[1])
+    Golden.manifestOf (officialGolden "manifest_s4.tsv")
+    |> Array.filter (fun r -> r.Key.StartsWith(prefix, StringComparison.Ordinal))
+    |> Array.map (fun r -> r.Key.Substring prefix.Length, r.Shape)
 
-let shapeText (t: Tensor) = String.Join("x", t.shape)
+let shapeText (t: Tensor) = Golden.shapeText t.shape
 
 [<Tests>]
 let networks =
@@ -489,27 +483,6 @@ let networks =
             Expect.throwsT<ArgumentException> (fun () -> new Vggish({ Compact = false; Postprocess = true }) |> ignore) "needs Compact"
         }
 
-        test "audio MLP matches the official audio_mlp (reduced width) with the head's transposes" {
-            use _ = torch.NewDisposeScope()
-            use ck = Checkpoint.StateDict.load (golden [ "ref"; "audio_mlp_small.pt" ])
-            let sd = ck.StateDict
-            use m = new AudioMlp(512L, 32L, 256L)
-            let weights = sd |> Seq.filter (fun kv -> kv.Key.StartsWith "w.") |> Seq.toArray
-            let r = m.LoadStateDict(weights, "w.")
-            Expect.equal r.Loaded.Length 6 "3 linears"
-            let y = m.Forward sd["in.x"]
-            let expected = sd["out.out"]
-            Expect.equal y.shape [| 1L; 256L; 6L; 4L |] "shape"
-            let rel = (y - expected).abs().max().ToDouble() / expected.abs().max().ToDouble()
-            Expect.isLessThanOrEqual rel 1e-4 $"relative error {rel:E2}"
-        }
-
-        test "audio MLP keys and shapes are the official sem_seg_head.audio_transformation.*" {
-            use m = new AudioMlp()
-            let ours = m.state_dict() |> Seq.map (fun kv -> kv.Key, shapeText kv.Value) |> Seq.sort |> Array.ofSeq
-            Expect.equal ours (manifestKeys "sem_seg_head.audio_transformation." |> Array.sort) "same keys and shapes"
-        }
-
         test "notebook path: file -> examples -> VGGish -> MLP in three calls" {
             use _ = torch.NewDisposeScope()
             let w = Audio.load (golden [ "wav"; "speech_16k_mono_pcm16.wav" ])
@@ -523,42 +496,35 @@ let networks =
         }
     ]
 
-/// Runs the built `vct` CLI (the shared helper in Cli.Tests.fs).
-let runVct (args: string list) = CliTests.runVct args
-
 [<Tests>]
 let cli =
     testList "Audio.Cli" [
         test "vct audio examples writes the subset's examples as .npy" {
             use _ = torch.NewDisposeScope()
-            let dir = Directory.CreateTempSubdirectory("vct-cli-audio").FullName
-            try
-                let src = golden [ "wav"; "mix_44k_stereo_pcm16.wav" ]
-                let out = Path.Combine(dir, "x.npy")
-                let code, stdout, err = runVct [ "audio"; "examples"; src; "--subset"; "avss"; "--out"; out ]
-                Expect.equal code 0 $"exit code; stderr: {err}"
-                Expect.stringContains stdout "1 example(s)" "reports the count"
-                let written = Npy.read out
-                let lib = (Examples.ofFile (ExampleOptions.Default(Some Subset.AVSS)) src).Examples
-                Expect.equal written.shape [| 10L; 1L; 96L; 64L |] "AVSS shape"
-                Expect.equal (maxAbs written lib) 0.0 "same as the library"
-            finally
-                Directory.Delete(dir, true)
+            use tmp = new TempDir("vct-cli-audio")
+            let dir = tmp.Path
+            let src = golden [ "wav"; "mix_44k_stereo_pcm16.wav" ]
+            let out = Path.Combine(dir, "x.npy")
+            let code, stdout, err = runVct [ "audio"; "examples"; src; "--subset"; "avss"; "--out"; out ]
+            Expect.equal code 0 $"exit code; stderr: {err}"
+            Expect.stringContains stdout "1 example(s)" "reports the count"
+            let written = Npy.read out
+            let lib = (Examples.ofFile (ExampleOptions.Default(Some Subset.AVSS)) src).Examples
+            Expect.equal written.shape [| 10L; 1L; 96L; 64L |] "AVSS shape"
+            Expect.equal (maxAbs written lib) 0.0 "same as the library"
         }
 
         test "vct audio examples on a folder writes a mirrored tree and lists failures" {
-            let dir = Directory.CreateTempSubdirectory("vct-cli-tree").FullName
-            try
-                let code, stdout, err = runVct [ "audio"; "examples"; golden [ "wav" ]; "--subset"; "s4"; "--out"; dir; "--jobs"; "2" ]
-                Expect.equal code 0 $"exit code; stderr: {err}"
-                Expect.stringContains stdout $"{fixtures.Value.Length} of {fixtures.Value.Length} file(s) written" "all written"
-                Expect.isTrue (File.Exists(Path.Combine(dir, "tones_8k_mono_pcm16.npy"))) "mirrored name"
-                let code, _, err = runVct [ "audio"; "examples"; golden [ "bad" ]; "--subset"; "s4"; "--out"; dir ]
-                Expect.equal code 1 "failures give exit code 1"
-                Expect.stringContains err (golden [ "bad"; "nan.wav" ]) "names each failing file"
-                Expect.isFalse (err.Contains "   at ") "no stack trace"
-            finally
-                Directory.Delete(dir, true)
+            use tmp = new TempDir("vct-cli-tree")
+            let dir = tmp.Path
+            let code, stdout, err = runVct [ "audio"; "examples"; golden [ "wav" ]; "--subset"; "s4"; "--out"; dir; "--jobs"; "2" ]
+            Expect.equal code 0 $"exit code; stderr: {err}"
+            Expect.stringContains stdout $"{fixtures.Value.Length} of {fixtures.Value.Length} file(s) written" "all written"
+            Expect.isTrue (File.Exists(Path.Combine(dir, "tones_8k_mono_pcm16.npy"))) "mirrored name"
+            let code, _, err = runVct [ "audio"; "examples"; golden [ "bad" ]; "--subset"; "s4"; "--out"; dir ]
+            Expect.equal code 1 "failures give exit code 1"
+            Expect.stringContains err (golden [ "bad"; "nan.wav" ]) "names each failing file"
+            Expect.isFalse (err.Contains "   at ") "no stack trace"
         }
 
         test "vct audio examples on a bad file fails with one clear line" {
@@ -570,3 +536,155 @@ let cli =
             Expect.isFalse (err.Contains "   at ") "no stack trace"
         }
     ]
+
+/// Regression tests of the audio readers (issue #11): crafted WAV headers, file names ffmpeg must not parse.
+module HardeningTests =
+    open System
+    open System.IO
+    open Expecto
+    open Vct.Core.Platform
+    open Vct.Core.Audio
+    open Vct.Core.Tests.Support
+    open Vct.Core.Tests.Crafted
+
+    /// Runs ffmpeg with one argument per item; fails the test when it fails.
+    let ffmpegTo (ffmpeg: string) (args: string list) =
+        let code, _, err = ChildProcess.run ffmpeg ([ "-nostdin"; "-v"; "error"; "-y" ] @ args)
+        if code <> 0 then failtest $"ffmpeg failed: {err}"
+
+    [<Tests>]
+    let tests =
+        testList "Hardening" [
+            // --- WAV: 64-bit chunk walk, every step forward ---------------------------------------------------------
+            test "a WAV with a huge unknown chunk (size 0xFFFFFFF8, -8 as an int) fails at once instead of looping" {
+                use tmp = new TempDir("vct-harden")
+                let path = crafted tmp "huge_chunk.wav" (wavWith [ "junk", 0xFFFFFFF8u, [||]; "data", 0u, [||] ])
+                Expect.equal (FileInfo(path).Length) 52L "52 bytes"
+                let expected = $"{path}: not a readable WAV file (chunk 'junk' at byte 36 declares 4294967288 bytes, but the file ends at byte 52)"
+                let e = throwsWithin 20 "Wav.read" (fun () -> Wav.read SampleScaling.Exact path |> ignore)
+                Expect.isTrue (e :? InvalidDataException) $"InvalidDataException, got {e.GetType().Name}"
+                Expect.equal e.Message expected "exact message"
+                let e = throwsWithin 20 "Audio.load" (fun () -> Audio.load path |> ignore)
+                Expect.equal e.Message expected "the same through Audio.load"
+            }
+
+            test "an odd-sized chunk that pads past the end and a data chunk past the end give clear errors" {
+                use tmp = new TempDir("vct-harden")
+                let path = crafted tmp "odd.wav" (wavWith [ "data", 4u, [| 1uy; 0uy; 2uy; 0uy |]; "LIST", 0xFFFFFFFFu, [||] ])
+                // The data chunk comes first after fmt: the walk stops there and never looks at the broken LIST chunk.
+                let w = within 20 "Wav.read" (fun () -> Wav.read SampleScaling.Exact path)
+                Expect.equal w.Channels [| [| 1.0 / 32768.0; 2.0 / 32768.0 |] |] "two samples"
+                let path = crafted tmp "past.wav" (wavWith [ "data", 0x7FFFFFF0u, [| 1uy; 0uy |] ])
+                let e = throwsWithin 20 "Wav.read" (fun () -> Wav.read SampleScaling.Exact path |> ignore)
+                Expect.equal e.Message $"{path}: truncated: the header declares 2147483632 bytes of audio but the file holds 2" "exact message"
+            }
+
+            test "a forward-only stream reads as the file does (streaming reads, no whole-file copy)" {
+                let path = goldenWav "tones_48k_stereo_pcm24.wav"
+                let direct = Wav.read SampleScaling.Exact path
+                use fs = File.OpenRead path
+                let oneWay =
+                    { new Stream() with
+                        member _.CanRead = true
+                        member _.CanSeek = false
+                        member _.CanWrite = false
+                        member _.Length = raise (NotSupportedException())
+                        member _.Position with get () = raise (NotSupportedException()) and set _ = raise (NotSupportedException())
+                        member _.Flush() = ()
+                        member _.Read(b, o, c) = fs.Read(b, o, min c 1000)
+                        member _.Seek(_, _) = raise (NotSupportedException())
+                        member _.SetLength _ = raise (NotSupportedException())
+                        member _.Write(_, _, _) = raise (NotSupportedException()) }
+                let streamed = Wav.readStream SampleScaling.Exact path oneWay
+                Expect.equal streamed.Channels direct.Channels "same samples"
+                Expect.equal streamed.Encoding direct.Encoding "same encoding"
+            }
+
+            // --- ffmpeg: file names are single arguments, the first audio stream is chosen ---------------------------
+            test "a file name holding '\"' and options reaches ffmpeg as one argument (no option injection)" {
+                use tmp = new TempDir("vct-harden")
+                match Media.tryFindFfmpeg () with
+                | None -> skiptest "ffmpeg is not installed"
+                | Some ffmpeg ->
+                    let dir = tmp.Folder "ffmpeg"
+                    let plain = Path.Combine(dir, "plain.flac")
+                    ffmpegTo ffmpeg [ "-i"; ChildProcess.fileArg (goldenWav "speech_16k_mono_pcm16.wav"); ChildProcess.fileArg plain ]
+                    // Through a quoted command string this name ended the input and added `-f lavfi -i anullsrc`.
+                    let evil = Path.Combine(dir, "x\" -f lavfi -i \"anullsrc.flac")
+                    File.Copy(plain, evil)
+                    let a = within 60 "Audio.load" (fun () -> Audio.load plain)
+                    let b = within 60 "Audio.load" (fun () -> Audio.load evil)
+                    Expect.equal b.Channels a.Channels "the named file's samples"
+                    let dash = Path.Combine(dir, "-y.flac")
+                    File.Copy(plain, dash)
+                    Expect.equal (within 60 "Audio.load" (fun () -> Audio.load dash)).Channels a.Channels "a name starting with '-'"
+            }
+
+            test "ffmpeg decodes the first audio stream (-map 0:a:0), not the one it would rank best" {
+                use tmp = new TempDir("vct-harden")
+                match Media.tryFindFfmpeg () with
+                | None -> skiptest "ffmpeg is not installed"
+                | Some ffmpeg ->
+                    let dir = tmp.Folder "ffmpeg"
+                    let mkv = Path.Combine(dir, "two.mkv")
+                    // Stream 0: 16 kHz mono; stream 1: 44.1 kHz stereo (ffmpeg's default choice: more channels).
+                    ffmpegTo ffmpeg
+                        [ "-i"; ChildProcess.fileArg (goldenWav "speech_16k_mono_pcm16.wav"); "-i"; ChildProcess.fileArg (goldenWav "mix_44k_stereo_pcm16.wav")
+                          "-map"; "0:a"; "-map"; "1:a"; "-c:a"; "flac"; ChildProcess.fileArg mkv ]
+                    let w = within 60 "Audio.load" (fun () -> Audio.load mkv)
+                    Expect.equal (w.SampleRate, w.Channels.Length) (16000, 1) "the first stream"
+                    Expect.equal w.Channels (Audio.load (goldenWav "speech_16k_mono_pcm16.wav")).Channels "its samples"
+            }
+
+            test "a WAV over 2 GB (sparse) fails naming the file before reading its audio" {
+                use tmp = new TempDir("vct-harden")
+                let path = Path.Combine(tmp.Folder "big", "big.wav")
+                do
+                    use fs = new FileStream(path, FileMode.CreateNew)
+                    let head = wavWith [ "data", 0xFFFFFFFFu, [||] ]
+                    // 8-bit mono: one frame per byte; the streaming placeholder size means "up to the end".
+                    head[32] <- 1uy
+                    head[34] <- 8uy
+                    BitConverter.GetBytes(16000u).CopyTo(head, 28)
+                    fs.Write(head, 0, head.Length)
+                    fs.SetLength(2_300_000_000L)
+                let e = throwsWithin 60 "Wav.read" (fun () -> Wav.read SampleScaling.Exact path |> ignore)
+                Expect.equal e.Message $"{path}: too long: 2299999956 frames per channel (at most {Array.MaxLength} are read)" "exact message"
+                File.Delete path
+            }
+        ]
+
+/// Generated malformed WAV, .npy and log-mel pickle files (Generators.fs) through the readers.
+module FuzzTests =
+    open System.IO
+    open Expecto
+    open FsCheck.FSharp
+    open TorchSharp
+    open Vct.Core.Audio
+    open Vct.Core.Tests.Generators
+
+    let private golden (parts: string list) = Golden.path parts
+
+    // Valid seeds, made here or taken from the golden fixtures.
+    let private wavSeeds =
+        lazy
+            [| File.ReadAllBytes(golden [ "audio"; "bad"; "short_0.2s.wav" ])
+               File.ReadAllBytes(golden [ "audio"; "wav"; "tones_16k_mono_pcm24.wav" ])[.. 4000]
+               (let p = Path.Combine(fuzzDir.Value, "seed-float.wav")
+                Wav.writeFloat32 p 16000 [| Array.init 64 (fun i -> float i / 64.0); Array.zeroCreate 64 |]
+                File.ReadAllBytes p) |]
+
+    let private readNpyTensor (path: string) =
+        use _ = torch.NewDisposeScope()
+        Npy.read path |> ignore
+
+    [<Tests>]
+    let tests =
+        testList "Fuzz" [
+            prop 450 "WAV: mutated valid files" (Gen.delay (fun () -> mutated wavSeeds.Value)) "a.wav" (Audio.load >> ignore)
+            prop 600 "WAV: forged chunk layouts" wav "b.wav" (Wav.read SampleScaling.Exact >> ignore)
+            prop 180 ".npy: forged headers, as tensors" npy "c.npy" readNpyTensor
+            prop 180 "log-mel pickle: mutated" (Gen.delay (fun () -> mutated [| File.ReadAllBytes(golden [ "audio"; "pkl"; "leaf_requires_grad.pkl" ]) |])) "c.pkl" (fun p ->
+                use _ = torch.NewDisposeScope()
+                LogMelPickle.readTensor p |> ignore)
+        ]

@@ -1,42 +1,100 @@
+/// Tests of src/Vct.Core/Backbone: window partition and shift masks, the Swin transformer against the official
+/// goldens, padding, stochastic depth, ImageNet weights.
 module Vct.Core.Tests.BackboneTests
 
 open System
-open System.IO
 open Expecto
 open TorchSharp
 open Vct.Core
 open Vct.Core.Platform
 open Vct.Core.Backbone
-open Vct.Core.Fusion
-open Vct.Core.PixelDecoder
-open Vct.Core.Tests.VisionGolden
 
 let private config = { FsCheckConfig.defaultConfig with maxTest = 40 }
 let private fewConfig = { FsCheckConfig.defaultConfig with maxTest = 8 }
 
-/// Key, shape rows of an official manifest under `prefix` (prefix removed).
-let manifest (subset: string) (prefix: string) =
-    File.ReadAllLines(Path.Combine(goldenRoot.Value, $"manifest_{subset}.tsv"))
-    |> Array.skip 1
-    |> Array.map (fun l -> l.Split('\t'))
-    |> Array.filter (fun f -> f[0].StartsWith(prefix, StringComparison.Ordinal))
-    |> Array.map (fun f -> f[0].Substring prefix.Length, f[1], f[2])
+let swinConfigOfCompSwin =
+    { SwinConfig.SwinB384 with
+        EmbedDim = 32L; Depths = [| 2; 2 |]; NumHeads = [| 1L; 2L |]; WindowSize = 12L; OutIndices = [| 0; 1 |] }
 
-let showShape (shape: int64[]) = if shape.Length = 0 then "" else shape |> Array.map string |> String.concat "x"
+let swinConfigOfPad =
+    { SwinConfig.SwinB384 with
+        EmbedDim = 8L; Depths = [| 2; 2; 2; 2 |]; NumHeads = [| 1L; 1L; 2L; 2L |]; WindowSize = 7L }
 
-let ourRows (prefix: string) (m: torch.nn.Module) =
-    [| for kv in m.state_dict() do
-         if kv.Key.StartsWith(prefix, StringComparison.Ordinal) then
-             let dtype = if kv.Value.dtype = torch.int64 then "int64" else "float32"
-             yield kv.Key.Substring prefix.Length, showShape kv.Value.shape, dtype |]
+let isRelIndex (k: string) = k.EndsWith(".relative_position_index", StringComparison.Ordinal)
 
-let expectSameRows (what: string) (official: (string * string * string)[]) (ours: (string * string * string)[]) =
-    let o = Set.ofArray official
-    let u = Set.ofArray ours
-    let missing = Set.difference o u |> Set.toList |> List.truncate 8
-    let extra = Set.difference u o |> Set.toList |> List.truncate 8
-    Expect.isTrue (missing.IsEmpty && extra.IsEmpty) $"{what}: official but not ours {missing}; ours but not official {extra}"
-    Expect.equal ours.Length official.Length $"{what}: entry count"
+[<Tests>]
+let swinGolden =
+    testList "Vision.Golden.Swin" [
+        test "comp_swin: full reduced backbone (res2, res3)" {
+            use g = Golden.vision "comp_swin.pt"
+            use m = new SwinTransformer(swinConfigOfCompSwin)
+            Golden.loadWeights (g.Weights()) isRelIndex m
+            m.eval()
+            use _ = torch.no_grad ()
+            let outs = m.Forward g["in.x"]
+            Golden.expectClose "res2" g["out.res2"] outs[0]
+            Golden.expectClose "res3" g["out.res3"] outs[1]
+        }
+
+        test "comp_swin: block without shift (layer0.block0) and patch embedding" {
+            use g = Golden.vision "comp_swin.pt"
+            use m = new SwinTransformer(swinConfigOfCompSwin)
+            Golden.loadWeights (g.Weights()) isRelIndex m
+            m.eval()
+            use _ = torch.no_grad ()
+            use _ = torch.NewDisposeScope()
+            let emb = m.PatchEmbed.Forward g["in.x"]                                        // [1, 32, 24, 24]
+            let tokens = emb.flatten(2L).transpose(1L, 2L)
+            let blk = m.Layers[0].Blocks[0]
+            Expect.equal blk.ShiftSize 0L "block 0 is not shifted"
+            let mask = Windows.shiftMask 24L 24L 12L 6L tokens.device
+            Golden.expectClose "layer0.block0" g["out.debug.layer0.block0"] (blk.Forward(tokens, 24L, 24L, mask))
+        }
+
+        test "comp_swin: shifted block (layer0.block1, 2x2 windows) from the official block0 output" {
+            use g = Golden.vision "comp_swin.pt"
+            use m = new SwinTransformer(swinConfigOfCompSwin)
+            Golden.loadWeights (g.Weights()) isRelIndex m
+            m.eval()
+            use _ = torch.no_grad ()
+            use _ = torch.NewDisposeScope()
+            let blk = m.Layers[0].Blocks[1]
+            Expect.equal blk.ShiftSize 6L "block 1 is shifted by ws/2"
+            let mask = Windows.shiftMask 24L 24L 12L 6L torch.CPU
+            Golden.expectClose "layer0.block1" g["out.debug.layer0.block1"] (blk.Forward(g["out.debug.layer0.block0"], 24L, 24L, mask))
+        }
+
+        test "comp_swin: whole stage 1 (merging + plain + shifted block on one 12x12 window)" {
+            use g = Golden.vision "comp_swin.pt"
+            use m = new SwinTransformer(swinConfigOfCompSwin)
+            Golden.loadWeights (g.Weights()) isRelIndex m
+            m.eval()
+            use _ = torch.no_grad ()
+            use _ = torch.NewDisposeScope()
+            let down = m.Layers[0].Downsample.Value.Forward(g["out.debug.layer0.block1"], 24L, 24L)   // [1, 144, 64]
+            let out, _, _, _, _, _ = m.Layers[1].Forward(down, 12L, 12L)
+            Golden.expectClose "layer1.block1" g["out.debug.layer1.block1"] out
+            let b0 = m.Layers[1].Blocks[0].Forward(down, 12L, 12L, Windows.shiftMask 12L 12L 12L 6L torch.CPU)
+            Golden.expectClose "layer1.block0" g["out.debug.layer1.block0"] b0
+        }
+
+        test "vision_swin_pad: four stages on 70x101 (padding in patch embed, windows and merging) + index buffers" {
+            use g = Golden.vision "vision_swin_pad.pt"
+            use m = new SwinTransformer(swinConfigOfPad)
+            let w = g.Weights()
+            // the official relative_position_index buffers equal ours before loading
+            let sd = m.state_dict()
+            for kv in w do
+                if isRelIndex kv.Key then
+                    Expect.isTrue (Golden.same sd[kv.Key] kv.Value) $"{kv.Key} equals the official buffer"
+            Golden.loadWeights w (fun _ -> false) m
+            m.eval()
+            use _ = torch.no_grad ()
+            let outs = m.Forward g["in.x"]
+            for i in 0 .. 3 do
+                Golden.expectClose $"res{i + 2}" g[$"out.res{i + 2}"] outs[i]
+        }
+    ]
 
 [<Tests>]
 let windows =
@@ -49,13 +107,13 @@ let windows =
                 let x = torch.randn(b, nh * ws, nw * ws, c)
                 let wins = Windows.partition ws x
                 Expect.sequenceEqual wins.shape [| b * nh * nw; ws; ws; c |] "window shape"
-                Expect.isTrue (same (Windows.reverse ws (nh * ws) (nw * ws) wins) x) "reverse (partition x) = x"
+                Expect.isTrue (Golden.same (Windows.reverse ws (nh * ws) (nw * ws) wins) x) "reverse (partition x) = x"
                 let y = torch.randn(b * nh * nw, ws, ws, c)
-                Expect.isTrue (same (Windows.partition ws (Windows.reverse ws (nh * ws) (nw * ws) y)) y) "partition (reverse w) = w"
+                Expect.isTrue (Golden.same (Windows.partition ws (Windows.reverse ws (nh * ws) (nw * ws) y)) y) "partition (reverse w) = w"
                 // window k holds rows/cols of block (k / nw, k % nw), row-major
                 let k = (nh * nw) - 1L
                 let expected = x[0L].narrow(0L, (k / nw) * ws, ws).narrow(1L, (k % nw) * ws, ws)
-                Expect.isTrue (same wins[k] expected) "last window is the bottom-right block"
+                Expect.isTrue (Golden.same wins[k] expected) "last window is the bottom-right block"
 
         testPropertyWithConfig config "shift mask never lets tokens of different regions attend, and allows all others" <|
             fun (ws: int) (kh: int) (kw: int) (s: int) ->
@@ -119,7 +177,7 @@ let swin =
             let x = torch.randn(2L, 3L, 50L, 64L)
             let p = ImagePadding.toDivisible 32L x
             Expect.sequenceEqual p.shape [| 2L; 3L; 64L; 64L |] "padded shape"
-            Expect.isTrue (same (p.narrow(2L, 0L, 50L)) x) "top-left is the input"
+            Expect.isTrue (Golden.same (p.narrow(2L, 0L, 50L)) x) "top-left is the input"
             Expect.isTrue (p.narrow(2L, 50L, 14L).eq(0.0f.ToScalar()).all().item<bool>()) "zeros below"
             Expect.isTrue (obj.ReferenceEquals(ImagePadding.toDivisible 32L p, p)) "no copy when divisible"
         }
@@ -132,7 +190,7 @@ let swin =
         test "drop path: identity in eval mode, per-sample zero-or-scaled in training" {
             use _ = torch.NewDisposeScope()
             let x = torch.ones(64L, 3L, 5L)
-            Expect.isTrue (same (DropPath.apply 0.3 false None x) (x)) "eval: identity"
+            Expect.isTrue (Golden.same (DropPath.apply 0.3 false None x) (x)) "eval: identity"
             let y = DropPath.apply 0.5 true (Some(new torch.Generator(1UL))) x
             let perSample = y.view(64L, -1L)
             let first = perSample.select(1L, 0L)
@@ -155,76 +213,12 @@ let swin =
     ]
 
 [<Tests>]
-let stateDict =
-    testList "Vision.StateDict" [
-        test "backbone, pre_sam_backbone and scale_factor_module match the official manifests (names, shapes, dtypes)" {
-            use enc = new VisualEncoder(VisualEncoderConfig.SwinB384)
-            let all = ourRows "" enc
-            for subset in [ "s4"; "ms3"; "avss" ] do
-                for prefix in [ "backbone."; "pre_sam_backbone."; "scale_factor_module." ] do
-                    expectSameRows $"{subset} {prefix}" (manifest subset prefix) (ourRows prefix enc)
-            Expect.equal all.Length ((manifest "s4" "backbone.").Length * 2 + (manifest "s4" "scale_factor_module.").Length) "nothing else"
-            let idx = all |> Array.filter (fun (k, _, _) -> k.EndsWith "relative_position_index")
-            Expect.equal idx.Length 48 "24 relative_position_index buffers per backbone"
-        }
-
-        test "sem_seg_head.pixel_decoder matches the official manifests" {
-            use pd = new MSDeformAttnPixelDecoder(PixelDecoderConfig.SwinB384)
-            for subset in [ "s4"; "ms3"; "avss" ] do
-                expectSameRows $"{subset} pixel decoder" (manifest subset "sem_seg_head.pixel_decoder.") (ourRows "" pd)
-        }
-
-        test "without the pre-SAM branch only backbone.* remains" {
-            use enc = new VisualEncoder(VisualEncoderConfig.Tiny.WithUsePreSam false)
-            for kv in enc.state_dict() do
-                Expect.isTrue (kv.Key.StartsWith "backbone.") $"{kv.Key} is a backbone key"
-        }
-    ]
-
-[<Tests>]
-let preSam =
-    testList "Vision.Backbone.PreSam" [
-        test "refuses without mask images unless a fallback is chosen; fallbacks run" {
-            use enc = new VisualEncoder(VisualEncoderConfig.Tiny)
-            enc.eval()
-            use _ = torch.no_grad ()
-            use _ = torch.NewDisposeScope()
-            let x = torch.randn(1L, 3L, 40L, 40L)
-            let e = Expect.throwsC (fun () -> enc.Forward(x, None) |> ignore) id
-            Expect.stringContains e.Message "MissingMasks" "the message names the fallbacks"
-            let skip = enc.Forward(x, None, MissingMasks.SkipBranch)
-            let rgb = enc.Backbone.Forward x
-            for k in 0 .. 3 do Expect.isTrue (same skip[k] rgb[k]) "SkipBranch = RGB features"
-            let blank = enc.Forward(x, None, MissingMasks.BlankMaskImage)
-            let explicitBlank = enc.Forward(x, Some(PreSam.blankMaskImage 1L 40L 40L torch.CPU))
-            for k in 0 .. 3 do Expect.isTrue (blank[k].allclose(explicitBlank[k])) "BlankMaskImage = the grey Maskige"
-            Expect.throws (fun () -> enc.Forward(x, Some(torch.randn(1L, 3L, 32L, 40L))) |> ignore) "mask image size must match"
-        }
-
-        test "fusion is F + s(P) * P at every level" {
-            use enc = new VisualEncoder(VisualEncoderConfig.Tiny)
-            enc.eval()
-            use _ = torch.no_grad ()
-            use _ = torch.NewDisposeScope()
-            let x = torch.randn(2L, 3L, 36L, 52L)
-            let p = torch.randn(2L, 3L, 36L, 52L)
-            let fused = enc.Forward(x, Some p)
-            let f = enc.Backbone.Forward x
-            let pf = enc.PreSamBackbone.Value.Forward p
-            for k in 0 .. 3 do
-                let s = enc.ScaleFactorModule.Value[k].Forward pf[k]
-                Expect.sequenceEqual s.shape [| 2L; pf[k].shape[1]; 1L; 1L |] "scale shape"
-                Expect.isTrue (fused[k].allclose(f[k] + s * pf[k], rtol = 1e-5, atol = 1e-6)) $"level {k}"
-        }
-    ]
-
-[<Tests>]
 let imageNet =
     testList "Vision.Backbone.ImageNet" [
         test "original classification key layout loads like the reference (norm0..3 untouched, head/norm/attn_mask unused)" {
             let cfg = { swinConfigOfPad with NumHeads = [| 1L; 1L; 2L; 2L |]; EmbedDim = 8L; DropPathRate = 0.2 }
             use m = new SwinTransformer(cfg)
-            let reports = SwinPretrained.loadImageNet (visionFile "vision_swin_imagenet.pth") [ m ]
+            let reports = SwinPretrained.loadImageNet (Golden.path [ "vision"; "vision_swin_imagenet.pth" ]) [ m ]
             let r = List.exactlyOne reports
             Expect.sequenceEqual (List.sort r.NotInCheckpoint)
                 (List.sort [ for i in 0 .. 3 do for p in [ "weight"; "bias" ] -> $"norm{i}.{p}" ]) "only norm0..3 missing"
@@ -234,27 +228,27 @@ let imageNet =
             Expect.isTrue (unused |> List.forall (fun k -> k.StartsWith "head." || k.StartsWith "norm." || k.EndsWith ".attn_mask")) "nothing else unused"
             Expect.equal (unused |> List.filter (fun k -> k.EndsWith ".attn_mask")).Length 4 "the 4 attn_mask buffers"
             // values: file tensors copied exactly; norms at LayerNorm defaults
-            use file = Vct.Core.Checkpoint.StateDict.load (visionFile "vision_swin_imagenet.pth")
+            use file = Vct.Core.Checkpoint.StateDict.load (Golden.path [ "vision"; "vision_swin_imagenet.pth" ])
             let sd = m.state_dict()
-            for k, c in r.Loaded do Expect.isTrue (same sd[k] file.StateDict[c]) $"{k} copied"
+            for k, c in r.Loaded do Expect.isTrue (Golden.same sd[k] file.StateDict[c]) $"{k} copied"
             Expect.isTrue (sd["norm2.weight"].eq(1.0f.ToScalar()).all().item<bool>()) "norm2 weight stays 1"
             // the official forward after the same load
-            use g = new Golden("vision_swin_imagenet_expected.pt")
+            use g = Golden.vision "vision_swin_imagenet_expected.pt"
             m.eval()
             use _ = torch.no_grad ()
             let outs = m.Forward g["in.x"]
-            for i in 0 .. 3 do expectClose $"res{i + 2}" g[$"out.res{i + 2}"] outs[i]
+            for i in 0 .. 3 do Golden.expectClose $"res{i + 2}" g[$"out.res{i + 2}"] outs[i]
         }
 
         test "both Swin copies (backbone, pre_sam_backbone) start from the same ImageNet weights" {
             let cfg = { swinConfigOfPad with EmbedDim = 8L; NumHeads = [| 1L; 1L; 2L; 2L |] }
             use rgb = new SwinTransformer(cfg)
             use pre = new SwinTransformer(cfg)
-            let reports = SwinPretrained.loadImageNet (visionFile "vision_swin_imagenet.pth") [ rgb; pre ]
+            let reports = SwinPretrained.loadImageNet (Golden.path [ "vision"; "vision_swin_imagenet.pth" ]) [ rgb; pre ]
             Expect.equal reports.Length 2 "two reports"
             let a = rgb.state_dict()
             let b = pre.state_dict()
             for kv in a do
-                if not (kv.Key.StartsWith "norm") then Expect.isTrue (same kv.Value b[kv.Key]) $"{kv.Key} equal in both"
+                if not (kv.Key.StartsWith "norm") then Expect.isTrue (Golden.same kv.Value b[kv.Key]) $"{kv.Key} equal in both"
         }
     ]

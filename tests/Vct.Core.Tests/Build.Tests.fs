@@ -3,12 +3,13 @@ module Vct.Core.Tests.BuildTests
 open System.Diagnostics
 open System.IO
 open Expecto
+open Vct.Core.Tests.Support
 
 /// Runs `dotnet fsi build.fsx <args>` from the repository root; returns exit code and stdout.
 let private buildScript (args: string list) =
-    let psi = ProcessStartInfo("dotnet", WorkingDirectory = Golden.repoRoot.Value)
-    for a in [ "fsi"; Path.Combine(Golden.repoRoot.Value, "build.fsx") ] @ args do psi.ArgumentList.Add a
-    let code, out, err = Golden.runProcess psi
+    let psi = ProcessStartInfo("dotnet", WorkingDirectory = repoRoot.Value)
+    for a in [ "fsi"; Path.Combine(repoRoot.Value, "build.fsx") ] @ args do psi.ArgumentList.Add a
+    let code, out, err = runProcess psi
     Expect.equal code 0 $"exit code; stderr: {err}"
     out.Replace("\r\n", "\n").Trim().Split('\n') |> List.ofArray
 

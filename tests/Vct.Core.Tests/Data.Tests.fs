@@ -1,3 +1,5 @@
+/// Tests of src/Vct.Core/Data: the synthetic data set, the AVSBench readers and the data check, augmentation, the
+/// batch loader, labels, `vct data prepare`'s conversions; the hardening and fuzz cases of the image and CSV readers.
 module Vct.Core.Tests.DataTests
 
 open Vct.Core
@@ -7,11 +9,7 @@ open System.IO
 open Expecto
 open Vct.Core.Data
 open Vct.Core.Evaluation
-
-let private tempDir (name: string) =
-    let d = Path.Combine(Path.GetTempPath(), $"vct-data-{name}-{Guid.NewGuid():N}")
-    Directory.CreateDirectory d |> ignore
-    d
+open Vct.Core.Tests.Support
 
 let private tiny (kind: Subset) (seed: int) =
     { SynthOptions.Default kind with Seed = seed; Train = 2; Val = 1; Test = 1; Size = 40; EvalSize = 56 }
@@ -32,7 +30,8 @@ let private throwsMentioning<'E when 'E :> exn> (what: string) (f: unit -> unit)
 let synth =
     testList "Data.Synth" [
         test "same seed, same bytes; another seed, other bytes" {
-            let a, b, c = tempDir "a", tempDir "b", tempDir "c"
+            use tmp = new TempDir("vct-data")
+            let a, b, c = tmp.Folder "a", tmp.Folder "b", tmp.Folder "c"
             Synth.generate (tiny Subset.MS3 5) a |> ignore
             Synth.generate (tiny Subset.MS3 5) b |> ignore
             Synth.generate (tiny Subset.MS3 6) c |> ignore
@@ -42,8 +41,9 @@ let synth =
             Expect.isFalse ((Array.map snd fa |> Array.concat).AsSpan().SequenceEqual(ReadOnlySpan(Array.map snd fc |> Array.concat))) "seed matters"
         }
         test "same bytes across processes (vct synth in a child process vs the library here)" {
-            let a, b = tempDir "proc-a", tempDir "proc-b"
-            let code, _, err = CliTests.runVct [ "synth"; "--kind"; "avss"; "--out"; a; "--train"; "1"; "--val"; "1"; "--test"; "0"; "--size"; "40"; "--seed"; "12" ]
+            use tmp = new TempDir("vct-data")
+            let a, b = tmp.Folder "proc-a", tmp.Folder "proc-b"
+            let code, _, err = runVct [ "synth"; "--kind"; "avss"; "--out"; a; "--train"; "1"; "--val"; "1"; "--test"; "0"; "--size"; "40"; "--seed"; "12" ]
             Expect.equal code 0 $"synth: {err}"
             Synth.generate { SynthOptions.Default Subset.AVSS with Seed = 12; Train = 1; Val = 1; Test = 0; Size = 40 } b |> ignore
             let fa, fb = filesOf a, filesOf b
@@ -52,7 +52,8 @@ let synth =
         }
         for kind in [ Subset.S4; Subset.MS3; Subset.AVSS ] do
             test $"{kind}: output passes the data check and loads back through the readers" {
-                let root = tempDir "synth"
+                use tmp = new TempDir("vct-data")
+                let root = tmp.Folder "synth"
                 let rep = Synth.generate (tiny kind 1) root
                 let check = DataCheck.run root 2
                 Expect.isTrue check.Ok $"""no problems: {String.Join("; ", check.Problems)}"""
@@ -109,19 +110,6 @@ let synth =
 
 /// Writes a 16-bit grey PNG (colour type 0, bit depth 16) by hand: SkiaSharp writes 8-bit only.
 let private writePng16 (path: string) (w: int) (h: int) (values: uint16[]) =
-    let table =
-        Array.init 256 (fun n ->
-            let mutable c = uint32 n
-            for _ in 0 .. 7 do c <- if c &&& 1u <> 0u then 0xEDB88320u ^^^ (c >>> 1) else c >>> 1
-            c)
-    let crc (data: byte[]) =
-        let mutable c = 0xFFFFFFFFu
-        for b in data do c <- table[int ((c ^^^ uint32 b) &&& 0xFFu)] ^^^ (c >>> 8)
-        c ^^^ 0xFFFFFFFFu
-    let be (v: uint32) = [| byte (v >>> 24); byte (v >>> 16); byte (v >>> 8); byte v |]
-    let chunk (kind: string) (data: byte[]) =
-        let body = Array.append (Text.Encoding.ASCII.GetBytes kind) data
-        Array.concat [ be (uint32 data.Length); body; be (crc body) ]
     let raw =
         [| for y in 0 .. h - 1 do
                yield 0uy
@@ -132,15 +120,16 @@ let private writePng16 (path: string) (w: int) (h: int) (values: uint16[]) =
     use packed = new MemoryStream()
     (use z = new Compression.ZLibStream(packed, Compression.CompressionLevel.Fastest, true)
      z.Write(raw, 0, raw.Length))
-    let ihdr = Array.concat [ be (uint32 w); be (uint32 h); [| 16uy; 0uy; 0uy; 0uy; 0uy |] ]
-    File.WriteAllBytes(path, Array.concat [ [| 0x89uy; byte 'P'; byte 'N'; byte 'G'; 13uy; 10uy; 26uy; 10uy |]
-                                            chunk "IHDR" ihdr; chunk "IDAT" (packed.ToArray()); chunk "IEND" [||] ])
+    let ihdr = Array.concat [ Crafted.be32 (uint32 w); Crafted.be32 (uint32 h); [| 16uy; 0uy; 0uy; 0uy; 0uy |] ]
+    File.WriteAllBytes(path, Array.concat [ Crafted.pngSignature
+                                            Crafted.pngChunk "IHDR" ihdr; Crafted.pngChunk "IDAT" (packed.ToArray()); Crafted.pngChunk "IEND" [||] ])
 
 [<Tests>]
 let readers =
     testList "Data.Readers" [
         test "the check reads what training reads: palette masks via their palette, 16-bit masks, empty GT, short audio, the pixel budget" {
-            let root = tempDir "check"
+            use tmp = new TempDir("vct-data")
+            let root = tmp.Folder "check"
             Synth.generate (tiny Subset.S4 9) root |> ignore
             let clean = DataCheck.run root 2
             Expect.isTrue clean.Ok $"""the synthetic set passes: {String.Join("; ", clean.Problems)}"""
@@ -181,14 +170,15 @@ let readers =
                    "train: all 2 ground-truth masks are empty (no object pixel); training and evaluation would see no object"
                    $"val: 1 palette (P-mode) mask(s), e.g. {valr.Masks[0]}: decoded through their palette, white = object, every other colour = background" |]
                 "warnings, sorted"
-            let code, out, _ = CliTests.runVct [ "data"; "check"; root ]
+            let code, out, _ = runVct [ "data"; "check"; root ]
             Expect.equal code 2 "problems: exit 2"
             Expect.stringContains out $"warning: val: 1 palette (P-mode) mask(s), e.g. {valr.Masks[0]}" "warnings printed"
             Expect.stringContains out $"error: {m16}: 16-bit mask" "problems printed"
             Expect.stringContains out "2 problem(s)" "counted"
         }
         test "missing frame, missing mask: clear errors naming the file; the check reports both at once" {
-            let root = tempDir "broken"
+            use tmp = new TempDir("vct-data")
+            let root = tmp.Folder "broken"
             Synth.generate (tiny Subset.S4 2) root |> ignore
             let rv = Avsbench.records Subset.S4 root "val"
             let rt = Avsbench.records Subset.S4 root "test"
@@ -200,7 +190,8 @@ let readers =
             Expect.equal check.Problems.Length 2 $"""both problems: {String.Join("; ", check.Problems)}"""
         }
         test "CSV without a column and unknown split name the CSV" {
-            let root = tempDir "csv"
+            use tmp = new TempDir("vct-data")
+            let root = tmp.Folder "csv"
             let rep = Synth.generate (tiny Subset.S4 3) root
             let csv = Path.Combine(rep.Root, "s4_meta_data.csv")
             let lines = File.ReadAllLines csv
@@ -214,7 +205,8 @@ let readers =
             throwsMentioning<ArgumentException> "unknown split 'dev'" (fun () -> Avsbench.records Subset.S4 root "dev" |> ignore)
         }
         test "a unicode video id is read like any other" {
-            let root = tempDir "unicode"
+            use tmp = new TempDir("vct-data")
+            let root = tmp.Folder "unicode"
             let rep = Synth.generate (tiny Subset.MS3 4) root
             let v = rep.Videos |> Array.find (fun v -> v.Split = "val")
             let uid = "vidéo_日本_ß"
@@ -231,7 +223,8 @@ let readers =
             Expect.isTrue check.Ok $"""the check passes: {String.Join("; ", check.Problems)}"""
         }
         test "a truncated PNG is an error, not a partly decoded image; bad mask values are reported" {
-            let root = tempDir "trunc"
+            use tmp = new TempDir("vct-data")
+            let root = tmp.Folder "trunc"
             Synth.generate (tiny Subset.S4 5) root |> ignore
             let r = Avsbench.records Subset.S4 root "test" |> Array.exactlyOne
             let bytes = File.ReadAllBytes r.Frames[1]
@@ -244,7 +237,8 @@ let readers =
             Expect.exists check.Problems (fun p -> p.Contains(Path.GetFileName r.Masks[0]) && p.Contains "128") "mask value reported"
         }
         test "AVSS raw originals (no processed_* folders) are resized on the fly to the 224-style eval size" {
-            let root = tempDir "raw"
+            use tmp = new TempDir("vct-data")
+            let root = tmp.Folder "raw"
             let rep = Synth.generate (tiny Subset.AVSS 6) root
             for d in Directory.GetDirectories(rep.Root, "processed_*", SearchOption.AllDirectories) do Directory.Delete(d, true)
             let r = Avsbench.records Subset.AVSS root "test" |> Array.exactlyOne
@@ -257,7 +251,8 @@ let readers =
             Expect.isGreaterThan (float agree / float direct.Length) 0.97 "nearest-resized labels match the analytic ones"
         }
         test "S4 raw AVSBench-object tree (s4_data/visual_frames, gt_masks) is read and resized on the fly" {
-            let root = tempDir "s4raw"
+            use tmp = new TempDir("vct-data")
+            let root = tmp.Folder "s4raw"
             let rep = Synth.generate (tiny Subset.S4 8) root
             let d = rep.Root
             Directory.Move(Path.Combine(d, "s4_data_384", "visual_frames_384"), Path.Combine(d, "s4_data", "visual_frames"))
@@ -276,15 +271,16 @@ let readers =
             Expect.isTrue (DataCheck.run root 2).Ok "the check accepts the raw tree"
         }
         test "vct data check exits non-zero and lists the problems; vct synth writes a dataset that passes" {
-            let root = tempDir "cli"
-            let code, out, err = CliTests.runVct [ "synth"; "--kind"; "s4"; "--out"; root; "--train"; "2"; "--val"; "1"; "--test"; "1"; "--size"; "40" ]
+            use tmp = new TempDir("vct-data")
+            let root = tmp.Folder "cli"
+            let code, out, err = runVct [ "synth"; "--kind"; "s4"; "--out"; root; "--train"; "2"; "--val"; "1"; "--test"; "1"; "--size"; "40" ]
             Expect.equal code 0 $"synth exit code; stderr: {err}"
             Expect.stringContains out "shuffled audio" "prints the baselines"
-            let code, out, _ = CliTests.runVct [ "data"; "check"; root ]
+            let code, out, _ = runVct [ "data"; "check"; root ]
             Expect.equal code 0 $"check passes: {out}"
             let r = Avsbench.records Subset.S4 root "train"
             File.Delete r[0].Frames[0]
-            let code, out, _ = CliTests.runVct [ "data"; "check"; root ]
+            let code, out, _ = runVct [ "data"; "check"; root ]
             Expect.notEqual code 0 "non-zero exit"
             Expect.stringContains out (Path.GetFileName r[0].Frames[0]) "names the missing frame"
         }
@@ -391,7 +387,7 @@ let augment =
 let labels =
     testList "Data.Labels" [
         test "palette and grey label PNGs read as PIL's np.array(Image.open(...)) does" {
-            let dir = Path.Combine(CliTests.repoRoot.Value, "tests", "golden", "avsbench")
+            let dir = Path.Combine(repoRoot.Value, "tests", "golden", "avsbench")
             let expected = [| 0uy; 1uy; 2uy; 3uy; 4uy; 70uy; 255uy; 0uy; 12uy; 12uy; 1uy; 0uy |]
             for f in [ "palette_labels.png"; "grey_labels.png" ] do
                 let m = ImageIO.readLabels (Path.Combine(dir, f))
@@ -416,3 +412,390 @@ let labels =
             Expect.equal l.dtype TorchSharp.torch.int64 "int64"
         }
     ]
+
+/// Data/Prepare.fs: Pillow-exact resizing and the official object-tree layouts from AVSBench-semantic.
+module PrepareTests =
+    open Vct.Core
+    open Vct.Core.Platform
+    open System
+    open System.IO
+    open Expecto
+    open Vct.Core.Data
+
+    let private pillow (name: string) = Path.Combine(Golden.root.Value, "images", name)
+
+    /// Largest per-byte difference between two images of the same shape.
+    let private maxDiff (a: Image) (b: Image) =
+        Expect.equal (a.Width, a.Height, a.Channels) (b.Width, b.Height, b.Channels) "same shape"
+        Array.map2 (fun (x: byte) (y: byte) -> abs (int x - int y)) a.Pixels b.Pixels |> Array.max
+
+    /// A small AVSBench-semantic tree: metadata.csv, frames, labels_rgb, Semantic-SAM images for the first video.
+    let private semanticTree (root: string) (rows: (string * string * string * string) list) =
+        let lines = "vid,uid,s_min,s_sec,e_min,e_sec,label,split" :: [ for vid, uid, label, split in rows -> $"{vid},{uid},0,0,0,5,{label},{split}" ]
+        File.WriteAllLines(Path.Combine(root, "metadata.csv"), lines)
+        let rng = Random(3)
+        for k, (_, uid, label, _) in List.indexed rows do
+            for i in 0 .. 4 do
+                let frame = { Width = 64; Height = 48; Channels = 3; Pixels = Array.init (64 * 48 * 3) (fun _ -> byte (rng.Next 256)) }
+                ImageIO.write (Path.Combine(root, label, uid, "frames", $"{i}.jpg")) frame
+                let labels = Image.Create(64, 48, 3)
+                for y in 10 .. 30 do
+                    for x in 5 + i .. 40 do
+                        labels.Pixels[(y * 64 + x) * 3] <- 128uy
+                ImageIO.write (Path.Combine(root, label, uid, "labels_rgb", $"{i}.png")) labels
+                if k = 0 then
+                    ImageIO.write (Path.Combine(root, "pre_SAM_mask", "AVSBench_semantic", label, uid, "frames", $"{i}_mask_color.png")) labels
+
+    [<Tests>]
+    let tests =
+        testList "Data.Prepare" [
+            for w, h in [ 16, 16; 30, 20; 71, 12; 100, 64; 384, 384 ] do
+                test $"BILINEAR resize equals Pillow's byte for byte (71x45 -> {w}x{h})" {
+                    let src = ImageIO.readRgb (pillow "rgb.png")
+                    let expected = ImageIO.readRgb (pillow $"rgb_bilinear_{w}x{h}.png")
+                    Expect.equal (maxDiff (Resize.bilinear w h src) expected) 0 "max byte difference"
+                }
+
+            test "BILINEAR on a grey image equals Pillow's" {
+                let src = ImageIO.readLabels (pillow "grey.png")
+                let expected = ImageIO.readLabels (pillow "grey_bilinear_23x17.png")
+                Expect.equal (maxDiff (Resize.bilinear 23 17 src) expected) 0 "max byte difference"
+            }
+
+            test "labels_rgb -> GT 224 / 384 as the official tools derive it (Pillow grey, non-zero -> 255, NEAREST)" {
+                let labels = ImageIO.readRgb (pillow "labels_rgb.png")
+                for size in [ 224; 384 ] do
+                    let expected = ImageIO.readLabels (pillow $"labels_gt_{size}.png")
+                    Expect.equal (maxDiff (Prepare.binaryGt size labels) expected) 0 $"GT {size}"
+                // (1, 0, 0) and (0, 0, 1) are not black, yet Pillow's grey of them is 0: they count as background.
+                Expect.equal (Prepare.pilGrey 1uy 0uy 0uy) 0uy "Pillow grey of (1, 0, 0)"
+                Expect.equal (Prepare.pilGrey 0uy 1uy 0uy) 1uy "Pillow grey of (0, 1, 0)"
+                Expect.equal (Prepare.pilGrey 255uy 255uy 255uy) 255uy "white"
+            }
+
+            test "NEAREST resize of a colour mask equals Pillow's" {
+                let src = ImageIO.readRgb (pillow "labels_rgb.png")
+                Expect.equal (maxDiff (Resize.nearest 384 384 src) (ImageIO.readRgb (pillow "labels_nearest_384.png"))) 0 "max byte difference"
+            }
+
+            test "a JPEG frame decodes to Pillow's pixels" {
+                let ours = ImageIO.readRgb (pillow "frame.jpg")
+                let theirs = ImageIO.readRgb (pillow "frame_decoded.png")
+                Expect.isLessThanOrEqual (maxDiff ours theirs) 1 "max byte difference (libjpeg-turbo on both sides)"
+            }
+
+            test "objectTree writes the official S4 and MS3 384 layouts from AVSBench-semantic" {
+                Support.withTempDir "vct-prepare" (fun d ->
+                    let sem = Path.Combine(d, "AVSBench_semantic")
+                    let obj = Path.Combine(d, "AVSBench_object")
+                    Directory.CreateDirectory sem |> ignore
+                    semanticTree sem [ "vidA", "uidA", "v1s", "train"; "vidB", "uidB", "v1s", "test"; "vidC", "uidC", "v1m", "val" ]
+                    Directory.CreateDirectory(Path.Combine(obj, "Single-source")) |> ignore
+                    File.WriteAllLines(Path.Combine(obj, "Single-source", "s4_meta_data.csv"), [ "name,category,split"; "vidA,dog,train"; "vidB,car,test" ])
+                    let s4 = Prepare.objectTree Subset.S4 sem obj ignore
+                    Expect.equal s4.Videos 2 "two v1s videos"
+                    Expect.equal s4.WithoutMasks [ "vidB" ] "the video without Semantic-SAM images is reported"
+                    let s4Root = Path.Combine(obj, "Single-source", "s4_data_384")
+                    let frame = ImageIO.readRgb (Path.Combine(s4Root, "visual_frames_384", "train", "dog", "vidA", "vidA_3.png"))
+                    Expect.equal (frame.Width, frame.Height) (384, 384) "frames at 384"
+                    Expect.isTrue (File.Exists(Path.Combine(s4Root, "pre_SAM_mask_384", "train", "dog", "vidA", "vidA_5_mask_color.png"))) "Maskige at 384"
+                    Expect.isTrue (File.Exists(Path.Combine(s4Root, "gt_masks_224", "train", "dog", "vidA", "vidA_1.png"))) "train GT: frame 1"
+                    Expect.isFalse (File.Exists(Path.Combine(s4Root, "gt_masks_224", "train", "dog", "vidA", "vidA_2.png"))) "train GT: frame 1 only"
+                    let gt = ImageIO.readLabels (Path.Combine(s4Root, "gt_masks_224", "test", "car", "vidB", "vidB_4.png"))
+                    let expected = Prepare.binaryGt 224 (ImageIO.readRgb (Path.Combine(sem, "v1s", "uidB", "labels_rgb", "3.png")))
+                    Expect.equal (maxDiff gt expected) 0 "test GT: derived from labels_rgb frame 3"
+                    Expect.isTrue (gt.Pixels |> Array.forall (fun v -> v = 0uy || v = 255uy)) "binary"
+                    let ms3 = Prepare.objectTree Subset.MS3 sem obj ignore
+                    Expect.equal ms3.Videos 1 "one v1m video"
+                    let ms3Root = Path.Combine(obj, "Multi-sources", "ms3_data_384")
+                    Expect.isTrue (File.Exists(Path.Combine(ms3Root, "visual_frames_384", "vidC", "vidC_5.png"))) "MS3 frames are flat"
+                    Expect.isTrue (File.Exists(Path.Combine(ms3Root, "gt_masks_384", "val", "vidC", "vidC_5.png"))) "MS3 GT by split, all 5 frames")
+            }
+
+            test "objectTree names the file and the problem" {
+                Support.withTempDir "vct-prepare" (fun d ->
+                    let sem = Path.Combine(d, "sem")
+                    Directory.CreateDirectory sem |> ignore
+                    semanticTree sem [ "vidA", "uidA", "v1s", "train" ]
+                    let obj = Path.Combine(d, "obj")
+                    Directory.CreateDirectory(Path.Combine(obj, "Single-source")) |> ignore
+                    File.WriteAllLines(Path.Combine(obj, "Single-source", "s4_meta_data.csv"), [ "name,split"; "vidA,train" ])
+                    let e = Expect.throwsC (fun () -> Prepare.objectTree Subset.S4 sem obj ignore |> ignore) id
+                    Expect.stringContains e.Message "s4_meta_data.csv" "names the CSV"
+                    Expect.stringContains e.Message "'category'" "names the missing column"
+                    File.WriteAllLines(Path.Combine(obj, "Single-source", "s4_meta_data.csv"), [ "name,category"; "vidA,dog" ])
+                    File.Delete(Path.Combine(sem, "v1s", "uidA", "labels_rgb", "0.png"))
+                    let e = Expect.throwsC (fun () -> Prepare.objectTree Subset.S4 sem obj ignore |> ignore) id
+                    Expect.stringContains e.Message (Path.Combine("labels_rgb", "0.png")) "names the missing label image")
+            }
+        ]
+
+/// Regression tests of the image, CSV and dataset readers and of the loader (issue #11).
+module HardeningTests =
+    open System
+    open System.IO
+    open System.Text
+    open System.Threading
+    open Expecto
+    open Vct.Core
+    open Vct.Core.Data
+    open Vct.Core.Tests.Support
+    open Vct.Core.Tests.Crafted
+
+    /// How a loader scenario fails: a worker (from batch 2 on), the consumer (after its first batch), the caller's
+    /// cancellation (after the first batch), in any combination.
+    type private Failing = { Worker: bool; Consumer: bool; Cancel: bool }
+
+    /// Runs one loader scenario: 2 workers, 1 batch of prefetch, batches of 2; returns the exception that ended it.
+    let private loaderScenario (f: Failing) : exn =
+        let workerFailed = new ManualResetEventSlim(false)
+        use cts = new CancellationTokenSource()
+        let loader =
+            BatchLoader(fakeRecords 40, { LoaderOptions.Default with BatchSize = 2; Workers = 2; Prefetch = 1; Shuffle = false }, fun r _ ->
+                if f.Worker && int r.Id >= 4 then
+                    workerFailed.Set()
+                    raise (InvalidDataException $"{r.Id}: worker failed")
+                r.Id)
+        throwsWithin 20 $"loader with %A{f}" (fun () ->
+            let mutable n = 0
+            for _ in loader.Epoch(0, cts.Token) do
+                n <- n + 1
+                if n = 1 then
+                    // Let the producer block on the full queue (with its batch or its error) before the consumer stops.
+                    if f.Worker then workerFailed.Wait(TimeSpan.FromSeconds 10.0) |> ignore
+                    Thread.Sleep 200
+                    if f.Cancel then cts.Cancel()
+                    if f.Consumer then raise (InvalidOperationException "consumer failed")
+            if not f.Worker && not f.Consumer && not f.Cancel then failtest "nothing failed"
+            failtest $"the epoch ended normally after {n} batches")
+
+    /// The loading error an epoch rethrows for a failing worker.
+    let private isLoadingError (e: exn) =
+        match e with
+        | :? AggregateException as a -> a.Message.StartsWith "data loading failed" && a.Message.Contains "4: worker failed"
+        | _ -> false
+
+    [<Tests>]
+    let tests =
+        testList "Hardening" [
+            // --- Images: a forged header never allocates or decodes past the pixel budget ---------------------------
+            test "a 69-byte PNG that claims 100000x100000 pixels is refused naming the file and its size (no SIGSEGV)" {
+                use tmp = new TempDir("vct-harden")
+                let bytes = forgedPng 100000u 100000u
+                Expect.equal bytes.Length 69 "a 69-byte file"
+                let path = crafted tmp "huge.png" bytes
+                let expected = $"{path}: image is 100000x100000 (10000000000 pixels), over the budget of 67108864 pixels per frame"
+                for read in [ ImageIO.readRgb; ImageIO.readLabels ] do
+                    let e = throwsWithin 20 "decode" (fun () -> read path |> ignore)
+                    Expect.isTrue (e :? InvalidDataException) $"InvalidDataException, got {e.GetType().Name}"
+                    Expect.equal e.Message expected "exact message"
+            }
+
+            test "a PNG whose width x height x 4 wraps to 0 in 32 bits is refused as well" {
+                use tmp = new TempDir("vct-harden")
+                let path = crafted tmp "wrap.png" (forgedPng 65536u 16384u)
+                let e = throwsWithin 20 "decode" (fun () -> ImageIO.readRgb path |> ignore)
+                Expect.equal e.Message $"{path}: image is 65536x16384 (1073741824 pixels), over the budget of 67108864 pixels per frame" "exact message"
+            }
+
+            test "a 69-byte PNG that claims 8192x8192 pixels (within the budget) is refused as implausible for its size" {
+                use tmp = new TempDir("vct-harden")
+                let path = crafted tmp "big.png" (forgedPng 8192u 8192u)
+                let e = throwsWithin 20 "decode" (fun () -> ImageIO.readRgb path |> ignore)
+                Expect.equal e.Message $"{path}: image is 8192x8192 (67108864 pixels) in a file of 69 bytes, more than 16384 pixels per byte (truncated or forged header)" "exact message"
+                let allocated = within 20 "decode" (fun () -> allocatedBy (fun () -> ImageIO.readRgb path |> ignore))
+                Expect.isLessThan allocated 10_000_000L "no pixel buffer allocated"
+            }
+
+            test "a palette PNG whose chunk length is near 2^32 ends the chunk walk (no wrap, no out-of-range read)" {
+                use tmp = new TempDir("vct-harden")
+                // Colour type 3 makes readLabels walk the chunks for PLTE; a chunk length of 0xFFFFFFF0 used to wrap.
+                let ihdr = Array.concat [ be32 2u; be32 2u; [| 8uy; 3uy; 0uy; 0uy; 0uy |] ]
+                let bytes =
+                    Array.concat
+                        [ pngSignature
+                          pngChunk "IHDR" ihdr
+                          be32 0xFFFFFFF0u
+                          Encoding.ASCII.GetBytes "tEXt"
+                          Array.zeroCreate 8 ]
+                let path = crafted tmp "walk.png" bytes
+                let e = throwsWithin 20 "decode" (fun () -> ImageIO.readLabels path |> ignore)
+                Expect.isTrue (e :? InvalidDataException) $"InvalidDataException, got {e.GetType().Name}: {e.Message}"
+                Expect.stringStarts e.Message $"{path}: " "names the file"
+            }
+
+            test "vct data check on a tree holding the huge-chunk WAV reports it and ends" {
+                use tmp = new TempDir("vct-harden")
+                let root = tmp.Folder "check"
+                Synth.generate { SynthOptions.Default Subset.S4 with Seed = 2; Train = 1; Val = 1; Test = 0; Size = 40; EvalSize = 56 } root |> ignore
+                let r = Avsbench.records Subset.S4 root "val" |> Array.exactlyOne
+                let wav = match r.Audio with AudioSource.Wav p -> p | AudioSource.LogMelPickle p -> failtest $"{p}: not a wav"
+                File.WriteAllBytes(wav, wavWith [ "junk", 0xFFFFFFF8u, [||]; "data", 0u, [||] ])
+                let report = within 60 "DataCheck.run" (fun () -> DataCheck.run root 2)
+                Expect.equal report.Problems
+                    [| $"{wav}: not a readable WAV file (chunk 'junk' at byte 36 declares 4294967288 bytes, but the file ends at byte 52)" |]
+                    "exactly that problem"
+            }
+
+            // --- Paths: CSV names stay one path component; writers stay inside their output folder -----------------
+            test "CSV names that are absolute, hold '..', separators or NUL are refused with the CSV line" {
+                use tmp = new TempDir("vct-harden")
+                for value, why in
+                    [ "../../evil", "holds a path separator"; "..", "is a folder reference"; ".", "is a folder reference"
+                      "/etc/passwd", "holds a path separator"; "a\\b", "holds a path separator"; "nul\000x", "holds a NUL character"
+                      "C:evil", "is an absolute path"; "", "is empty" ] do
+                    Expect.equal (SafePath.problem value) (Some why) $"'{value}'"
+                for ok in [ "-0Ab3_x"; "vidéo_日本"; "a..b"; "x y" ] do
+                    Expect.equal (SafePath.problem ok) None $"'{ok}' is a plain name"
+                let root = tmp.Folder "csv"
+                let rep = Synth.generate { SynthOptions.Default Subset.S4 with Seed = 3; Train = 1; Val = 1; Test = 0; Size = 40; EvalSize = 56 } root
+                let csv = Path.Combine(rep.Root, "s4_meta_data.csv")
+                let lines = File.ReadAllLines csv
+                let header = lines[0].Split(',')
+                let valLine = lines |> Array.findIndex (fun l -> l.Contains ",val")
+                let setCell (col: string) (v: string) =
+                    let cells = lines[valLine].Split(',')
+                    cells[Array.findIndex ((=) col) header] <- v
+                    File.WriteAllLines(csv, lines |> Array.mapi (fun i l -> if i = valLine then String.Join(",", cells) else l))
+                setCell "name" "../../../outside"
+                let e = throwsWithin 20 "records" (fun () -> Avsbench.records Subset.S4 root "val" |> ignore)
+                Expect.isTrue (e :? InvalidDataException) $"InvalidDataException, got {e.GetType().Name}"
+                Expect.equal e.Message $"{csv}: line {valLine + 1}: video id '../../../outside' holds a path separator (it must be a plain file name)" "exact message"
+                let report = within 60 "DataCheck.run" (fun () -> DataCheck.run root 2)
+                Expect.contains report.Problems e.Message "the check reports it"
+                setCell "category" ".."
+                let e = throwsWithin 20 "records" (fun () -> Avsbench.records Subset.S4 root "val" |> ignore)
+                Expect.equal e.Message $"{csv}: line {valLine + 1}: category '..' is a folder reference (it must be a plain file name)" "exact message"
+            }
+
+            test "prepare refuses a vid that would write outside the output folder, naming the CSV line" {
+                use tmp = new TempDir("vct-harden")
+                let sem = tmp.Folder "sem"
+                let meta = semanticTree sem "../../escape" "u"
+                let out = tmp.Folder "out"
+                let e = throwsWithin 60 "objectTree" (fun () -> Prepare.objectTree Subset.MS3 sem out ignore |> ignore)
+                Expect.equal e.Message $"{meta}: line 2: vid '../../escape' holds a path separator (it must be a plain file name)" "exact message"
+                Expect.isEmpty (Directory.GetFiles(out, "*", SearchOption.AllDirectories)) "nothing written"
+            }
+
+            test "prepare does not write through a symbolic link that leads out of the output folder" {
+                use tmp = new TempDir("vct-harden")
+                let sem = tmp.Folder "sem"
+                semanticTree sem "v" "u" |> ignore
+                let out = tmp.Folder "out"
+                let outside = tmp.Folder "outside"
+                let root = Path.Combine(out, "Multi-sources", "ms3_data_384")
+                Directory.CreateDirectory root |> ignore
+                let link = Path.Combine(root, "visual_frames_384")
+                Directory.CreateSymbolicLink(link, outside) |> ignore
+                let target = Path.Combine(root, "visual_frames_384", "v", "v_1.png")
+                let e = throwsWithin 60 "objectTree" (fun () -> Prepare.objectTree Subset.MS3 sem out ignore |> ignore)
+                Expect.isTrue (e :? IOException) $"IOException, got {e.GetType().Name}"
+                Expect.equal e.Message
+                    $"{target}: refusing to write through the symbolic link {link} -> {outside}, which leads outside the output folder {root}"
+                    "exact message"
+                Expect.isEmpty (Directory.GetFiles(outside, "*", SearchOption.AllDirectories)) "nothing written outside"
+                // A link that stays inside the folder is followed as usual.
+                Directory.Delete link
+                Directory.CreateDirectory(Path.Combine(root, "real")) |> ignore
+                Directory.CreateSymbolicLink(link, Path.Combine(root, "real")) |> ignore
+                let rep = within 60 "objectTree" (fun () -> Prepare.objectTree Subset.MS3 sem out ignore)
+                Expect.equal rep.Videos 1 "prepared"
+                Expect.isTrue (File.Exists(Path.Combine(root, "real", "v", "v_1.png"))) "written through the inside link"
+            }
+
+            // --- Loader: a failing worker, a failing consumer and cancellation, in any combination, end --------------
+            test "loader: a failing worker ends the epoch with its error" {
+                let e = loaderScenario { Worker = true; Consumer = false; Cancel = false }
+                Expect.isTrue (isLoadingError e) $"the loading error, got {e.GetType().Name}: {e.Message}"
+            }
+            test "loader: a failing consumer stops the workers" {
+                let e = loaderScenario { Worker = false; Consumer = true; Cancel = false }
+                Expect.equal e.Message "consumer failed" "the consumer's error"
+            }
+            test "loader: cancellation stops the epoch" {
+                let e = loaderScenario { Worker = false; Consumer = false; Cancel = true }
+                Expect.isTrue (e :? OperationCanceledException) $"cancelled, got {e.GetType().Name}: {e.Message}"
+            }
+            test "loader: a consumer failing while a worker fails on a full queue ends (was a deadlock)" {
+                let e = loaderScenario { Worker = true; Consumer = true; Cancel = false }
+                Expect.equal e.Message "consumer failed" "the consumer's error"
+            }
+            test "loader: cancellation while a worker fails on a full queue ends" {
+                let e = loaderScenario { Worker = true; Consumer = false; Cancel = true }
+                Expect.isTrue (e :? OperationCanceledException || isLoadingError e) $"cancelled or the loading error, got {e.GetType().Name}: {e.Message}"
+            }
+            test "loader: a consumer failing after cancelling ends" {
+                let e = loaderScenario { Worker = false; Consumer = true; Cancel = true }
+                Expect.equal e.Message "consumer failed" "the consumer's error"
+            }
+            test "loader: a failing worker, a failing consumer and cancellation together end" {
+                let e = loaderScenario { Worker = true; Consumer = true; Cancel = true }
+                Expect.equal e.Message "consumer failed" "the consumer's error"
+            }
+        ]
+
+/// Generated malformed PNG, JPEG, label2idx.json and CSV files (Generators.fs) through the readers.
+module FuzzTests =
+    open System
+    open System.IO
+    open Expecto
+    open FsCheck.FSharp
+    open Vct.Core
+    open Vct.Core.Data
+    open Vct.Core.Tests.Generators
+
+    let private imageSeeds (ext: string) =
+        [| for w, h, c in [ 4, 3, 3; 5, 5, 1; 16, 2, 3 ] ->
+               let p = Path.Combine(fuzzDir.Value, $"seed-{w}x{h}x{c}{ext}")
+               ImageIO.write p { Image.Create(w, h, c) with Pixels = Array.init (w * h * c) (fun i -> byte (i * 37)) }
+               File.ReadAllBytes p |]
+
+    /// A tiny S4 tree whose metadata CSV each case replaces; records must fail naming a file or stay inside the root.
+    let private csvTree =
+        lazy
+            (let root = Path.Combine(fuzzDir.Value, "tree")
+             let rep = Synth.generate { SynthOptions.Default Subset.S4 with Seed = 1; Train = 1; Val = 1; Test = 0; Size = 32; EvalSize = 32 } root
+             rep.Root)
+
+    let private readRecords (csvPath: string) =
+        let root = csvTree.Value
+        let csv = Path.Combine(root, "s4_meta_data.csv")
+        File.Copy(csvPath, csv, true)
+        let full = Path.GetFullPath root + string Path.DirectorySeparatorChar
+        try
+            for split in Avsbench.splits do
+                for r in Avsbench.recordsWith Subset.S4 root DataTree.Auto split ignore do
+                    for p in Array.concat [ r.Frames; r.Masks; r.PreMasks; [| (match r.Audio with AudioSource.Wav p | AudioSource.LogMelPickle p -> p) |] ] do
+                        if not ((Path.GetFullPath p).StartsWith full) then failtest $"{csvPath}: record {r.Id} reads {p}, outside {root}"
+        with
+        | :? AssertException -> reraise ()
+        | e when e.Message.Contains csv ->
+            // The error names the tree's CSV (the copy of the generated file): report it under the generated name.
+            raise (InvalidDataException(e.Message.Replace(csv, csvPath), e))
+
+    /// Reads a generated label2idx.json as the AVSS class map of a folder that has only it and a metadata.csv.
+    let private readClassMap (jsonPath: string) =
+        let root = Path.Combine(fuzzDir.Value, $"avss-{Guid.NewGuid():N}")
+        Directory.CreateDirectory root |> ignore
+        File.WriteAllText(Path.Combine(root, "metadata.csv"), "vid,uid,label,split\n")
+        let target = Path.Combine(root, "label2idx.json")
+        File.Copy(jsonPath, target)
+        try Avsbench.avssClasses root |> ignore
+        with e when e.Message.Contains target -> raise (InvalidDataException(e.Message.Replace(target, jsonPath), e))
+
+    [<Tests>]
+    let tests =
+        testList "Fuzz" [
+            prop 300 "PNG: mutated valid files, RGB and labels" (Gen.delay (fun () -> mutated (imageSeeds ".png"))) "a.png" (fun p ->
+                try ImageIO.readRgb p |> ignore
+                finally ImageIO.readLabels p |> ignore)
+            prop 450 "PNG: forged headers (huge, wrapping sizes; forged PLTE lengths)" forgedPng "b.png" (fun p ->
+                try ImageIO.readRgb p |> ignore
+                finally ImageIO.readLabels p |> ignore)
+            prop 300 "JPEG: mutated valid files" (Gen.delay (fun () -> mutated (imageSeeds ".jpg"))) "a.jpg" (ImageIO.readRgb >> ignore)
+            prop 300 "label2idx.json: class maps" (Gen.delay (fun () ->
+                mutated [| Text.Encoding.UTF8.GetBytes "{\"background\": 0, \"dog\": 1, \"car\": 2}"; Text.Encoding.UTF8.GetBytes "[1, {\"a\": -1}]" |])) "label2idx.json" readClassMap
+            prop 450 "CSV: parser" (s4Csv |> Gen.map Text.Encoding.UTF8.GetBytes) "a.csv" (Avsbench.readCsv >> ignore)
+            prop 300 "CSV: dataset records never leave the root" (s4Csv |> Gen.map Text.Encoding.UTF8.GetBytes) "b.csv" readRecords
+        ]

@@ -1,13 +1,19 @@
-/// FsCheck generators of malformed inputs for the fuzz suite (Fuzz.Tests.fs): mutations of valid seed files
-/// (truncations, byte flips, "interesting" integers written over lengths, insertions) and structured forgeries
-/// of each format (huge declared sizes, wrapped integers, deep nesting, negative shapes).
+/// The FsCheck generators of the test suite. Mostly malformed inputs for the `Fuzz` lists: mutations of valid
+/// seed files (truncations, byte flips, "interesting" integers written over lengths, insertions) and structured
+/// forgeries of each format (huge declared sizes, wrapped integers, deep nesting, negative shapes); then random
+/// state dicts (checkpoint round trips) and cost matrices (the Hungarian solver).
 module Vct.Core.Tests.Generators
 
 open System
+open System.Collections.Generic
 open System.IO
 open System.Text
+open System.Threading.Tasks
+open Expecto
 open FsCheck
 open FsCheck.FSharp
+open TorchSharp
+open Vct.Core.Checkpoint
 
 /// Integers that break size arithmetic: 0, 1, around 2^7/2^8/2^15/2^16/2^31/2^32/2^63, negative values.
 let interesting32 : uint32[] =
@@ -122,19 +128,8 @@ let wav : Gen<byte[]> =
 
 // --- PNG ------------------------------------------------------------------------------------------------------
 
-let private crc32 (data: byte[]) =
-    let mutable c = 0xFFFFFFFFu
-    for b in data do
-        c <- c ^^^ uint32 b
-        for _ in 0 .. 7 do c <- if c &&& 1u <> 0u then (c >>> 1) ^^^ 0xEDB88320u else c >>> 1
-    c ^^^ 0xFFFFFFFFu
-
-let private be32 (v: uint32) = [| byte (v >>> 24); byte (v >>> 16); byte (v >>> 8); byte v |]
-
-/// A PNG chunk with a correct CRC.
-let pngChunk (kind: string) (data: byte[]) =
-    let body = Array.append (ascii kind) data
-    Array.concat [ be32 (uint32 data.Length); body; be32 (crc32 body) ]
+let private be32 = Crafted.be32
+let private pngChunk = Crafted.pngChunk
 
 /// A PNG whose IHDR (correct CRC) claims random, often huge or wrapping, sizes and colour types, followed by
 /// random chunks (PLTE with forged lengths, small IDATs).
@@ -155,7 +150,7 @@ let forgedPng : Gen<byte[]> =
             else Array.concat [ be32 plteLen; ascii "PLTE"; palette; be32 0u ]
         return
             Array.concat
-                [ [| 0x89uy; byte 'P'; byte 'N'; byte 'G'; 13uy; 10uy; 26uy; 10uy |]
+                [ Crafted.pngSignature
                   pngChunk "IHDR" ihdr
                   plte
                   pngChunk "IDAT" idat
@@ -315,3 +310,128 @@ let pthZip : Gen<byte[]> =
             add "archive/data/0" (Array.zeroCreate recordBytes)
         return ms.ToArray()
     }
+
+// --- random state dicts ---------------------------------------------------------------------------------------
+
+/// One tensor of a random state dict: raw little-endian bytes of a row-major tensor.
+type TensorSpec = { Name: string; Dtype: torch.ScalarType; Shape: int64[]; Bytes: byte[] }
+
+/// 0..12 tensors with unique dotted names, rank 0..4, dims 0..3.
+type RandomStateDict = RandomStateDict of TensorSpec list
+
+let private segments =
+    [| "sem_seg_head"; "pixel_decoder"; "layers"; "transformer"; "encoder"; "query_feat"; "level_embed"
+       "norm"; "weight"; "bias"; "running_mean"; "num_batches_tracked"; "0"; "3"; "12"; "audio_proj"; "größe" |]
+
+let private dtypes =
+    [| torch.ScalarType.Float32; torch.ScalarType.Float16; torch.ScalarType.BFloat16; torch.ScalarType.Int64
+       torch.ScalarType.Float64; torch.ScalarType.Int32; torch.ScalarType.Byte; torch.ScalarType.Bool |]
+
+let private specGen =
+    gen {
+        let! parts = Gen.choose (1, 5) |> Gen.bind (fun n -> Gen.listOfLength n (Gen.elements segments))
+        let! dtype = Gen.elements dtypes
+        let! rank = Gen.choose (0, 4)
+        let! dims = Gen.listOfLength rank (Gen.choose (0, 3))
+        let! seed = Gen.choose (0, Int32.MaxValue)
+        let shape = dims |> List.map int64 |> Array.ofList
+        let bytes = Array.zeroCreate<byte> (int (Array.fold (*) 1L shape * TensorData.elementSize dtype))
+        Random(seed).NextBytes bytes // any bit pattern: NaN payloads and subnormals must survive too
+        if dtype = torch.ScalarType.Bool then
+            for i in 0 .. bytes.Length - 1 do bytes[i] <- bytes[i] &&& 1uy
+        return { Name = String.concat "." parts; Dtype = dtype; Shape = shape; Bytes = bytes }
+    }
+
+/// The arbitrary of RandomStateDict (FsCheckConfig.arbitrary).
+type StateDicts =
+    static member RandomStateDict() =
+        gen {
+            let! n = Gen.choose (0, 12)
+            let! specs = Gen.listOfLength n specGen
+            // Unique names: a repeated name gets its position appended as one more segment.
+            let seen = HashSet<string>()
+            let specs = specs |> List.mapi (fun i s -> if seen.Add s.Name then s else { s with Name = $"{s.Name}.{i}" })
+            return RandomStateDict specs
+        }
+        |> Arb.fromGen
+
+// --- cost matrices --------------------------------------------------------------------------------------------
+
+/// How the entries of a random cost matrix are drawn.
+type MatrixKind =
+    | Uniform          // floats in [0, 1)
+    | SmallInts        // 0..3: many ties
+    | Constant         // every optimum ties
+    | Signed           // N(0, 100)-ish, negative entries
+    | Forbidden        // 0..9 with ~30 % +infinity (possibly infeasible)
+
+/// The arbitrary of (rows, columns, kind, seed) cases, 1..7 x 1..7 (FsCheckConfig.arbitrary).
+type CostMatrices =
+    static member Case() =
+        gen {
+            let! n = Gen.choose (1, 7)
+            let! m = Gen.choose (1, 7)
+            let! kind = Gen.elements [ Uniform; SmallInts; Constant; Signed; Forbidden ]
+            let! seed = Gen.choose (0, Int32.MaxValue)
+            return n, m, kind, seed
+        }
+        |> Arb.fromGen
+
+// --- running generated files through a reader (the `Fuzz` lists) --------------------------------------------
+// Each `Fuzz` list (one per folder file: Audio, Checkpoint, Data) sends generated malformed WAV, PNG/JPEG, .npy,
+// pickle, .pth (zip and legacy), safetensors and CSV inputs through a reader with a time and a memory bound. The
+// property: the reader returns a value or fails with a clean error (InvalidDataException, IOException or
+// NotSupportedException) whose message names the file, within the bound.
+
+/// Seconds one reader call may take.
+let timeLimit = 10.0
+
+/// Managed bytes one reader call may allocate on its thread: generous for inputs of a few KB, far below what a
+/// forged size would make a reader allocate.
+let memoryLimit (inputBytes: int) = 256L * 1024L * 1024L + 64L * int64 inputBytes
+
+/// The folder of the fuzz suite's files (this run's; deleted when the test program exits).
+let fuzzDir = lazy (Support.sessionDir "fuzz")
+
+let private show (bytes: byte[]) =
+    let head = Convert.ToBase64String(bytes[.. min bytes.Length 256 - 1])
+    $"{bytes.Length} bytes, base64 of the first 256: {head}"
+
+/// Runs `read` on `bytes` written to a fresh file `name`; fails unless it returns or throws a clean error naming
+/// the file, within the time and memory bounds.
+let check (name: string) (read: string -> unit) (bytes: byte[]) =
+    let path = Path.Combine(fuzzDir.Value, $"{Guid.NewGuid():N}-{name}")
+    File.WriteAllBytes(path, bytes)
+    try
+        let t =
+            Task.Run(fun () ->
+                let before = GC.GetAllocatedBytesForCurrentThread()
+                let outcome = try Ok(read path) with e -> Error e
+                outcome, GC.GetAllocatedBytesForCurrentThread() - before)
+        if not (t.Wait(TimeSpan.FromSeconds timeLimit)) then failtest $"{name}: no result within {timeLimit} s ({show bytes})"
+        let outcome, allocated = t.Result
+        if allocated > memoryLimit bytes.Length then
+            failtest $"{name}: allocated {allocated} bytes for a {bytes.Length}-byte input ({show bytes})"
+        match outcome with
+        | Ok() -> ()
+        | Error e ->
+            let clean =
+                match e with
+                | :? InvalidDataException | :? IOException | :? NotSupportedException -> true
+                | _ -> false
+            if not clean || not (e.Message.Contains path) then
+                failtest $"{name}: not a clean error naming the file: {e.GetType().Name}: {e.Message}\n{e.StackTrace}\n({show bytes})"
+    finally
+        try File.Delete path with _ -> ()
+
+/// Cases per property are multiplied by VCT_FUZZ_SCALE (default 1: the CI budget; e.g. 20 for a longer soak).
+let private scale =
+    match Int32.TryParse(Environment.GetEnvironmentVariable "VCT_FUZZ_SCALE") with
+    | true, k when k > 0 -> k
+    | _ -> 1
+
+let private config n = { FsCheckConfig.defaultConfig with maxTest = n * scale }
+
+/// A property of `n` cases (times VCT_FUZZ_SCALE): files drawn from `g`, written as `name`, go through `read` (`check`).
+let prop (n: int) (title: string) (g: Gen<byte[]>) (name: string) (read: string -> unit) =
+    testPropertyWithConfig (config n) title (Prop.forAll (Arb.fromGen g) (check name read))

@@ -27,5 +27,5 @@ let runAll (argv: string[]) =
 [<EntryPoint>]
 let main argv =
     match argv with
-    | [| "--child"; mode |] -> RuntimeTests.childMain mode
+    | [| "--child"; mode |] -> PlatformTests.RuntimeTests.childMain mode
     | _ -> runAll argv

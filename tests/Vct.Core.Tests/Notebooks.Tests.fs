@@ -5,9 +5,7 @@ open System.Diagnostics
 open System.IO
 open System.Text.Json.Nodes
 open Expecto
-
-/// The repository root (Golden.repoRoot).
-let private repoRoot = Golden.repoRoot
+open Vct.Core.Tests.Support
 
 /// Runs `bash notebooks/run-notebooks.sh args` in the repository root; returns the exit code and the output
 /// (stdout and stderr together).
@@ -72,16 +70,13 @@ let tests =
             cell["outputs"] <- JsonArray()
             cell["source"] <- JsonArray(JsonValue.Create "if true then failwith \"boom\"")
             nb["cells"].AsArray().Add cell
-            let dir = Directory.CreateTempSubdirectory "vct-notebook-test-"
-            try
-                let broken = Path.Combine(dir.FullName, "zz-broken-cell-check.ipynb")
-                File.WriteAllText(broken, nb.ToJsonString())
-                let code, output = runRunner [ broken ]
-                if code = 3 then failtest (explain code output)
-                Expect.notEqual code 0 $"a notebook with a failing cell must fail the run\n--- output ---\n{output}"
-                Expect.stringContains output "FAILED" $"the failing notebook is reported\n--- output ---\n{output}"
-                Expect.stringContains output "boom" $"the failing cell's error text is printed\n--- output ---\n{output}"
-            finally
-                dir.Delete true
+            use dir = new TempDir("vct-notebook-test")
+            let broken = Path.Combine(dir.Path, "zz-broken-cell-check.ipynb")
+            File.WriteAllText(broken, nb.ToJsonString())
+            let code, output = runRunner [ broken ]
+            if code = 3 then failtest (explain code output)
+            Expect.notEqual code 0 $"a notebook with a failing cell must fail the run\n--- output ---\n{output}"
+            Expect.stringContains output "FAILED" $"the failing notebook is reported\n--- output ---\n{output}"
+            Expect.stringContains output "boom" $"the failing cell's error text is printed\n--- output ---\n{output}"
         }
     ]

@@ -1,3 +1,5 @@
+/// Tests of src/Vct.Core/PixelDecoder: the sine position embedding, multi-scale deformable attention (its sampling
+/// core against an explicit loop, and the official goldens), the encoder and the whole pixel decoder.
 module Vct.Core.Tests.PixelDecoderTests
 
 open System
@@ -6,7 +8,6 @@ open TorchSharp
 open Vct.Core
 open Vct.Core.Platform
 open Vct.Core.Backbone
-open Vct.Core.Fusion
 open Vct.Core.PixelDecoder
 
 let private config = { FsCheckConfig.defaultConfig with maxTest = 40 }
@@ -137,7 +138,7 @@ let decoder =
                 for i in 0 .. 2 do
                     let f = feats[3 - i]
                     Expect.sequenceEqual out.MultiScaleFeatures[i].shape [| 1L; c; f.shape[2]; f.shape[3] |] $"level {i} (coarse to fine)"
-                Expect.isTrue (VisionGolden.same out.EncoderFeatures out.MultiScaleFeatures[0]) "encoder features = coarsest map"
+                Expect.isTrue (Golden.same out.EncoderFeatures out.MultiScaleFeatures[0]) "encoder features = coarsest map"
                 Expect.isTrue (out.MaskFeatures.isfinite().all().item<bool>()) "finite"
 
         test "init per reference: input_proj bias 0, level_embed ~ N(0,1), FPN convs without bias" {
@@ -156,5 +157,74 @@ let decoder =
             let w = sd["adapter_1.weight"]
             let bound = sqrt (3.0f / 128.0f)   // kaiming_uniform a = 1: U(-sqrt(3 / fan_in), +)
             Expect.isLessThanOrEqual (w.abs().max().item<float32>()) (bound + 1e-6f) "c2_xavier_fill bound"
+        }
+    ]
+
+[<Tests>]
+let pixelDecoderGolden =
+    testList "Vision.Golden.PixelDecoder" [
+        test "comp_position_embedding_sine: three shapes" {
+            use g = Golden.vision "comp_position_embedding_sine.pt"
+            for i in 0 .. 2 do
+                let shape = g[$"in.shape{i}"].data<int64>().ToArray()
+                use x = torch.zeros(shape)
+                use pos = PositionEmbedding.sine 128L x
+                Golden.expectClose $"pos{i}" g[$"out.pos{i}"] pos
+        }
+
+        test "comp_msdeformattn: locations, weights and output (with padding mask)" {
+            use g = Golden.vision "comp_msdeformattn.pt"
+            use m = new MSDeformAttn({ DModel = 256L; Levels = 3L; Heads = 8L; Points = 4L })
+            Golden.loadWeights (g.Weights()) (fun _ -> false) m
+            m.eval()
+            use _ = torch.no_grad ()
+            let shapesT = g["in.input_spatial_shapes"].data<int64>().ToArray()
+            let shapes = Array.init 3 (fun l -> shapesT[2 * l], shapesT[2 * l + 1])
+            let loc, wts = m.Locations(g["in.query"], g["in.reference_points"], shapes)
+            Golden.expectClose "sampling_locations" g["out.debug.sampling_locations"] loc
+            Golden.expectClose "attention_weights" g["out.debug.attention_weights"] wts
+            let out = m.Forward(g["in.query"], g["in.reference_points"], g["in.input_flatten"], shapes, Some g["in.input_padding_mask"])
+            Golden.expectClose "output" g["out.output"] out
+        }
+
+        test "vision_encoder_layer: one deformable encoder layer" {
+            use g = Golden.vision "vision_encoder_layer.pt"
+            use layer = new MSDeformAttnEncoderLayer({ Attention = { DModel = 64L; Levels = 3L; Heads = 4L; Points = 4L }; DimFeedforward = 128L; Dropout = 0.0; Layers = 1 })
+            Golden.loadWeights (g.Weights()) (fun _ -> false) layer
+            layer.eval()
+            use _ = torch.no_grad ()
+            let shapesT = g["in.spatial_shapes"].data<int64>().ToArray()
+            let shapes = Array.init 3 (fun l -> shapesT[2 * l], shapesT[2 * l + 1])
+            use refs = MSDeformAttnEncoder.ReferencePoints(shapes, 2L, torch.CPU)
+            Golden.expectClose "reference points" g["in.reference_points"] refs
+            let out = layer.Forward(g["in.src"], g["in.pos"], refs, shapes, None)
+            Golden.expectClose "layer output" g["out.out"] out
+        }
+
+        test "vision_pixel_decoder: mask features, encoder features and the three multi-scale maps" {
+            use g = Golden.vision "vision_pixel_decoder.pt"
+            let cfg =
+                { PixelDecoderConfig.SwinB384 with
+                    InChannels = [| 16L; 32L; 64L; 128L |]; ConvDim = 64L; MaskDim = 64L; NumHeads = 4L; EncLayers = 2
+                    DimFeedforward = 128L }
+            use m = new MSDeformAttnPixelDecoder(cfg)
+            Golden.loadWeights (g.Weights()) (fun _ -> false) m
+            m.eval()
+            use _ = torch.no_grad ()
+            let out = m.Forward [| g["in.res2"]; g["in.res3"]; g["in.res4"]; g["in.res5"] |]
+            Golden.expectClose "mask_features" g["out.mask_features"] out.MaskFeatures
+            Golden.expectClose "encoder features" g["out.encoder_features"] out.EncoderFeatures
+            for i in 0 .. 2 do
+                Golden.expectClose $"multi_scale{i}" g[$"out.multi_scale{i}"] out.MultiScaleFeatures[i]
+        }
+    ]
+
+[<Tests>]
+let stateDict =
+    testList "Vision.StateDict" [
+        test "sem_seg_head.pixel_decoder matches the official manifests" {
+            use pd = new MSDeformAttnPixelDecoder(PixelDecoderConfig.SwinB384)
+            for subset in [ "s4"; "ms3"; "avss" ] do
+                Golden.expectSameRows $"{subset} pixel decoder" (Golden.manifestRows subset "sem_seg_head.pixel_decoder.") (Golden.stateDictRows "" pd)
         }
     ]

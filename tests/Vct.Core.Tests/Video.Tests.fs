@@ -1,3 +1,5 @@
+/// Tests of src/Vct.Core/Video: mask PNGs and overlays, frame sampling, `Predict.run` on videos and image lists (bad
+/// inputs, rotation, alpha, cancellation) against the evaluation path.
 module Vct.Core.Tests.VideoTests
 
 open System
@@ -14,6 +16,7 @@ open Vct.Core.Evaluation
 open Vct.Core.Training
 open Vct.Core.Video
 open Vct.Core.Tests.Golden
+open Vct.Core.Tests.Support
 
 let private ffmpeg (args: string list) =
     let psi = ProcessStartInfo("ffmpeg")
@@ -30,7 +33,7 @@ let private ffprobe (path: string) =
 /// A small synthetic S4 set and a tiny model trained on it for a few iterations (shared by the tests).
 let private trained =
     lazy
-        (let dir = Path.Combine(Path.GetTempPath(), $"vct-video-tests-{Environment.ProcessId}")
+        (let dir = sessionDir "video"
          let data = Path.Combine(dir, "data")
          Synth.generate { SynthOptions.Default Subset.S4 with Train = 8; Val = 3; Test = 1; Size = 32; EvalSize = 32 } data |> ignore
          let cfg =
@@ -251,9 +254,9 @@ let tests =
 
         test "an official-format checkpoint predicts the masks of the forward pass on the same tensors" {
             use _ = torch.NewDisposeScope()
-            let cfg = ModelGoldenTests.smallConfig Subset.S4
+            let cfg = smallConfig Subset.S4
             use model = new VctModel(cfg)
-            Checkpoint.StateDict.loadFileInto ModelGoldenTests.loadOptions (Path.Combine(root.Value, "model", "s4", "model_best.pth")) model |> ignore
+            Checkpoint.StateDict.loadFileInto loadOptions (Path.Combine(root.Value, "model", "s4", "model_best.pth")) model |> ignore
             withTempDir "vct-video-official" (fun dir ->
                 let rng = Random(3)
                 let size = int cfg.ImageSize

@@ -1,4 +1,6 @@
-module Vct.Core.Tests.MetricsTests
+/// Tests of src/Vct.Core/Evaluation: the S4/MS3 and AVSS metrics against the official evaluators, their properties,
+/// `vct score` and the C# facade's evaluator.
+module Vct.Core.Tests.EvaluationTests
 
 open Vct.Core
 open Vct.Core.Platform
@@ -9,8 +11,9 @@ open Expecto
 open FsCheck
 open TorchSharp
 open Vct.Core.Evaluation
+open Vct.Core.Tests.Support
 
-let private goldenDir () = Path.Combine(CliTests.repoRoot.Value, "tests", "golden", "metrics")
+let private goldenDir () = Golden.path [ "metrics" ]
 
 let private expected =
     lazy (JsonDocument.Parse(File.ReadAllText(Path.Combine(goldenDir (), "expected.json"))).RootElement)
@@ -212,7 +215,7 @@ let cli =
     testList "Metrics.Cli" [
         test "vct score prints the golden M_J / M_F as JSON (folder mode)" {
             let d = Path.Combine(goldenDir (), "binary")
-            let code, out, err = CliTests.runVct [ "score"; "--subset"; "s4"; "--scores"; d; "--gt"; d; "--quiet" ]
+            let code, out, err = runVct [ "score"; "--subset"; "s4"; "--scores"; d; "--gt"; d; "--quiet" ]
             Expect.equal code 0 $"exit code; stderr: {err}"
             use doc = JsonDocument.Parse out
             let e = expected.Value.GetProperty "binary_vct"
@@ -222,14 +225,14 @@ let cli =
         }
         test "vct score --avsbench on AVSS pads to 10 frames" {
             let d = Path.Combine(goldenDir (), "avss")
-            let code, out, err = CliTests.runVct [ "score"; "--subset"; "avss"; "--scores"; d; "--gt"; d; "--avsbench"; "--quiet" ]
+            let code, out, err = runVct [ "score"; "--subset"; "avss"; "--scores"; d; "--gt"; d; "--avsbench"; "--quiet" ]
             Expect.equal code 0 $"exit code; stderr: {err}"
             use doc = JsonDocument.Parse out
             close "m_j" (doc.RootElement.GetProperty("m_j").GetDouble()) (expected.Value.GetProperty("avss_avsbench").GetProperty("m_j").GetDouble())
         }
         test "vct score names the file on a shape mismatch and exits non-zero" {
             let d = goldenDir ()
-            let code, _, err = CliTests.runVct [ "score"; "--subset"; "s4"; "--scores"; Path.Combine(d, "binary_all_gt.npy"); "--gt"; Path.Combine(d, "binary_all_gt.npy") ]
+            let code, _, err = runVct [ "score"; "--subset"; "s4"; "--scores"; Path.Combine(d, "binary_all_gt.npy"); "--gt"; Path.Combine(d, "binary_all_gt.npy") ]
             Expect.notEqual code 0 "fails"
             Expect.stringContains err "binary_all_gt.npy" "names the file"
         }
