@@ -43,31 +43,88 @@ let slowSample (value: float32[]) (n: int, m: int, d: int) (shapes: (int64 * int
                                         out[o] <- out[o] + a * tap * float value[((b * s + sIdx) * m + h) * d + c]
     out
 
+/// The sampling `kernel` against `slowSample` on random sizes; locations uniform in [−below, spread − below].
+let private checkAgainstSlow (kernel: Tensor -> (int64 * int64)[] -> Tensor -> Tensor -> Tensor) (spread: float32) (below: float32)
+                             (seed: int) (nl: int) (mh: int) (dd: int) (pp: int) (qq: int) =
+    let rnd = Random(seed)
+    let l = abs nl % 3 + 1
+    let m, d, p, lq = int64 (abs mh % 3 + 1), int64 (abs dd % 4 + 1), int64 (abs pp % 3 + 1), int64 (abs qq % 5 + 1)
+    let shapes = Array.init l (fun _ -> int64 (rnd.Next(1, 7)), int64 (rnd.Next(1, 7)))
+    let s = shapes |> Array.sumBy (fun (h, w) -> h * w)
+    use _ = torch.NewDisposeScope()
+    torch.manual_seed (int64 seed) |> ignore
+    let n = 2L
+    let value = torch.randn(n, s, m, d)
+    let loc = torch.rand([| n; lq; m; int64 l; p; 2L |]) * spread.ToScalar() - below.ToScalar()   // many taps outside
+    let wts = torch.rand([| n; lq; m; int64 l; p |])
+    let fast = kernel value shapes loc wts                                                     // [N, Lq, M*D]
+    let slow =
+        slowSample (value.data<float32>().ToArray()) (int n, int m, int d) shapes (loc.data<float32>().ToArray())
+                   (wts.data<float32>().ToArray()) (int lq, int p)
+    let fa = fast.data<float32>().ToArray()
+    Expect.equal fa.Length slow.Length "output size"
+    for i in 0 .. fa.Length - 1 do
+        let f, e = float fa[i], slow[i]
+        if abs (f - e) > 1e-4 + 1e-4 * abs e then failtest $"element {i}: fast {f}, slow {e} (shapes {shapes})"
+
 [<Tests>]
 let core =
     testList "Vision.PixelDecoder.MsDeformAttnCore" [
         testPropertyWithConfig config "grid_sample core equals explicit bilinear sampling (zeros outside)" <|
             fun (seed: int) (nl: int) (mh: int) (dd: int) (pp: int) (qq: int) ->
+                checkAgainstSlow (MsDeformAttnCore.sampleWith true) 1.6f 0.3f seed nl mh dd pp qq
+
+        testPropertyWithConfig config "gather kernel equals explicit bilinear sampling (zeros outside)" <|
+            fun (seed: int) (nl: int) (mh: int) (dd: int) (pp: int) (qq: int) ->
+                checkAgainstSlow MsDeformAttnCore.sampleGather 1.6f 0.3f seed nl mh dd pp qq
+
+        testPropertyWithConfig config "gather kernel: locations far outside the maps read zeros, as grid_sample" <|
+            fun (seed: int) (nl: int) (mh: int) (dd: int) (pp: int) (qq: int) ->
+                checkAgainstSlow MsDeformAttnCore.sampleGather 7.0f 3.0f seed nl mh dd pp qq
+
+        testPropertyWithConfig fewConfig "gather kernel: gradients for value, locations and weights equal grid_sample's" <|
+            fun (seed: int) (nl: int) (qq: int) ->
                 let rnd = Random(seed)
                 let l = abs nl % 3 + 1
-                let m, d, p, lq = int64 (abs mh % 3 + 1), int64 (abs dd % 4 + 1), int64 (abs pp % 3 + 1), int64 (abs qq % 5 + 1)
-                let shapes = Array.init l (fun _ -> int64 (rnd.Next(1, 7)), int64 (rnd.Next(1, 7)))
+                let m, d, p, lq = 2L, 3L, 2L, int64 (abs qq % 6 + 1)
+                let shapes = Array.init l (fun _ -> int64 (rnd.Next(1, 6)), int64 (rnd.Next(1, 6)))
                 let s = shapes |> Array.sumBy (fun (h, w) -> h * w)
                 use _ = torch.NewDisposeScope()
                 torch.manual_seed (int64 seed) |> ignore
                 let n = 2L
-                let value = torch.randn(n, s, m, d)
-                let loc = torch.rand([| n; lq; m; int64 l; p; 2L |]) * 1.6f.ToScalar() - 0.3f.ToScalar()   // many taps outside
-                let wts = torch.rand([| n; lq; m; int64 l; p |])
-                let fast = MsDeformAttnCore.sample value shapes loc wts                              // [N, Lq, M*D]
-                let slow =
-                    slowSample (value.data<float32>().ToArray()) (int n, int m, int d) shapes (loc.data<float32>().ToArray())
-                               (wts.data<float32>().ToArray()) (int lq, int p)
-                let fa = fast.data<float32>().ToArray()
-                Expect.equal fa.Length slow.Length "output size"
-                for i in 0 .. fa.Length - 1 do
-                    let f, e = float fa[i], slow[i]
-                    if abs (f - e) > 1e-4 + 1e-4 * abs e then failtest $"element {i}: fast {f}, slow {e} (shapes {shapes})"
+                let value0 = torch.randn(n, s, m, d)
+                // random coordinates are almost surely off the integer pixel positions where the location gradients jump
+                let loc0 = torch.rand([| n; lq; m; int64 l; p; 2L |]) * 1.6f.ToScalar() - 0.3f.ToScalar()
+                let wts0 = torch.rand([| n; lq; m; int64 l; p |])
+                let upstream = torch.randn(n, lq, m * d)
+                let grads (kernel: Tensor -> (int64 * int64)[] -> Tensor -> Tensor -> Tensor) =
+                    let value = value0.clone().requires_grad_(true)
+                    let loc = loc0.clone().requires_grad_(true)
+                    let wts = wts0.clone().requires_grad_(true)
+                    let out = kernel value shapes loc wts
+                    (out * upstream).sum().backward()
+                    out.detach(), value.grad.clone(), loc.grad.clone(), wts.grad.clone()
+                let o1, v1, l1, w1 = grads (MsDeformAttnCore.sampleWith true)
+                let o2, v2, l2, w2 = grads MsDeformAttnCore.sampleGather
+                let close name (a: Tensor) (b: Tensor) =
+                    Expect.isTrue (a.allclose(b, rtol = 1e-4, atol = 1e-5)) $"{name}: max diff {(a - b).abs().max().item<float32>()}"
+                close "output" o1 o2
+                close "d value" v1 v2
+                close "d locations" l1 l2
+                close "d weights" w1 w2
+
+        test "gather kernel under bf16 autocast returns the value dtype" {
+            use _ = torch.NewDisposeScope()
+            use _ = torch.inference_mode ()
+            let shapes = [| 3L, 4L; 2L, 2L |]
+            let value = torch.randn(1L, 16L, 2L, 4L)
+            let loc = torch.rand([| 1L; 5L; 2L; 2L; 3L; 2L |])
+            let wts = torch.rand([| 1L; 5L; 2L; 2L; 3L |])
+            let f32 = MsDeformAttnCore.sampleGather value shapes loc wts
+            let b16 = MsDeformAttnCore.sampleGather (value.to_type(torch.bfloat16)) shapes loc wts
+            Expect.equal b16.dtype torch.bfloat16 "dtype of a bf16 value"
+            Expect.isTrue (b16.to_type(torch.float32).allclose(f32, rtol = 2e-2, atol = 2e-2)) "bf16 close to float32"
+        }
 
         testPropertyWithConfig config "inference path (chunked per-level sums) equals the stacked reference sum" <|
             fun (seed: int) (nl: int) (qq: int) (chunk: int) ->
@@ -89,7 +146,7 @@ let core =
                 let fast =
                     try
                         use _ = torch.no_grad ()
-                        MsDeformAttnCore.sample value shapes loc wts
+                        MsDeformAttnCore.sampleWith false value shapes loc wts
                     finally MsDeformAttnCore.sampleChunkElements <- saved
                 Expect.isTrue (fast.allclose(reference, rtol = 1e-5, atol = 1e-6)) $"max diff {(fast - reference).abs().max().item<float32>()}"
 

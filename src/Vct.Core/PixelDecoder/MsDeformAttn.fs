@@ -18,23 +18,29 @@ module MsDeformAttnCore =
     /// Elements of the sampled values [N*M, D, chunk, P] one level holds at a time on the inference path.
     let mutable sampleChunkElements = 1L <<< 20
 
-    /// Bilinear sampling of every head's value maps at the given locations, weighted and summed over levels × points.
-    /// Locations are normalised to [0, 1] (x first); pixel centres sit at (k + 0.5) / size (grid 2·loc − 1 with
-    /// align_corners = false); each bilinear tap outside the map contributes zero (padding "zeros").
-    ///   value: [N, S, M, D], shapes: L levels (H_l, W_l) with Σ H_l W_l = S,
-    ///   locations: [N, Lq, M, L, P, 2], weights: [N, Lq, M, L, P] -> [N, Lq, M*D]
-    let sampleWith (explicitSum: bool) (value: Tensor) (shapes: (int64 * int64)[]) (locations: Tensor) (weights: Tensor) : Tensor =
+    /// Ranks and sizes of the sampling inputs (see `sampleWith`).
+    let private validate (value: Tensor) (shapes: (int64 * int64)[]) (locations: Tensor) (weights: Tensor) =
         Shape.requireRank (nameof value) 4 value
         Shape.requireRank (nameof locations) 6 locations
         Shape.requireRank (nameof weights) 5 weights
-        let n, s, m, d = value.shape[0], value.shape[1], value.shape[2], value.shape[3]
-        let lq, l, p = locations.shape[1], locations.shape[3], locations.shape[4]
+        let s = value.shape[1]
+        let l = locations.shape[3]
         if shapes.Length <> int l then
             invalidArg (nameof shapes) $"{shapes.Length} level shapes for locations {Shape.show locations}"
         if Array.sumBy (fun (h, w) -> h * w) shapes <> s then
             invalidArg (nameof value) $"value {Shape.show value} does not hold the levels {shapes}"
         if weights.shape <> locations.shape[.. 4] then
             invalidArg (nameof weights) $"weights {Shape.show weights} do not match locations {Shape.show locations}"
+
+    /// Bilinear sampling of every head's value maps at the given locations, weighted and summed over levels × points.
+    /// Locations are normalised to [0, 1] (x first); pixel centres sit at (k + 0.5) / size (grid 2·loc − 1 with
+    /// align_corners = false); each bilinear tap outside the map contributes zero (padding "zeros").
+    ///   value: [N, S, M, D], shapes: L levels (H_l, W_l) with Σ H_l W_l = S,
+    ///   locations: [N, Lq, M, L, P, 2], weights: [N, Lq, M, L, P] -> [N, Lq, M*D]
+    let sampleWith (explicitSum: bool) (value: Tensor) (shapes: (int64 * int64)[]) (locations: Tensor) (weights: Tensor) : Tensor =
+        validate value shapes locations weights
+        let n, _, m, d = value.shape[0], value.shape[1], value.shape[2], value.shape[3]
+        let lq, l, p = locations.shape[1], locations.shape[3], locations.shape[4]
         if explicitSum || torch.is_grad_enabled () then
             Scope.run (fun () ->
                 let starts = levelStartIndex shapes
@@ -80,12 +86,81 @@ module MsDeformAttnCore =
                     q0 <- q0 + len
                 out.view(n, m * d, lq).transpose(1L, 2L).contiguous())                          // [N, Lq, M*D]
 
-    /// A/B switch for benchmarks: false makes `sample` use the stacked sum in inference too.
+    /// The same sums as `sampleWith` as one weighted gather of value rows (LibTorch's embedding_bag in sum mode
+    /// with per-sample weights): every (query, head) is a bag of L·P·4 rows of D channels, the 4 bilinear taps of
+    /// each point weighted by tap × attention weight. The rows are contiguous D-vectors of the value in its own
+    /// layout [N, S, M, D], so nothing is transposed and no [N*M, D, Lq, P] sample tensor is made. Each level map
+    /// gets a zero border (1 before, 2 after in x and y) and the continuous pixel coordinate is clamped to
+    /// [−1, size]: inside that range the taps are exactly grid_sample's (taps outside the map read the zero border);
+    /// beyond it every tap of the point reads zeros, as grid_sample's padding "zeros" gives. Differentiable in
+    /// value, locations and weights (embedding_bag's backward for the table and the per-sample weights).
+    ///   value: [N, S, M, D], locations: [N, Lq, M, L, P, 2], weights: [N, Lq, M, L, P] -> [N, Lq, M*D]
+    let sampleGather (value: Tensor) (shapes: (int64 * int64)[]) (locations: Tensor) (weights: Tensor) : Tensor =
+        let n, _, m, d = value.shape[0], value.shape[1], value.shape[2], value.shape[3]
+        let lq, l, p = locations.shape[1], locations.shape[3], locations.shape[4]
+        validate value shapes locations weights
+        Scope.run (fun () ->
+            let dev = value.device
+            let levels (f: int64 * int64 -> float32) = torch.tensor(Array.map f shapes, device = dev).view(1L, 1L, 1L, l, 1L)
+            let starts = levelStartIndex shapes
+            let padded = shapes |> Array.map (fun (h, w) -> h + 3L, w + 3L)
+            let paddedStarts = levelStartIndex padded
+            let sp = padded |> Array.sumBy (fun (h, w) -> h * w)
+            // [N, Sp, M*D]: each level [N, H, W, M*D] with a zero border, rows (n, s, m) of D channels
+            let table =
+                torch.cat(shapes |> Array.mapi (fun lvl (h, w) ->
+                              let v = value.narrow(1L, starts[lvl], h * w).reshape(n, h, w, m * d)
+                              functional.pad(v, [| 0L; 0L; 1L; 2L; 1L; 2L |]).view(n, (h + 3L) * (w + 3L), m * d)), 1L)
+            // continuous pixel coordinates (x, y) = loc · (W, H) − 0.5, clamped to [−1, size]
+            let size = torch.tensor(shapes |> Array.collect (fun (h, w) -> [| float32 w; float32 h |]), device = dev).view(1L, 1L, 1L, l, 1L, 2L)
+            let pix = (locations * size - 0.5f.ToScalar()).clamp_min_(-1.0f.ToScalar()).minimum(size)   // [N, Lq, M, L, P, 2]
+            let corner = pix.floor()
+            let frac = pix - corner
+            // row of the top-left tap: (n·Sp + start_l + (y0 + 1)·Wp + x0 + 1)·M + m, exact in float32 (< 2^24 rows
+            // for any realistic size; checked below)
+            let rows = float (n * sp * m)
+            if rows >= 16777216.0 then invalidOp $"deformable attention: {rows} value rows exceed the exact float32 index range"
+            let wp = levels (fun (_, w) -> float32 (w + 3L))
+            let levelBase = torch.tensor(Array.init shapes.Length (fun i -> float32 (paddedStarts[i] + snd padded[i] + 1L)), device = dev)
+                                .view(1L, 1L, 1L, l, 1L)
+            let frameBase = torch.arange(n.ToScalar(), dtype = torch.float32, device = dev).mul_((float32 sp).ToScalar()).view(n, 1L, 1L, 1L, 1L)
+            let head = torch.arange(m.ToScalar(), dtype = torch.float32, device = dev).view(1L, 1L, m, 1L, 1L)
+            let topLeft =
+                (corner.select(-1L, 1L) * wp).add_(corner.select(-1L, 0L)).add_(levelBase).add_(frameBase)
+                    .mul_((float32 m).ToScalar()).add_(head)                                              // [N, Lq, M, L, P]
+            // the 4 taps (y0 x0, y0 x1, y1 x0, y1 x1) are 0, M, Wp·M, (Wp + 1)·M rows further
+            let step = torch.stack([| torch.zeros_like wp; torch.ones_like wp; wp; wp + 1.0f.ToScalar() |], -1L)
+                           .mul_((float32 m).ToScalar())                                                  // [1, 1, 1, L, 1, 4]
+            let index = (topLeft.unsqueeze(-1L) + step).to_type(torch.int64).view(n * lq * m, l * p * 4L)
+            let fx, fy = frac.select(-1L, 0L), frac.select(-1L, 1L)
+            let a = weights.to_type(pix.dtype)
+            let lower = fy * a                     // row y1
+            let upper = a - lower                  // row y0
+            let tapWeights =
+                torch.stack([| upper - upper * fx; upper * fx; lower - lower * fx; lower * fx |], -1L)
+                    .to_type(value.dtype).view(n * lq * m, l * p * 4L)
+            use bag = EmbeddingBag(1L, 1L, mode = EmbeddingBagMode.Sum)
+            bag.weight <- new Modules.Parameter(table.view(-1L, d).alias(), table.requires_grad)
+            bag.call(index, null, tapWeights).view(n, lq, m * d))
+
+    /// How `sample` computes the sums.
+    type Kernel =
+        /// one weighted gather (`sampleGather`)
+        | Gather
+        /// the reference's grid_sample per level (`sampleWith`): stacked under autograd, chunked in inference
+        | GridSample
+
+    /// A/B switch for benchmarks and tests.
+    let mutable kernel = Gather
+
+    /// A/B switch for benchmarks: false makes the grid_sample kernel use the stacked sum in inference too.
     let mutable chunked = true
 
-    /// The chunked per-level sums in inference, the reference's stacked sum under autograd.
+    /// Multi-scale deformable sampling with the selected kernel (`Gather` unless changed).
     let sample (value: Tensor) (shapes: (int64 * int64)[]) (locations: Tensor) (weights: Tensor) : Tensor =
-        sampleWith (not chunked) value shapes locations weights
+        match kernel with
+        | Gather -> sampleGather value shapes locations weights
+        | GridSample -> sampleWith (not chunked) value shapes locations weights
 
 /// Sizes of one multi-scale deformable attention (official MSDeformAttn(d_model, n_levels, n_heads, n_points)).
 /// A record rather than four positional int64 arguments, so that two sizes cannot be swapped silently.
