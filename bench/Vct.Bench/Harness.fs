@@ -62,6 +62,12 @@ let pythonJson (script: string) (args: string list) =
     JsonDocument.Parse(last).RootElement.Clone()
 
 /// "Debian GNU/Linux 12 (bookworm), 2 cores, AMD EPYC ..." for the report.
+/// The 1-minute load average (VCT_BENCH_LOAD overrides it, for tests of the report text).
+let loadAverage () =
+    match Environment.GetEnvironmentVariable "VCT_BENCH_LOAD" with
+    | null | "" -> (try (IO.File.ReadAllText "/proc/loadavg").Split(' ')[0] with _ -> "?")
+    | s -> s
+
 let machine () =
     let cpu =
         try

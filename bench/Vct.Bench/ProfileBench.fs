@@ -114,10 +114,69 @@ let swinOps (cfg: SwinConfig) (b: int64) (runs: int) =
             h <- (h + 1L) / 2L
     kinds
 
+/// Per-op-kind micro profile of the released pixel decoder on `b` frames at 384 (same shapes and op sequence per
+/// deformable encoder layer and for the FPN, random data), in seconds per pixel-decoder pass. The sampling is timed
+/// with both kernels; the share column uses the selected one.
+let pixelDecoderOps (b: int64) (runs: int) =
+    let kinds = Collections.Generic.Dictionary<string, float>()
+    let add k s = kinds[k] <- (match kinds.TryGetValue k with | true, v -> v | _ -> 0.0) + s
+    use _ = torch.NewDisposeScope()
+    let c, heads, levels, points, ffn, layers = 256L, 8L, 3L, 4L, 1024L, 6.0
+    let shapes = [| 12L, 12L; 24L, 24L; 48L, 48L |]
+    let s = shapes |> Array.sumBy (fun (h, w) -> h * w)
+    let x = torch.randn(b, s, c)
+    let attn = new MSDeformAttn({ DModel = c; Levels = levels; Heads = heads; Points = points })
+    // random offsets of a trained-looking spread (the reset's are regular)
+    let refs = MSDeformAttnEncoder.ReferencePoints(shapes, b, torch.CPU)
+    let loc, wts = attn.Locations(x, refs, shapes)
+    let loc = (loc + torch.randn_like(loc) * 0.05.ToScalar()).contiguous()
+    let value = torch.randn(b, s, heads, c / heads)
+    let lin (i: int64) (o: int64) = Linear(i, o)
+    let valueProj, outputProj, offsets, weights = lin c c, lin c c, lin c (heads * levels * points * 2L), lin c (heads * levels * points)
+    let linear1, linear2 = lin c ffn, lin ffn c
+    let ln = LayerNorm([| c |])
+    let logits = torch.randn(b, s, heads, levels * points)
+    add "GEMM: value/output projections, offsets and weights linears" (layers * timeOf runs (fun () ->
+        valueProj.call x |> ignore
+        outputProj.call x |> ignore
+        offsets.call x |> ignore
+        weights.call x |> ignore))
+    add "GEMM: feed-forward (linear1, linear2) and ReLU" (layers * timeOf runs (fun () -> linear2.call (functional.relu (linear1.call x)) |> ignore))
+    add "sampling locations (reference + offsets / size) and weight softmax" (layers * timeOf runs (fun () ->
+        attn.Locations(x, refs, shapes) |> ignore
+        logits.softmax(-1L) |> ignore))
+    let gather = layers * timeOf runs (fun () -> MsDeformAttnCore.sampleGather value shapes loc wts |> ignore)
+    let grid = layers * timeOf runs (fun () -> MsDeformAttnCore.sampleWith false value shapes loc wts |> ignore)
+    add "deformable sampling" (match MsDeformAttnCore.kernel with MsDeformAttnCore.Gather -> gather | MsDeformAttnCore.GridSample -> grid)
+    add "LayerNorm (norm1, norm2)" (2.0 * layers * timeOf runs (fun () -> ln.call x |> ignore))
+    add "adds (query + pos, residuals)" (3.0 * layers * timeOf runs (fun () -> (x + x) |> ignore))
+    // FPN and projections: input_proj (1x1 conv + GN) on res3..res5, adapter_1 (1x1 + GN) and layer_1 (3x3 + GN + ReLU)
+    // at 1/4, mask_features (1x1) at 1/4, the bilinear upsampling of the 1/8 map
+    let gn = GroupNorm(32L, c)
+    let conv (i: int64) (o: int64) (k: int64) = Conv2d(i, o, k, padding = k / 2L)
+    let proj = [| 1024L, 12L; 512L, 24L; 256L, 48L |] |> Array.map (fun (ci, h) -> conv ci c 1L, torch.randn(b, ci, h, h))
+    let res2 = torch.randn(b, 128L, 96L, 96L)
+    let adapter, layer1, maskFeatures = conv 128L c 1L, conv c c 3L, conv c c 1L
+    let fine = torch.randn(b, c, 96L, 96L)
+    let coarse = torch.randn(b, c, 48L, 48L)
+    add "convolutions: input projections, adapter, 3x3 output conv, mask features" (timeOf runs (fun () ->
+        for cv, t in proj do cv.call t |> ignore
+        adapter.call res2 |> ignore
+        layer1.call fine |> ignore
+        maskFeatures.call fine |> ignore))
+    let projected = proj |> Array.map (fun (_, t) -> torch.randn(b, c, t.shape[2], t.shape[3]))
+    add "GroupNorm (5 maps) and the upsampling" (timeOf runs (fun () ->
+        for t in projected do gn.call t |> ignore
+        gn.call fine |> ignore
+        gn.call fine |> ignore
+        functional.interpolate(coarse, size = [| 96L; 96L |], mode = torch.InterpolationMode.Bilinear, align_corners = false) |> ignore))
+    kinds, gather, grid
+
 let run (repeats: int) =
     torch.set_num_threads 2
     let runs = max 1 repeats
     let frames = 5L
+    let loadBefore = loadAverage ()
     use _ = torch.inference_mode ()
     printfn "profile: GEMM peak"
     let f32 = gemmGflops torch.float32 2048L runs
@@ -162,6 +221,9 @@ let run (repeats: int) =
     printfn "profile: Swin op kinds"
     let ops = swinOps m.Config.Swin frames runs
     let opsTotal = ops.Values |> Seq.sum
+    printfn "profile: pixel decoder op kinds"
+    let pdOps, gatherT, gridT = pixelDecoderOps frames runs
+    let pdOpsTotal = pdOps.Values |> Seq.sum
     let swinGflop = swinFlops m.Config.Swin frames 384L / 1e9
     // Lever A/B runs in this process, interleaved (A, B, A, B) so that load changes hit both sides alike.
     printfn "profile: lever A/B"
@@ -181,27 +243,34 @@ let run (repeats: int) =
     let withChunked on (f: unit -> unit) () =
         MsDeformAttnCore.chunked <- on
         try f () finally MsDeformAttnCore.chunked <- true
+    let withKernel k (f: unit -> unit) () =
+        let saved = MsDeformAttnCore.kernel
+        MsDeformAttnCore.kernel <- k
+        try f () finally MsDeformAttnCore.kernel <- saved
+    let encode () = pd.Transformer.Forward(srcs, pos) |> ignore
     let swin1 () = enc.Backbone.Forward one |> ignore
     let decode () = (m.Head.Predictor.Forward(audio, pix.MultiScaleFeatures, pix.MaskFeatures) :> IDisposable).Dispose()
     let levers =
         [ ab "Swin-B, 1 frame: explicit window attention -> fused SDPA (bias + shift mask as attn_mask)"
               (withFused false swin1) (withFused true swin1)
           ab "transformer decoder, 5 frames: explicit attention -> fused SDPA" (withFused false decode) (withFused true decode)
-          ab "deformable encoder, 5 frames: stacked level sums -> chunked per-level sums"
-              (withChunked false (fun () -> pd.Transformer.Forward(srcs, pos) |> ignore))
-              (withChunked true (fun () -> pd.Transformer.Forward(srcs, pos) |> ignore))
+          ab "deformable encoder, 5 frames: grid_sample, stacked level sums -> chunked per-level sums"
+              (withKernel MsDeformAttnCore.GridSample (withChunked false encode)) (withKernel MsDeformAttnCore.GridSample (withChunked true encode))
+          ab "deformable encoder, 5 frames: grid_sample (chunked) -> one weighted gather (embedding_bag)"
+              (withKernel MsDeformAttnCore.GridSample encode) (withKernel MsDeformAttnCore.Gather encode)
           ab "Swin-B, 1 frame: no_grad -> inference_mode"
               (fun () -> (use _ = torch.inference_mode false in use _ = torch.no_grad () in swin1 ()))
               swin1
           ab "Swin-B, 1 frame: float32 -> bf16 (Precision.run)" swin1 (fun () -> Precision.run Precision.BFloat16 torch.CPU swin1) ]
+    let loadAfter = loadAverage ()
     let md =
         String.concat "\n"
             [ "## Profile of the S4 forward, CPU (speed issue #14)"
               ""
               "Measured " + DateTime.UtcNow.ToString("yyyy-MM-dd HH:mm") + " UTC on " + machine () + "; 2 LibTorch threads; released S4"
               "config, random weights, eval, inference mode, 5 frames at 384 with pre-SAM masks. Stopwatch medians of"
-              $"{runs} runs after a warm-up; each stage timed alone on the same model. Timings taken while other builds"
-              "and tests ran on the same 2 cores, so they are noisy."
+              $"{runs} runs after a warm-up; each stage timed alone on the same model. 1-min load average {loadBefore} at the"
+              $"start, {loadAfter} at the end (2 cores: above about 2.3 something else was running and the figures are noisy)."
               ""
               $"GEMM peak (2048³ matmul): float32 {f32:F0} GFLOP/s, bfloat16 {bf16:F0} GFLOP/s."
               ""
@@ -219,6 +288,15 @@ let run (repeats: int) =
               "| --- | ---: | ---: |"
               yield! [ for kv in ops |> Seq.sortByDescending (fun kv -> kv.Value) -> $"| {kv.Key} | {kv.Value:F3} | {100.0 * kv.Value / opsTotal:F0}%% |" ]
               $"| sum of the op kinds | {opsTotal:F2} | 100%% |"
+              ""
+              "Pixel decoder op kinds per pass on 5 frames (6 deformable encoder layers on 3,024 tokens per frame, then the FPN),"
+              "from micro-runs of the same ops at the same shapes; the deformable sampling with the kernel in use"
+              $"({MsDeformAttnCore.kernel}; grid_sample kernel: {gridT:F3} s, gather kernel: {gatherT:F3} s per pass):"
+              ""
+              "| op kind | s per pixel-decoder pass | share |"
+              "| --- | ---: | ---: |"
+              yield! [ for kv in pdOps |> Seq.sortByDescending (fun kv -> kv.Value) -> $"| {kv.Key} | {kv.Value:F3} | {100.0 * kv.Value / pdOpsTotal:F0}%% |" ]
+              $"| sum of the op kinds | {pdOpsTotal:F2} | 100%% |"
               ""
               "Lever A/B in the same process (best of two interleaved medians each):"
               ""

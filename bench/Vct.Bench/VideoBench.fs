@@ -76,11 +76,6 @@ let private officialForward (repeats: int) =
     finally
         try Directory.Delete(dir, true) with _ -> ()
 
-let private load () =
-    match Environment.GetEnvironmentVariable "VCT_BENCH_LOAD" with
-    | null | "" -> (try (File.ReadAllText "/proc/loadavg").Split(' ')[0] with _ -> "?")
-    | s -> s
-
 let run (repeats: int) =
     // VCT_BENCH_QUICK=1: short clips, to check the suite itself; prints the table instead of writing it.
     let quick = Environment.GetEnvironmentVariable "VCT_BENCH_QUICK" = "1"
@@ -93,7 +88,7 @@ let run (repeats: int) =
     clip short 5 "640x360" 25
     clip long (secs 60) "640x360" 25
     let official = officialForward repeats
-    let loadBefore = load ()
+    let loadBefore = loadAverage ()
     let rows =
         use _ = torch.no_grad ()
         use model = new VctModel(VctConfig.Released Subset.S4)
@@ -109,7 +104,7 @@ let run (repeats: int) =
                 let windows = Math.Ceiling(float r.Frames / 5.0)
                 let off = official * windows
                 $"| {seconds} s clip (640x360, 25 fps), --fps {fps:g} | {r.Frames} | {wall:F1} | {float r.Frames / wall:F2} | {off:F1} | {float r.Frames / off:F2} | {wall / off:F2} |" ]
-    let loadAfter = load ()
+    let loadAfter = loadAverage ()
     // Memory over a one-hour 1080p video: masks + summary streamed (no overlay), then 2 minutes with the overlay.
     let memory =
         use _ = torch.no_grad ()

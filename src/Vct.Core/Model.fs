@@ -91,11 +91,12 @@ type SemSegHead(cfg: VctConfig, gen: torch.Generator) as this =
 
     /// features [| res2; res3; res4; res5 |], audioMaps [BT, 512, 6, 4] -> pixel maps, audio tokens, decoder output
     /// (official: the head's forward, pixel_decoder.forward_features then predictor).
-    member _.Forward(features: Tensor[], audioMaps: Tensor, ?noise: Tensor, ?keepMasks: bool) : HeadOutput =
+    member _.Forward(features: Tensor[], audioMaps: Tensor, ?noise: Tensor, ?keepMasks: bool, ?auxiliary: bool) : HeadOutput =
         let pix = pixel_decoder.Forward features
         let audio = audio_transformation.Forward audioMaps
         { Pixel = pix; Audio = audio
-          Decoder = predictor.Forward(audio, pix.MultiScaleFeatures, pix.MaskFeatures, ?noise = noise, ?keepMasks = keepMasks) }
+          Decoder = predictor.Forward(audio, pix.MultiScaleFeatures, pix.MaskFeatures, ?noise = noise, ?keepMasks = keepMasks,
+                                      ?auxiliary = auxiliary) }
 
 /// The audio of a forward pass: VGGish log-mel examples (the frozen VGGish runs on them), or VGGish maps computed
 /// before (VGGish is frozen, so a trainer computes a clip's maps once and reuses them: the same numbers).
@@ -238,8 +239,9 @@ type VctModel(cfg: VctConfig, gen: torch.Generator) as this =
             maps.index_select(0L, keep)
 
     /// Full forward pass. `keepIntermediates` returns backbone, pixel-decoder and audio tensors; `keepMasks` the
-    /// decoder's per-layer attention masks; `noise` fixes PPQG's Gumbel noise in training.
-    member this.Forward(inputs: VctInputs, ?keepIntermediates: bool, ?keepMasks: bool, ?noise: Tensor) : VctOutput =
+    /// decoder's per-layer attention masks; `noise` fixes PPQG's Gumbel noise in training; `auxiliary` = false
+    /// returns only the last prediction (inference: see VctDecoder.Forward).
+    member this.Forward(inputs: VctInputs, ?keepIntermediates: bool, ?keepMasks: bool, ?noise: Tensor, ?auxiliary: bool) : VctOutput =
         let keepIntermediates = defaultArg keepIntermediates false
         Scope.runOwner (fun () ->
             let images = VctMath.padTo cfg.SizeDivisibility (VctMath.normalise inputs.Images)
@@ -251,7 +253,7 @@ type VctModel(cfg: VctConfig, gen: torch.Generator) as this =
                 | AudioInput.LogMel(examples, flags) -> this.AudioBackboneFeatures(examples.``to``(images.device), flags)
             if audioMaps.shape[0] <> images.shape[0] then
                 invalidArg "inputs" $"{images.shape[0]} frames but {audioMaps.shape[0]} audio examples (after the temporal flags)"
-            let { Pixel = pix; Audio = audio; Decoder = dec } = sem_seg_head.Forward(features, audioMaps, ?noise = noise, ?keepMasks = keepMasks)
+            let { Pixel = pix; Audio = audio; Decoder = dec } = sem_seg_head.Forward(features, audioMaps, ?noise = noise, ?keepMasks = keepMasks, ?auxiliary = auxiliary)
             // Under a lower-precision autocast region (Platform/Precision.fs) the products come out in bfloat16 or
             // float16; callers always get float32.
             let toF32 (t: Tensor) =

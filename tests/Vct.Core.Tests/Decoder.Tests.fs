@@ -67,6 +67,31 @@ let properties =
                 }
         ]
 
+        testList "without auxiliary predictions the last prediction is the same (released widths, random weights)" [
+            for protos in [ Some 23L; None ] ->
+                test (if protos.IsSome then "ProtoVCQ (S4)" else "VCQ (MS3)") {
+                    use _ = torch.NewDisposeScope()
+                    use _ = torch.no_grad ()
+                    torch.manual_seed 3L |> ignore
+                    use dec = new VctDecoder(VctDecoderConfig.Released(2L, protos, 32L, 32L))
+                    dec.eval ()
+                    let bt = 2L
+                    let audio = torch.randn(bt, 256L, 6L, 4L)
+                    let ms = [| torch.randn(bt, 256L, 4L, 4L); torch.randn(bt, 256L, 8L, 8L); torch.randn(bt, 256L, 16L, 16L) |]
+                    let features = torch.randn(bt, 256L, 32L, 32L)
+                    use full = dec.Forward(audio, ms, features, keepMasks = true)
+                    use last = dec.Forward(audio, ms, features, keepMasks = true, auxiliary = false)
+                    Expect.equal last.Predictions.Length 1 "only the last prediction"
+                    Expect.isTrue (last.Last.Logits.allclose(full.Last.Logits, rtol = 1e-4, atol = 1e-4)) "class logits"
+                    Expect.isTrue (last.Last.Masks.allclose(full.Last.Masks, rtol = 1e-4, atol = 1e-3)) "mask logits"
+                    // the steering masks: the same blocked positions except where a logit sits at the threshold
+                    for i, (a, b) in List.indexed (List.zip full.AttentionMasks last.AttentionMasks) do
+                        Expect.sequenceEqual b.shape a.shape $"layer {i} mask shape"
+                        let differ = a.ne(b).to_type(torch.float64).mean().item<float>()
+                        Expect.isLessThan differ 1e-4 $"layer {i}: share of attention-mask entries that differ"
+                }
+        ]
+
         test "decoder state-dict names and shapes equal the official S4 and MS3 manifests" {
             for (subset, protos) in [ "s4", Some 23L; "ms3", None ] do
                 use dec = new VctDecoder(VctDecoderConfig.Released(2L, protos, 96L, 96L))

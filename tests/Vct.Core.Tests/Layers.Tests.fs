@@ -73,4 +73,21 @@ let properties =
             let heads = torch.stack(perBatch, 1L)                                                       // [L, B, C]
             let expectedOut = heads.matmul(sd["out_proj.weight"].t()) + sd["out_proj.bias"]
             Expect.isTrue (out.allclose(expectedOut, rtol = 1e-5, atol = 1e-5)) "same as the explicit formula"
+
+        testProperty "MultiheadAttention: a [B, L, S] mask shared by the heads equals it repeated per head (fused and explicit)" <| fun (seed: int) ->
+            use _ = torch.NewDisposeScope()
+            torch.manual_seed (int64 seed) |> ignore
+            let l, s, b, c, h = 4L, 6L, 3L, 8L, 4L
+            use m = new MultiheadAttention(c, h)
+            let q, k, v = torch.randn(l, b, c), torch.randn(s, b, c), torch.randn(s, b, c)
+            let shared = torch.cat([| torch.zeros(b, l, 1L, dtype = torch.ScalarType.Bool); torch.rand(b, l, s - 1L).lt(0.5.ToScalar()) |], 2L)
+            let perHead = shared.unsqueeze(1L).expand(-1L, h, -1L, -1L).reshape(b * h, l, s)
+            let explicit = m.Forward(q, k, v, Some perHead)          // gradients on: the explicit path
+            let explicitShared = m.Forward(q, k, v, Some shared)
+            use _ = torch.no_grad ()
+            Expect.isTrue (Attention.usesFused ()) "the fused path is on under no_grad"
+            let fusedShared = m.Forward(q, k, v, Some shared)
+            Expect.isTrue (explicitShared.allclose(explicit, rtol = 1e-6, atol = 1e-6)) "explicit path"
+            Expect.isTrue (fusedShared.allclose(explicit, rtol = 1e-5, atol = 1e-5)) "fused path"
+            Expect.throws (fun () -> m.Forward(q, k, v, Some(torch.zeros(b, l, s + 1L, dtype = torch.ScalarType.Bool))) |> ignore) "a wrong mask size"
     ]

@@ -75,6 +75,11 @@ module PredictionHeads =
             let blocked = resized.sigmoid().flatten(2L).lt(0.5.AsScalar)                      // [BT, N, hw]
             blocked.unsqueeze(1L).expand(-1L, numHeads, -1L, -1L).flatten(0L, 1L).contiguous())
 
+    /// The same blocked mask from mask logits already at the attention level's size, once for all heads:
+    /// masks [BT, N, h, w] -> bool [BT, N, h*w] (sigmoid < 0.5 = blocked, detached).
+    let sharedAttentionMask (masks: Tensor) : Tensor =
+        Scope.run (fun () -> masks.detach().sigmoid().flatten(2L).lt(0.5.AsScalar))
+
     /// Rows blocked everywhere are opened completely (the official reset before each visual layer).
     let openFullyMaskedRows (mask: Tensor) : Tensor =
         Scope.run (fun () ->
@@ -135,44 +140,72 @@ type VctDecoder(cfg: VctDecoderConfig, gen: torch.Generator) as this =
 
     /// audio [BT, C, 6, 4]; multiScale = [res5; res4; res3] maps [BT, C, h, w] (low to high resolution);
     /// maskFeatures [BT, C, H, W]. `noise` fixes PPQG's Gumbel noise in training; `keepMasks` returns the
-    /// attention mask of every layer.
-    member this.Forward(audio: Tensor, multiScale: Tensor[], maskFeatures: Tensor, ?noise: Tensor, ?keepMasks: bool) : DecoderOutput =
+    /// attention mask of every layer. `auxiliary` (default true) returns all 1 + DecLayers predictions, the
+    /// official outputs; false returns only the last one, and the intermediate mask logits that only steer the
+    /// next layer's masked attention are computed at that layer's size directly: mask_embed · resize(mask
+    /// features) instead of resize(mask_embed · mask features) (equal, the bilinear resize being linear, up to
+    /// float rounding; 4 to 64 times fewer products), none before an audio layer. Inference uses false.
+    member this.Forward(audio: Tensor, multiScale: Tensor[], maskFeatures: Tensor, ?noise: Tensor, ?keepMasks: bool,
+                        ?auxiliary: bool) : DecoderOutput =
         if multiScale.Length <> 3 then invalidArg (nameof multiScale) $"expected 3 multi-scale maps, got {multiScale.Length}"
         Shape.requireRank (nameof audio) 4 audio
         let keepMasks = defaultArg keepMasks false
+        let auxiliary = defaultArg auxiliary true
         Scope.runOwner (fun () ->
         let bt = audio.shape[0]
         let levels = Array.append [| audio |] multiScale
         let sizes = levels |> Array.map (fun x -> x.shape[2], x.shape[3])
+        // sequence-first [HW, BT, C], contiguous so that each layer's projections read them directly
         let srcs, poss =
             levels
             |> Array.mapi (fun i x ->
-                let pos = PositionEmbedding.sine (d / 2L) x |> fun p -> p.flatten(2L).permute(2L, 0L, 1L) // [HW, BT, C]
+                let pos = PositionEmbedding.sine (d / 2L) x |> fun p -> p.flatten(2L).permute(2L, 0L, 1L).contiguous()
                 let src = x.flatten(2L) + level_embed.weight[int64 i].view(1L, -1L, 1L)
-                src.permute(2L, 0L, 1L), pos)
+                src.permute(2L, 0L, 1L).contiguous(), pos)
             |> Array.unzip
         let queryPos = query_embed.weight.unsqueeze(1L).repeat(1L, bt, 1L)                 // [N, BT, C]
         let vq = visual_query_block.Forward(maskFeatures, ?noise = noise)
         let mutable output = query_feat.weight.unsqueeze(1L).repeat(1L, bt, 1L) + vq.Queries // [N, BT, C]
         let predictions = ResizeArray<Prediction>()
         let masks = ResizeArray<Tensor>()
-        let mutable pred = this.Heads(output, maskFeatures)
-        predictions.Add pred
+        // the mask features resized to each visual level (only without auxiliary predictions)
+        let resizedFeatures =
+            if auxiliary then [||]
+            else sizes |> Array.mapi (fun level (h, w) ->
+                     if level = 0 then null
+                     else functional.interpolate(maskFeatures, [| h; w |], mode = torch.InterpolationMode.Bilinear, align_corners = false))
+        // the mask logits steering the next layer: full predictions [BT, N, H, W], or [BT, N, h, w] at its level
+        let steer (output: Tensor) (nextLevel: int) : Tensor option =
+            if auxiliary then
+                let pred = this.Heads(output, maskFeatures)
+                predictions.Add pred
+                Some pred.Masks
+            elif nextLevel = 0 then None
+            else
+                let x = decoder_norm.call(output).transpose(0L, 1L)                          // [BT, N, C]
+                Some(torch.einsum("bqc,bchw->bqhw", mask_embed.Forward x, resizedFeatures[nextLevel]))
+        let mutable steering = steer output 0
         for i in 0 .. cfg.DecLayers - 1 do
             let level = i % levels.Length
             let mask =
                 if level = 0 then None // audio tokens are never masked
-                else Some(PredictionHeads.openFullyMaskedRows (PredictionHeads.attentionMask cfg.NumHeads sizes[level] pred.Masks))
+                elif auxiliary then
+                    Some(PredictionHeads.openFullyMaskedRows (PredictionHeads.attentionMask cfg.NumHeads sizes[level] steering.Value))
+                else
+                    // one [BT, N, hw] mask for all heads (the rows are the same per head)
+                    Some(PredictionHeads.openFullyMaskedRows (PredictionHeads.sharedAttentionMask steering.Value))
             if keepMasks then
                 masks.Add(
                     match mask with
-                    | Some m -> m
+                    | Some m when m.shape[0] = bt * cfg.NumHeads -> m
+                    | Some m -> m.unsqueeze(1L).expand(-1L, cfg.NumHeads, -1L, -1L).flatten(0L, 1L).contiguous()
                     | None -> torch.zeros([| bt * cfg.NumHeads; cfg.NumQueries; fst sizes[0] * snd sizes[0] |], dtype = torch.ScalarType.Bool, device = audio.device))
             output <- transformer_cross_attention_layers[i].Forward(output, srcs[level], mask, Some poss[level], Some queryPos)
             output <- transformer_self_attention_layers[i].Forward(output, Some queryPos)
             output <- transformer_ffn_layers[i].Forward output
-            pred <- this.Heads(output, maskFeatures)
-            predictions.Add pred
+            if i < cfg.DecLayers - 1 then steering <- steer output ((i + 1) % levels.Length)
+        if auxiliary then steering <- steer output 0
+        else predictions.Add(this.Heads(output, maskFeatures))
         let feats =
             match audio_proj, proto_proj, vq.Prototypes with
             | Some a, Some p, Some protos ->

@@ -106,5 +106,5 @@ module Segment =
         let device = (Seq.head (model.parameters ())).device
         Scope.runOwner (fun () ->
             let inputs = { inputs with Images = inputs.Images.``to``(device); PreMasks = inputs.PreMasks |> Option.map (fun m -> m.``to``(device)) }
-            use out = Precision.run options.Precision device (fun () -> model.Forward(inputs, keepMasks = options.Intermediates))
+            use out = Precision.run options.Precision device (fun () -> model.Forward(inputs, keepMasks = options.Intermediates, auxiliary = false))
             ofOutput model options inputs.TemporalFlags out)

@@ -9,7 +9,8 @@ open Vct.Core.Platform
 /// Multi-head attention with PyTorch's `nn.MultiheadAttention` parameter layout and numerics
 /// (`in_proj_weight` rows [q; k; v], `in_proj_bias`, `out_proj`), sequence-first like the official
 /// decoder: query [L, B, C], key/value [S, B, C] -> [L, B, C].
-/// A boolean `attnMask` [B*h, L, S] (row b*h + head, batch-major) blocks where True.
+/// A boolean `attnMask` blocks where True: [B*h, L, S] (row b*h + head, batch-major, as PyTorch's), or [B, L, S]
+/// for one mask shared by every head (no per-head copy is made).
 type MultiheadAttention(embedDim: int64, numHeads: int64) as this =
     inherit Module("MultiheadAttention")
     do
@@ -30,7 +31,7 @@ type MultiheadAttention(embedDim: int64, numHeads: int64) as this =
 
     member _.NumHeads = numHeads
 
-    /// query [L, B, C], key [S, B, C], value [S, B, C], mask [B*h, L, S] (True = blocked) -> [L, B, C]
+    /// query [L, B, C], key [S, B, C], value [S, B, C], mask [B*h, L, S] or [B, L, S] (True = blocked) -> [L, B, C]
     member _.Forward(query: Tensor, key: Tensor, value: Tensor, attnMask: Tensor option) : Tensor =
         Scope.run (fun () ->
             let l, b = query.shape[0], query.shape[1]
@@ -38,10 +39,12 @@ type MultiheadAttention(embedDim: int64, numHeads: int64) as this =
             let w = in_proj_weight.chunk(3L, 0L)
             let bi = in_proj_bias.chunk(3L, 0L)
             let heads (x: Tensor) (len: int64) = x.reshape(len, b * numHeads, headDim).transpose(0L, 1L) // [B*h, M, d]
-            match attnMask with
-            | Some m when m.shape <> [| b * numHeads; l; s |] ->
-                invalidArg "attnMask" $"attention mask must be [{b * numHeads}, {l}, {s}], got {Shape.show m}"
-            | _ -> ()
+            // the mask as [B, h or 1, L, S]
+            let mask4 =
+                attnMask |> Option.map (fun m ->
+                    if m.shape = [| b * numHeads; l; s |] then m.view(b, numHeads, l, s)
+                    elif m.shape = [| b; l; s |] then m.unsqueeze(1L)
+                    else invalidArg "attnMask" $"attention mask must be [{b * numHeads}, {l}, {s}] or [{b}, {l}, {s}], got {Shape.show m}")
             let q = heads (functional.linear(query, w[0], bi[0])) l
             let k = heads (functional.linear(key, w[1], bi[1])) s
             let v = heads (functional.linear(value, w[2], bi[2])) s
@@ -49,15 +52,14 @@ type MultiheadAttention(embedDim: int64, numHeads: int64) as this =
                 if Attention.usesFused () then
                     // [B*h, M, d] seen as [B, h, M, d]: the fused kernel's 4-D layout (rows b*h + head, batch-major)
                     let as4 (x: Tensor) (len: int64) = x.view(b, numHeads, len, headDim)
-                    let mask = attnMask |> Option.map (fun m -> m.view(b, numHeads, l, s))
-                    (Attention.blocked (as4 q l) (as4 k s) (as4 v s) mask).reshape(b * numHeads, l, headDim)
+                    (Attention.blocked (as4 q l) (as4 k s) (as4 v s) mask4).reshape(b * numHeads, l, headDim)
                 else
                     // NOTE: q is scaled before the product, as torch 1.13's _scaled_dot_product_attention does.
                     let q = q * (1.0 / sqrt (float headDim)).AsScalar
                     let logits = q.bmm(k.transpose(1L, 2L))                               // [B*h, L, S]
                     let logits =
-                        match attnMask with
-                        | Some m -> logits.masked_fill(m, Double.NegativeInfinity.AsScalar)
+                        match mask4 with
+                        | Some m -> logits.view(b, numHeads, l, s).masked_fill(m, Double.NegativeInfinity.AsScalar).view(b * numHeads, l, s)
                         | None -> logits
                     logits.softmax(-1L).bmm(v)                                            // [B*h, L, d]
             let out = out.transpose(0L, 1L).reshape(l * b, embedDim)                      // [L*B, C]
@@ -74,7 +76,7 @@ type CrossAttentionLayer(dModel: int64, nHead: int64) as this =
         use _ = torch.no_grad ()
         this.RegisterComponents()
 
-    /// tgt [L, B, C], memory [S, B, C], mask [B*h, L, S], pos [S, B, C], queryPos [L, B, C] -> [L, B, C]
+    /// tgt [L, B, C], memory [S, B, C], mask [B*h, L, S] or [B, L, S], pos [S, B, C], queryPos [L, B, C] -> [L, B, C]
     member _.Forward(tgt: Tensor, memory: Tensor, memoryMask: Tensor option, pos: Tensor option, queryPos: Tensor option) : Tensor =
         Scope.run (fun () ->
             let withPos (x: Tensor) (p: Tensor option) = match p with Some p -> x + p | None -> x
