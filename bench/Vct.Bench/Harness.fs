@@ -62,6 +62,15 @@ let pythonJson (script: string) (args: string list) =
     JsonDocument.Parse(last).RootElement.Clone()
 
 /// "Debian GNU/Linux 12 (bookworm), 2 cores, AMD EPYC ..." for the report.
+/// Resets the process's peak-RSS counter (Linux: "5" to clear_refs) so VmHWM measures from here.
+let resetPeak () = try File.WriteAllText("/proc/self/clear_refs", "5"); true with _ -> false
+
+let peakMiB () =
+    try
+        File.ReadAllLines "/proc/self/status"
+        |> Array.pick (fun l -> if l.StartsWith "VmHWM:" then Some(float (l.Split(' ', StringSplitOptions.RemoveEmptyEntries)[1]) / 1024.0) else None)
+    with _ -> nan
+
 /// The 1-minute load average (VCT_BENCH_LOAD overrides it, for tests of the report text).
 let loadAverage () =
     match Environment.GetEnvironmentVariable "VCT_BENCH_LOAD" with

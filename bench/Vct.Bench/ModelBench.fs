@@ -12,15 +12,6 @@ open Vct.Core.Platform
 open Vct.Bench.Harness
 open Vct.Core.Fusion
 
-/// Resets the process's peak-RSS counter (Linux: "5" to clear_refs) so VmHWM measures from here.
-let private resetPeak () = try File.WriteAllText("/proc/self/clear_refs", "5"); true with _ -> false
-
-let private peakMiB () =
-    try
-        File.ReadAllLines "/proc/self/status"
-        |> Array.pick (fun l -> if l.StartsWith "VmHWM:" then Some(float (l.Split(' ', StringSplitOptions.RemoveEmptyEntries)[1]) / 1024.0) else None)
-    with _ -> nan
-
 /// (median seconds, peak MiB during the timed runs) of `f`.
 let private measure (warmup: int) (runs: int) (f: unit -> unit) =
     for _ in 1 .. warmup do f ()
@@ -36,6 +27,7 @@ let private officialRef () =
 
 let run (repeats: int) =
     torch.set_num_threads 2
+    let loadBefore = loadAverage ()
     let frames = 5L
     let inputs (preSam: bool) =
         torch.manual_seed 0L |> ignore
@@ -56,17 +48,17 @@ let run (repeats: int) =
         m.eval ()
         let x = inputs preSam
         results[if preSam then "full_presam" else "full_nopresam"] <-
-            measure 1 (max 2 (repeats - 1)) (fun () -> use _ = torch.NewDisposeScope() in (m.Forward x :> IDisposable).Dispose())
+            measure 1 (max 2 (repeats - 1)) (fun () -> use _ = torch.NewDisposeScope() in (m.Forward(x, auxiliary = false) :> IDisposable).Dispose())
         if preSam && bf16Ok then
             printfn "model: ours, full forward, pre-SAM on, bf16"
             results["full_presam_bf16"] <-
                 measure 1 (max 2 (repeats - 1)) (fun () ->
                     use _ = torch.NewDisposeScope()
-                    Precision.run Precision.BFloat16 torch.CPU (fun () -> (m.Forward x :> IDisposable).Dispose()))
+                    Precision.run Precision.BFloat16 torch.CPU (fun () -> (m.Forward(x, auxiliary = false) :> IDisposable).Dispose()))
             // Pixel agreement of the bf16 masks with our float32 masks (same model, same inputs): the model's own
             // masks (0.5), and masks at the float32 median foreground probability (half the pixels on the boundary).
             use _ = torch.NewDisposeScope()
-            let scores (p: Precision) = Precision.run p torch.CPU (fun () -> use o = m.Forward x in (Segment.ofOutput m SegmentOptions.Default None o).Scores)
+            let scores (p: Precision) = Precision.run p torch.CPU (fun () -> use o = m.Forward(x, auxiliary = false) in (Segment.ofOutput m SegmentOptions.Default None o).Scores)
             let s32, s16 = scores Precision.Float32, scores Precision.BFloat16
             let agree (a: Tensor) (b: Tensor) = 100.0 * a.eq(b).to_type(torch.float64).mean().item<float>()
             let f32, f16 = VctMath.foreground s32, VctMath.foreground s16
@@ -91,7 +83,7 @@ let run (repeats: int) =
             results["transformer_decoder"] <-
                 measure 1 repeats (fun () ->
                     use _ = torch.NewDisposeScope()
-                    (m.Head.Predictor.Forward(audio, pix.MultiScaleFeatures, pix.MaskFeatures) :> IDisposable).Dispose())
+                    (m.Head.Predictor.Forward(audio, pix.MultiScaleFeatures, pix.MaskFeatures, auxiliary = false) :> IDisposable).Dispose())
             if bf16Ok then
                 let bf (f: unit -> unit) () = Precision.run Precision.BFloat16 torch.CPU f
                 printfn "model: ours, parts, bf16"
@@ -100,7 +92,7 @@ let run (repeats: int) =
                 results["transformer_decoder_bf16"] <-
                     measure 1 repeats (bf (fun () ->
                         use _ = torch.NewDisposeScope()
-                        (m.Head.Predictor.Forward(audio, pix.MultiScaleFeatures, pix.MaskFeatures) :> IDisposable).Dispose()))
+                        (m.Head.Predictor.Forward(audio, pix.MultiScaleFeatures, pix.MaskFeatures, auxiliary = false) :> IDisposable).Dispose()))
     // The official model, each case in a fresh process, same threads.
     let dir = Path.Combine(Path.GetTempPath(), $"vct-bench-model-{Environment.ProcessId}")
     Directory.CreateDirectory dir |> ignore
@@ -162,7 +154,7 @@ let run (repeats: int) =
         String.concat "\n"
             [ "## Model forward, CPU (model issue, vision issue)"
               ""
-              "Measured " + DateTime.UtcNow.ToString("yyyy-MM-dd") + " on " + machine () + "; 2 LibTorch threads on both sides; official: the shared"
+              "Measured " + DateTime.UtcNow.ToString("yyyy-MM-dd") + " on " + machine () + $"; 1-min load average {loadBefore} before, {loadAverage ()} after; 2 LibTorch threads on both sides; official: the shared"
               "official-ref tool (`time_official.py`: official VCT code, Debian torch 1.13, OpenBLAS, each case in a fresh"
               "process) in the same run. Medians; random weights, eval mode, no gradients. Peak memory: ours is the .NET"
               "process's VmHWM during the timed runs (model already built), the official figure the child's peak RSS."
@@ -173,7 +165,9 @@ let run (repeats: int) =
               ""
               "bf16 rows: ours with `Precision.run Precision.BFloat16` (LibTorch CPU autocast: products in bfloat16, float32"
               "weights and outputs) against the official float32 time of the same case; the official code has no bf16 path."
-              "Ours runs in inference mode with the fused attention kernels (src/Vct.Core/Platform/Attention.fs)."
+              "Ours runs as `Segment.run` does: inference mode, the fused attention kernels (src/Vct.Core/Platform/Attention.fs),"
+              "the gather kernel of the deformable attention (src/Vct.Core/PixelDecoder/MsDeformAttn.fs) and the decoder without"
+              "auxiliary predictions (`auxiliary = false`: the same last prediction; the official eval forward computes all ten)."
               ""
               gemmRow
               ""
