@@ -496,6 +496,16 @@ module ModelGoldenTests =
             try compareAll g rows
             with e when not flips.IsEmpty -> raise (Exception(e.Message + "\nattention-mask flips (near-ties): " + String.Join("; ", flips), e))
         printfn "ModelGolden %A (%s):\n%s" cfg.Subset folder table
+        // The inference configuration of Segment.run (no auxiliary predictions: one attention mask for all heads,
+        // intermediate mask logits at each layer's size) gives the same output within the same tolerance.
+        use lean = m.Forward(inputs, auxiliary = false)
+        Expect.equal lean.Decoder.Predictions.Length 1 "without auxiliary predictions only the last one is returned"
+        let leanScores = (Segment.ofOutput m SegmentOptions.Default flags lean).Scores
+        let leanTable =
+            compareAll g [ "out.pred_logits", 1e-3, lean.Decoder.Last.Logits
+                           "out.pred_masks", 1e-3, lean.Decoder.Last.Masks
+                           "out.sem_seg", 1e-3, leanScores ]
+        printfn "ModelGolden %A without auxiliary predictions:\n%s" cfg.Subset leanTable
 
     let subsets = [ Subset.S4; Subset.MS3; Subset.AVSS ]
     let name (s: Subset) = Golden.subsetName s
