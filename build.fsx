@@ -30,11 +30,18 @@ let extra =
     if rest.Length > 0 && rest[0] = "--" then rest[1..] else rest
 let configuration = "Release"
 
+/// What every program started here gets in its environment: MALLOC_ARENA_MAX=1 makes all threads of a Vct
+/// process share glibc's main heap, which Vct tunes for LibTorch's large tensors (src/Vct.Core/Platform/NativeHeap.fs);
+/// glibc reads it only at process start. VCT_NATIVE_HEAP=system leaves glibc's defaults.
+let launchEnvironment =
+    if String.Equals(Environment.GetEnvironmentVariable "VCT_NATIVE_HEAP", "system", StringComparison.OrdinalIgnoreCase) then []
+    else [ "MALLOC_ARENA_MAX", "1" ]
+
 /// Runs a program in `dir`, streaming its output; returns the exit code.
 let run (dir: string) (exe: string) (arguments: string list) (env: (string * string) list) =
     let psi = ProcessStartInfo(exe, WorkingDirectory = dir, UseShellExecute = false)
     for a in arguments do psi.ArgumentList.Add a
-    for (k, v) in env do psi.Environment[k] <- v
+    for (k, v) in launchEnvironment @ env do psi.Environment[k] <- v
     printfn "> %s %s" exe (String.Join(" ", arguments))
     use p = Process.Start psi
     p.WaitForExit()
@@ -53,6 +60,7 @@ let build () =
 let runCapture (exe: string) (arguments: string list) =
     let psi = ProcessStartInfo(exe, WorkingDirectory = root, UseShellExecute = false, RedirectStandardOutput = true)
     for a in arguments do psi.ArgumentList.Add a
+    for (k, v) in launchEnvironment do psi.Environment[k] <- v
     printfn "> %s %s" exe (String.Join(" ", arguments))
     use p = Process.Start psi
     let lines = ResizeArray<string>()

@@ -42,18 +42,59 @@ let trimNative () =
     GC.WaitForPendingFinalizers()
     Vct.Core.Platform.Runtime.trimNativeHeap ()
 
+/// The environment of a baseline process: glibc's defaults (the official code as its users run it: the
+/// MALLOC_ARENA_MAX that build.fsx gives Vct is removed), or with `tunedHeap` the glibc equivalent of Vct's native
+/// heap settings (src/Vct.Core/Platform/NativeHeap.fs).
+let baselineEnvironment (tunedHeap: bool) (psi: ProcessStartInfo) =
+    for k, _ in Vct.Core.Platform.NativeHeap.equivalentEnvironment do psi.Environment.Remove k |> ignore
+    if tunedHeap then
+        for k, v in Vct.Core.Platform.NativeHeap.equivalentEnvironment do psi.Environment[k] <- v
+
+/// Our native heap settings and the baseline's, for a report's header.
+let heapNote () =
+    $"native heap: ours {Vct.Core.Platform.NativeHeap.probe().Summary}; official: glibc defaults"
+
 /// Runs `/usr/bin/python3 script args` with the repository's bench/python on the path; returns stdout.
 /// Fails with the script's stderr when it exits non-zero.
 let python (script: string) (args: string list) =
     let psi = ProcessStartInfo("/usr/bin/python3", RedirectStandardOutput = true, RedirectStandardError = true)
     psi.ArgumentList.Add(Path.Combine(repoRoot, "bench", "python", script))
     for a in args do psi.ArgumentList.Add a
+    baselineEnvironment false psi
     use p = Process.Start psi
     let out = p.StandardOutput.ReadToEndAsync()
     let err = p.StandardError.ReadToEndAsync()
     p.WaitForExit()
     if p.ExitCode <> 0 then failwithf "python %s %A failed (%d): %s" script args p.ExitCode err.Result
     out.Result
+
+/// The shared official-ref tool's folder (VCT_OFFICIAL_REF overrides it).
+let officialRef () =
+    match Environment.GetEnvironmentVariable "VCT_OFFICIAL_REF" with
+    | null | "" -> Path.GetFullPath(Path.Combine(repoRoot, "..", "shared", "tools", "official-ref"))
+    | p -> p
+
+/// Runs the official-ref tool's `time_official.py` (each case in a fresh process, 2 threads) with `args`;
+/// returns case -> (median seconds, the child's peak RSS in MiB).
+let timeOfficial (tunedHeap: bool) (args: string list) : Map<string, float * float> =
+    let script = Path.Combine(officialRef (), "time_official.py")
+    if not (File.Exists script) then failwithf "official timing script not found: %s (set VCT_OFFICIAL_REF)" script
+    let dir = Directory.CreateTempSubdirectory("vct-bench-official-").FullName
+    try
+        let json = Path.Combine(dir, "timing.json")
+        let psi = ProcessStartInfo("/usr/bin/python3")
+        for a in [ script; "--fresh"; "--no-repeat"; "--threads"; "2"; "--json"; json; "--md"; Path.Combine(dir, "timing.md") ] @ args do
+            psi.ArgumentList.Add a
+        baselineEnvironment tunedHeap psi
+        use p = Process.Start psi
+        p.WaitForExit()
+        if p.ExitCode <> 0 then failwithf "time_official.py failed (%d)" p.ExitCode
+        use doc = JsonDocument.Parse(File.ReadAllText json)
+        [ for r in doc.RootElement.EnumerateArray() ->
+              r.GetProperty("case").GetString(), (r.GetProperty("median_s").GetDouble(), r.GetProperty("peak_rss_mb_process").GetDouble()) ]
+        |> Map.ofList
+    finally
+        try Directory.Delete(dir, true) with _ -> ()
 
 /// Parses the JSON that a baseline script printed on its last line.
 let pythonJson (script: string) (args: string list) =
@@ -63,13 +104,35 @@ let pythonJson (script: string) (args: string list) =
 
 /// "Debian GNU/Linux 12 (bookworm), 2 cores, AMD EPYC ..." for the report.
 /// Resets the process's peak-RSS counter (Linux: "5" to clear_refs) so VmHWM measures from here.
-let resetPeak () = try File.WriteAllText("/proc/self/clear_refs", "5"); true with _ -> false
+/// Prints why when it cannot (then callers fall back on `RssSampler`).
+let resetPeak () =
+    try File.WriteAllText("/proc/self/clear_refs", "5"); true
+    with e ->
+        eprintfn "bench: cannot reset the peak RSS counter (/proc/self/clear_refs): %s" e.Message
+        false
 
 let peakMiB () =
     try
         File.ReadAllLines "/proc/self/status"
         |> Array.pick (fun l -> if l.StartsWith "VmHWM:" then Some(float (l.Split(' ', StringSplitOptions.RemoveEmptyEntries)[1]) / 1024.0) else None)
     with _ -> nan
+
+/// Samples VmRSS every 20 ms on a background thread until disposed; `Peak` is the largest sample (MiB). The fallback
+/// where the kernel's peak counter cannot be reset.
+type RssSampler() =
+    let mutable peak = rssMiB ()
+    let stop = new Threading.CancellationTokenSource()
+    let worker =
+        Threading.Tasks.Task.Run(fun () ->
+            while not stop.IsCancellationRequested do
+                peak <- max peak (rssMiB ())
+                Threading.Thread.Sleep 20)
+    member _.Peak = max peak (rssMiB ())
+    interface IDisposable with
+        member _.Dispose() =
+            stop.Cancel()
+            worker.Wait()
+            stop.Dispose()
 
 /// The 1-minute load average (VCT_BENCH_LOAD overrides it, for tests of the report text).
 let loadAverage () =

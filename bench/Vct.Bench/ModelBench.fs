@@ -20,11 +20,6 @@ let private measure (warmup: int) (runs: int) (f: unit -> unit) =
     let times = time 0 runs f
     median times, (if ok then peakMiB () else nan)
 
-let private officialRef () =
-    match Environment.GetEnvironmentVariable "VCT_OFFICIAL_REF" with
-    | null | "" -> Path.GetFullPath(Path.Combine(repoRoot, "..", "shared", "tools", "official-ref"))
-    | p -> p
-
 let run (repeats: int) =
     torch.set_num_threads 2
     let loadBefore = loadAverage ()
@@ -93,28 +88,15 @@ let run (repeats: int) =
                     measure 1 repeats (bf (fun () ->
                         use _ = torch.NewDisposeScope()
                         (m.Head.Predictor.Forward(audio, pix.MultiScaleFeatures, pix.MaskFeatures, auxiliary = false) :> IDisposable).Dispose()))
-    // The official model, each case in a fresh process, same threads.
-    let dir = Path.Combine(Path.GetTempPath(), $"vct-bench-model-{Environment.ProcessId}")
-    Directory.CreateDirectory dir |> ignore
+    // The official model, each case in a fresh process, same threads; then its full forward once more with the glibc
+    // equivalent of our native heap settings, so that the report shows how much of the gap is the allocator.
+    printfn "model: official (time_official.py)..."
     let official =
-        try
-            let script = Path.Combine(officialRef (), "time_official.py")
-            if not (File.Exists script) then failwithf "official timing script not found: %s (set VCT_OFFICIAL_REF)" script
-            let json = Path.Combine(dir, "timing.json")
-            let psi = Diagnostics.ProcessStartInfo("/usr/bin/python3")
-            for a in [ script; "--fresh"; "--no-repeat"; "--threads"; "2"; "--json"; json; "--md"; Path.Combine(dir, "timing.md")
-                       "--warmup"; "1"; "--runs"; string repeats; "--warmup-full"; "1"; "--runs-full"; string (max 2 (repeats - 1)) ] do
-                psi.ArgumentList.Add a
-            printfn "model: official (time_official.py)..."
-            use p = Diagnostics.Process.Start psi
-            p.WaitForExit()
-            if p.ExitCode <> 0 then failwithf "time_official.py failed (%d)" p.ExitCode
-            use doc = JsonDocument.Parse(File.ReadAllText json)
-            [ for r in doc.RootElement.EnumerateArray() ->
-                  r.GetProperty("case").GetString(), (r.GetProperty("median_s").GetDouble(), r.GetProperty("peak_rss_mb_process").GetDouble()) ]
-            |> Map.ofList
-        finally
-            try Directory.Delete(dir, true) with _ -> ()
+        timeOfficial false [ "--warmup"; "1"; "--runs"; string repeats; "--warmup-full"; "1"; "--runs-full"; string (max 2 (repeats - 1)) ]
+    printfn "model: official full forward with our heap settings (time_official.py full_presam)..."
+    let officialTuned =
+        timeOfficial true [ "--cases"; "full_presam"; "--warmup-full"; "1"; "--runs-full"; string (max 2 (repeats - 1)) ]
+        |> Map.tryFind "full_presam" |> Option.map fst |> Option.defaultValue nan
     printfn "model: official Swin-B 1/5 frames, with and without pre-SAM (swin_official.py)..."
     let swinOfficial = pythonJson "swin_official.py" [ string repeats ]
     let swinRows =
@@ -158,6 +140,7 @@ let run (repeats: int) =
               "official-ref tool (`time_official.py`: official VCT code, Debian torch 1.13, OpenBLAS, each case in a fresh"
               "process) in the same run. Medians; random weights, eval mode, no gradients. Peak memory: ours is the .NET"
               "process's VmHWM during the timed runs (model already built), the official figure the child's peak RSS."
+              $"Allocator: {heapNote ()}."
               ""
               "| case | ours (s) | official (s) | ours / official | ours peak (MiB) | official peak (MiB) |"
               "| --- | ---: | ---: | ---: | ---: | ---: |"
@@ -170,6 +153,13 @@ let run (repeats: int) =
               "auxiliary predictions (`auxiliary = false`: the same last prediction; the official eval forward computes all ten)."
               ""
               gemmRow
+              ""
+              (let ours, _ = results["full_presam"]
+               let official, _ = defaultArg (official.TryFind "full_presam") (nan, nan)
+               let vars = NativeHeap.equivalentEnvironment |> List.map (fun (k, v) -> k + "=" + v) |> String.concat " "
+               $"The official full forward (pre-SAM on) with the glibc equivalent of our heap settings in its environment "
+               + $"({vars}): {officialTuned:F2} s "
+               + $"({officialTuned / official:F2}x its default time; ours / that = {ours / officialTuned:F2}).")
               ""
               "Backbone alone and with the pre-SAM branch (official side: `bench/python/swin_official.py`, same harness, same run):"
               ""

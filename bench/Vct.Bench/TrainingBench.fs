@@ -96,8 +96,11 @@ let run (repeats: int) =
             GC.Collect()
             trimNative ()
             let peakOk = resetPeak ()
+            let sampled = new RssSampler()
             let steps, _, _ = trainRun cfg dkind root []
-            let oursPeak = if peakOk then peakMiB () else nan
+            let hwm = if peakOk then peakMiB () else nan
+            let oursPeak = if Double.IsNaN hwm then sampled.Peak else hwm
+            (sampled :> IDisposable).Dispose()
             let ours = median (List.tail steps)
             let load, _, _ = loading cfg dkind root 4
             let o, peak = official[preset]

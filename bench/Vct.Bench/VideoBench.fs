@@ -58,23 +58,10 @@ let private predict (model: VctModel) (opts: VideoOptions) (video: string) (out:
     r, wall, List.ofSeq samples
 
 let private officialForward (repeats: int) =
-    let script = Path.GetFullPath(Path.Combine(repoRoot, "..", "shared", "tools", "official-ref", "time_official.py"))
-    let script = match Environment.GetEnvironmentVariable "VCT_OFFICIAL_REF" with null | "" -> script | d -> Path.Combine(d, "time_official.py")
-    let dir = Directory.CreateTempSubdirectory("vct-bench-video-official-").FullName
-    try
-        let json = Path.Combine(dir, "timing.json")
-        let psi = ProcessStartInfo("/usr/bin/python3")
-        for a in [ script; "--fresh"; "--no-repeat"; "--threads"; "2"; "--cases"; "full_presam"; "--json"; json; "--md"; Path.Combine(dir, "t.md")
-                   "--warmup-full"; "1"; "--runs-full"; string (max 2 repeats) ] do
-            psi.ArgumentList.Add a
-        printfn "video: official 5-frame forward (time_official.py full_presam)..."
-        use p = Process.Start psi
-        p.WaitForExit()
-        if p.ExitCode <> 0 then failwithf "time_official.py failed (%d)" p.ExitCode
-        use doc = JsonDocument.Parse(File.ReadAllText json)
-        doc.RootElement.EnumerateArray() |> Seq.pick (fun r -> if r.GetProperty("case").GetString() = "full_presam" then Some(r.GetProperty("median_s").GetDouble()) else None)
-    finally
-        try Directory.Delete(dir, true) with _ -> ()
+    printfn "video: official 5-frame forward (time_official.py full_presam)..."
+    match timeOfficial false [ "--cases"; "full_presam"; "--warmup-full"; "1"; "--runs-full"; string (max 2 repeats) ] |> Map.tryFind "full_presam" with
+    | Some(s, _) -> s
+    | None -> failwith "time_official.py reported no full_presam case"
 
 let run (repeats: int) =
     // VCT_BENCH_QUICK=1: short clips, to check the suite itself; prints the table instead of writing it.

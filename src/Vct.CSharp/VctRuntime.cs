@@ -14,9 +14,17 @@ namespace Vct;
 /// <param name="PatchedLibrary">The patched copy that was loaded ("" when none).</param>
 /// <param name="NativeDirectory">The folder LibTorch's natives were loaded from ("" when TorchSharp loaded them itself).</param>
 /// <param name="LibStdCxx">The libstdc++ that was preloaded ("" when none).</param>
+/// <param name="NativeHeap">The native heap settings for LibTorch's CPU tensors, in words: "tuned: ..." (large blocks
+/// stay in glibc's heap: faster, more resident memory), "glibc defaults (VCT_NATIVE_HEAP=system) ..." or "not glibc ...".
+/// Threads other than the one that first initialised Vct share the tuned heap only when the process started with
+/// MALLOC_ARENA_MAX=1 (see <see cref="NativeHeapFromHeapOnPoolThreads"/>).</param>
+/// <param name="NativeHeapFromHeapOnCallingThread">Whether a 96 MB block allocated on the thread that asked came from
+/// the heap (null where it could not be measured).</param>
+/// <param name="NativeHeapFromHeapOnPoolThreads">Whether a 96 MB block allocated on a thread-pool thread came from the
+/// heap (null where it could not be measured).</param>
 public sealed record RuntimeInfo(string VctVersion, string TorchSharpVersion, string LibTorchVersion, string DotNetVersion,
     string Device, bool CudaAvailable, int Threads, string Platform, bool CompatFixApplied, string CompatFixReason,
-    string PatchedLibrary, string NativeDirectory, string LibStdCxx);
+    string PatchedLibrary, string NativeDirectory, string LibStdCxx, string NativeHeap, bool? NativeHeapFromHeapOnCallingThread, bool? NativeHeapFromHeapOnPoolThreads);
 
 /// <summary>Runtime set-up and environment information for C# callers.</summary>
 public static class VctRuntime
@@ -33,7 +41,9 @@ public static class VctRuntime
         var i = Vct.Core.Api.systemInfo();
         var r = i.Runtime;
         return new RuntimeInfo(i.VctVersion, i.TorchSharpVersion, i.LibTorchVersion, i.DotNetVersion, i.Device, i.CudaAvailable, i.Threads,
-            r.Platform, r.CompatFixApplied, r.CompatFixReason, r.PatchedLibrary, r.NativeDirectory, r.LibStdCxx);
+            r.Platform, r.CompatFixApplied, r.CompatFixReason, r.PatchedLibrary, r.NativeDirectory, r.LibStdCxx,
+            i.NativeHeap.Summary, Microsoft.FSharp.Core.OptionModule.ToNullable(i.NativeHeap.CallingThreadFromHeap),
+            Microsoft.FSharp.Core.OptionModule.ToNullable(i.NativeHeap.PoolThreadFromHeap));
     }
 
     /// <summary>Resolves "auto", "cpu", "cuda" or "cuda:N" to a TorchSharp device.</summary>

@@ -37,6 +37,9 @@ internal static class InfoCommand
                     patched_library = info.PatchedLibrary,
                     native_directory = info.NativeDirectory,
                     libstdcxx = info.LibStdCxx,
+                    native_heap = info.NativeHeap,
+                    native_heap_main_thread_from_heap = info.NativeHeapFromHeapOnCallingThread,
+                    native_heap_pool_threads_from_heap = info.NativeHeapFromHeapOnPoolThreads,
                 }, new JsonSerializerOptions { WriteIndented = true }));
                 return 0;
             }
@@ -50,6 +53,11 @@ internal static class InfoCommand
             if (info.PatchedLibrary.Length > 0) Console.WriteLine($"  patched    {info.PatchedLibrary}");
             if (info.NativeDirectory.Length > 0) Console.WriteLine($"  LibTorch   {info.NativeDirectory}");
             if (info.LibStdCxx.Length > 0) Console.WriteLine($"  libstdc++  {info.LibStdCxx}");
+            Console.WriteLine($"Native heap  {info.NativeHeap}");
+            if (info.NativeHeapFromHeapOnCallingThread is bool main)
+                Console.WriteLine($"  main thread: large blocks {(main ? "from the heap" : "mmap'd")}");
+            if (info.NativeHeapFromHeapOnPoolThreads is bool pool)
+                Console.WriteLine($"  pool threads: large blocks {(pool ? "from the heap" : "mmap'd (start with MALLOC_ARENA_MAX=1 to share the heap)")}");
             return 0;
         });
         return cmd;

@@ -14,7 +14,9 @@ type SystemInfo =
       Device: string
       CudaAvailable: bool
       Threads: int
-      Runtime: RuntimeReport }
+      Runtime: RuntimeReport
+      /// Where LibTorch's large CPU tensors come from (`NativeHeap.probe`).
+      NativeHeap: NativeHeapReport }
 
 /// The F# entry points that the C# facade, the CLI and notebooks call.
 [<RequireQualifiedAccess>]
@@ -35,7 +37,8 @@ module Api =
           Device = (if cuda then "cuda" else "cpu")
           CudaAvailable = cuda
           Threads = torch.get_num_threads ()
-          Runtime = report }
+          Runtime = report
+          NativeHeap = NativeHeap.probe () }
 
 /// Inference entry points.
 [<RequireQualifiedAccess>]

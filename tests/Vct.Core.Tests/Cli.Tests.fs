@@ -30,6 +30,30 @@ let tests =
             Expect.isNotEmpty (r.GetProperty("compat_fix_reason").GetString()) "a reason"
         }
 
+        test "the native heap keeps large tensors in glibc's heap on the main thread unless VCT_NATIVE_HEAP=system" {
+            // A 96 MB block is above glibc's largest mmap threshold: by default it is mmap'd fresh on every allocation.
+            let info (env: (string * string) list) =
+                let psi = cliStartInfo [ "info"; "--json" ]
+                for k in [ "MALLOC_ARENA_MAX"; "VCT_NATIVE_HEAP"; "VCT_DEBUG" ] do psi.Environment.Remove k |> ignore
+                for k, v in env do psi.Environment[k] <- v
+                match runProcessWithin 120 psi with
+                | Some(0, out, _) -> JsonDocument.Parse(out).RootElement.Clone()
+                | Some(code, _, err) -> failtestf "vct info exited %d: %s" code err
+                | None -> failtest "vct info did not end within 120 s"
+            let fromHeap (r: JsonElement) (thread: string) =
+                let p = r.GetProperty $"native_heap_{thread}_from_heap"
+                if p.ValueKind = JsonValueKind.Null then failtest "the probe could not measure (not glibc?)" else p.GetBoolean()
+            let tuned = info []
+            Expect.stringStarts (tuned.GetProperty("native_heap").GetString()) "tuned" "tuned by default"
+            Expect.isTrue (fromHeap tuned "main_thread") "main thread: from the heap"
+            Expect.isFalse (fromHeap tuned "pool_threads") "pool threads have their own arenas, which mmap such blocks"
+            let shared = info [ "MALLOC_ARENA_MAX", "1" ]
+            Expect.isTrue (fromHeap shared "pool_threads") "with MALLOC_ARENA_MAX=1 (as build.fsx starts processes) every thread uses the tuned heap"
+            let system = info [ "VCT_NATIVE_HEAP", "system" ]
+            Expect.stringStarts (system.GetProperty("native_heap").GetString()) "glibc defaults" "named"
+            Expect.isFalse (fromHeap system "main_thread") "glibc's default mmaps the block"
+        }
+
         test "the C# facade reports what the F# API reports" {
             let viaFacade = Vct.VctRuntime.Info()
             let viaApi = Vct.Core.Api.systemInfo ()
@@ -37,6 +61,7 @@ let tests =
                          (viaApi.VctVersion, viaApi.TorchSharpVersion, viaApi.LibTorchVersion, viaApi.Device, viaApi.Threads) "same versions, device, threads"
             Expect.equal (viaFacade.Platform, viaFacade.CompatFixApplied, viaFacade.CompatFixReason)
                          (viaApi.Runtime.Platform, viaApi.Runtime.CompatFixApplied, viaApi.Runtime.CompatFixReason) "same runtime set-up"
+            Expect.equal (viaFacade.NativeHeap, viaFacade.NativeHeapFromHeapOnPoolThreads.HasValue) (viaApi.NativeHeap.Summary, viaApi.NativeHeap.PoolThreadFromHeap.IsSome) "same native heap"
             Expect.equal (Vct.VctRuntime.ResolveDevice "cpu").``type`` TorchSharp.DeviceType.CPU "device"
         }
 

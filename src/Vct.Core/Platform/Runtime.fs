@@ -217,7 +217,8 @@ module Runtime =
 
     let private state =
         lazy
-            (let report =
+            (NativeHeap.configure () |> ignore
+             let report =
                 if RuntimeInformation.IsOSPlatform OSPlatform.Linux then linuxInit ()
                 else
                     { Platform = $"{RuntimeInformation.OSDescription} {RuntimeInformation.ProcessArchitecture}"
@@ -230,5 +231,6 @@ module Runtime =
                  fail $"TorchSharp failed to load its native library ({report.CompatFixReason}): {e.Message}"
              report)
 
-    /// Prepares the native libraries; idempotent and thread-safe. Every public entry point calls it.
+    /// Prepares the native libraries and the native heap (`NativeHeap.configure`); idempotent and thread-safe.
+    /// Every public entry point calls it.
     let init () : RuntimeReport = state.Force()
