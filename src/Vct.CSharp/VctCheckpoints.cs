@@ -57,7 +57,7 @@ public sealed record ForwardOptions
     public bool Intermediates { get; init; }
     /// <summary>"auto", "cpu", "cuda" or "cuda:N".</summary>
     public string Device { get; init => field = VctDevices.Validate(value); } = "auto";
-    /// <summary>Numeric precision (only float32 so far; see <see cref="SegmenterOptions.Precision"/>).</summary>
+    /// <summary>Numeric precision of the forward pass (as <see cref="SegmenterOptions.Precision"/>).</summary>
     public VctPrecision Precision { get; init; } = VctPrecision.Float32;
 }
 

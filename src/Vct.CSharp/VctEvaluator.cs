@@ -21,6 +21,10 @@ public sealed record EvaluationOptions
     public int Workers { get; init; } = Environment.ProcessorCount;
     /// <summary>"auto", "cpu", "cuda" or "cuda:N".</summary>
     public string Device { get; init => field = VctDevices.Validate(value); } = "auto";
+    /// <summary>Arithmetic of the forward pass (default float32, the precision of the goldens). Reduced precisions are
+    /// refused with <see cref="NotSupportedException"/> where the device cannot run them (bf16 needs a CPU with AVX-512
+    /// BF16 or a CUDA device; fp16 needs CUDA).</summary>
+    public VctPrecision Precision { get; init; } = VctPrecision.Float32;
 }
 
 /// <summary>The official metrics of one video.</summary>
@@ -42,6 +46,9 @@ public sealed record VideoMetrics(string Id, int Frames, double J, double F);
 public sealed record EvaluationResult(string Checkpoint, VctSplit Split, int Videos, double MJ, double MF,
     double? MJAudioShuffled, double? MFAudioShuffled, IReadOnlyList<VideoMetrics> PerVideo)
 {
+    /// <summary>The forward pass's precision (summary.json's "precision": fp32, bf16 or fp16).</summary>
+    public VctPrecision Precision { get; init; } = VctPrecision.Float32;
+
     /// <summary>The summary as <c>vct eval</c> writes it to summary.json (checkpoint, split, videos, m_j, m_f, and the control's values).</summary>
     public string ToJson()
     {
@@ -52,6 +59,7 @@ public sealed record EvaluationResult(string Checkpoint, VctSplit Split, int Vid
             ["videos"] = Videos,
             ["m_j"] = MJ,
             ["m_f"] = MF,
+            ["precision"] = Precision switch { VctPrecision.BFloat16 => "bf16", VctPrecision.Float16 => "fp16", _ => "fp32" },
         };
         if (MJAudioShuffled is double mj) json["m_j_audio_shuffled"] = mj;
         if (MFAudioShuffled is double mf) json["m_f_audio_shuffled"] = mf;
@@ -119,6 +127,7 @@ public static class VctEvaluator
         ArgumentException.ThrowIfNullOrEmpty(data);
         options ??= new EvaluationOptions();
         var split = options.Split.Name();
+        VctTypeConversions.CheckPrecision(options.Precision, VctRuntime.ResolveDevice(options.Device));
         var (model, _, _) = ModelLoading.Load(checkpoint, options.Subset, options.Device);
         using (model)
         {
@@ -128,15 +137,16 @@ public static class VctEvaluator
             var workers = Math.Max(1, options.Workers);
             using var audio = new TrainData.AudioCache(model);
             cancellationToken.ThrowIfCancellationRequested();
-            var summary = Validation.evaluate(model, audio, records, false, workers);
+            var summary = Validation.evaluateIn(options.Precision.ToCore(), model, audio, records, false, workers);
             double? mjShuffled = null, mfShuffled = null;
             if (options.AudioShuffled)
             {
                 cancellationToken.ThrowIfCancellationRequested();
-                var control = Validation.evaluate(model, audio, records, true, workers);
+                var control = Validation.evaluateIn(options.Precision.ToCore(), model, audio, records, true, workers);
                 (mjShuffled, mfShuffled) = (control.MJ, control.MF);
             }
-            return new EvaluationResult(checkpoint, options.Split, records.Length, summary.MJ, summary.MF, mjShuffled, mfShuffled, Videos(summary));
+            return new EvaluationResult(checkpoint, options.Split, records.Length, summary.MJ, summary.MF, mjShuffled, mfShuffled, Videos(summary))
+                { Precision = options.Precision };
         }
     }
 

@@ -12,7 +12,9 @@ public sealed record SegmenterOptions
     /// <summary>"auto" (CUDA when available), "cpu", "cuda" or "cuda:N"; anything else is refused when set.</summary>
     public string Device { get; init => field = VctDevices.Validate(value); } = "auto";
 
-    /// <summary>Numeric precision of the forward pass (default float32). Reduced precisions are refused by <see cref="VctSegmenter.Load"/> with <see cref="NotSupportedException"/> until the core provides them.</summary>
+    /// <summary>Numeric precision of the forward pass (default float32). bf16 runs the products in bfloat16 under LibTorch's
+    /// autocast (a CPU with AVX-512 BF16 or AMX, or CUDA); fp16 needs CUDA. Where the device cannot, <see cref="VctSegmenter.Load"/>
+    /// refuses it with a one-line <see cref="NotSupportedException"/>. Outputs are float32 always.</summary>
     public VctPrecision Precision { get; init; } = VctPrecision.Float32;
 
     /// <summary>The released configuration of an official PyTorch checkpoint (.pth): required for those, ignored for Vct checkpoints.</summary>

@@ -14,10 +14,11 @@ internal static class EvalCommand
         var output = new Option<string>("--out") { Description = "Output folder for per_video.csv and summary.json", Required = true };
         var shuffled = new Option<bool>("--audio-shuffled") { Description = "Also evaluate with each video's audio swapped for another's (a listening control)" };
         var workers = new Option<int>("--workers") { Description = "Decoding workers", DefaultValueFactory = _ => Environment.ProcessorCount };
+        var precision = CommonOptions.Precision();
         var device = CommonOptions.Device();
         var threads = CommonOptions.Threads();
         var cmd = new Command("eval", "Evaluate a checkpoint on a dataset split with the official VCT metrics (M_J, M_F)");
-        foreach (var o in new Option[] { checkpoint, subset, data, split, output, shuffled, workers, device, threads }) cmd.Options.Add(o);
+        foreach (var o in new Option[] { checkpoint, subset, data, split, output, shuffled, workers, precision, device, threads }) cmd.Options.Add(o);
         cmd.SetAction(parse =>
         {
             CommonOptions.Apply(parse.GetValue(threads));
@@ -29,6 +30,7 @@ internal static class EvalCommand
                 AudioShuffled = parse.GetValue(shuffled),
                 Workers = parse.GetValue(workers),
                 Device = parse.GetValue(device)!,
+                Precision = CommonOptions.ParsePrecision(parse.GetValue(precision)!),
             };
             // The summary names the checkpoint as it was given (a hub reference stays one).
             var result = VctEvaluator.Evaluate(WeightsCommand.Resolve(reference)!, parse.GetValue(data)!, options, line => Console.Error.WriteLine(line))

@@ -202,6 +202,41 @@ module FailuresTests =
                 |> expectOneLine $"{folder}: no <id>_scores.npy files"
             }
 
+            test "vct eval --precision bf16 scores like fp32 where the CPU can; fp16 on the CPU is refused in one line" {
+                use tmp = new TempDir("vct-eval-precision")
+                let dir = tmp.Path
+                let data = Path.Combine(dir, "data")
+                Synth.generate { SynthOptions.Default Subset.S4 with Train = 1; Val = 0; Test = 2; Size = 32; EvalSize = 32 } data |> ignore
+                let ckpt = tinyCheckpoint dir
+                let eval (precision: string) =
+                    let out = Path.Combine(dir, $"o-{precision}")
+                    let code, stdout, err = runVct [ "eval"; "--checkpoint"; ckpt; "--data"; data; "--out"; out; "--device"; "cpu"; "--precision"; precision ]
+                    code, stdout, err, out
+                let code, stdout, err, _ = eval "fp32"
+                Expect.equal code 0 $"fp32 eval; stderr: {err}"
+                use fp32 = JsonDocument.Parse stdout
+                Expect.equal (fp32.RootElement.GetProperty("precision").GetString()) "fp32" "summary names the precision"
+                match Vct.Core.Platform.Precision.unsupportedReason TorchSharp.torch.CPU Vct.Core.Platform.Precision.BFloat16 with
+                | None ->
+                    let code, stdout, err, _ = eval "bf16"
+                    Expect.equal code 0 $"bf16 eval; stderr: {err}"
+                    use bf16 = JsonDocument.Parse stdout
+                    Expect.equal (bf16.RootElement.GetProperty("precision").GetString()) "bf16" "summary names the precision"
+                    let mj (d: JsonDocument) = d.RootElement.GetProperty("m_j").GetDouble()
+                    Expect.isLessThan (abs (mj bf16 - mj fp32)) 0.02 "bf16 M_J close to fp32 on the tiny model"
+                | Some why ->
+                    let code, _, err, out = eval "bf16"
+                    Expect.equal code 1 "refused"
+                    Expect.stringContains err why "the reason"
+                    Expect.isFalse (Directory.Exists out) "nothing written"
+                let code, _, err, out = eval "fp16"
+                Expect.equal code 1 "fp16 on the CPU refused"
+                let lines = err.Split('\n', StringSplitOptions.RemoveEmptyEntries)
+                Expect.equal lines.Length 1 $"one line, got {err}"
+                Expect.stringContains err "fp16 is not supported on the CPU" "names the problem"
+                Expect.isFalse (Directory.Exists out) "nothing written"
+            }
+
             test "vct eval on an empty split says so; no NaN reaches the JSON" {
                 use tmp = new TempDir("vct-fail-eval")
                 let dir = tmp.Path

@@ -150,6 +150,28 @@ let core =
                     finally MsDeformAttnCore.sampleChunkElements <- saved
                 Expect.isTrue (fast.allclose(reference, rtol = 1e-5, atol = 1e-6)) $"max diff {(fast - reference).abs().max().item<float32>()}"
 
+        testPropertyWithConfig fewConfig "MSDeformAttn inference (gather in pixel coordinates) equals the reference grid_sample forward" <|
+            fun (seed: int) ->
+                let rnd = Random(seed)
+                use _ = torch.NewDisposeScope()
+                torch.manual_seed (int64 seed) |> ignore
+                let shapes = Array.init 2 (fun _ -> int64 (rnd.Next(1, 8)), int64 (rnd.Next(1, 8)))
+                let s = shapes |> Array.sumBy (fun (h, w) -> h * w)
+                use m = new MSDeformAttn({ DModel = 16L; Levels = 2L; Heads = 2L; Points = 3L })
+                // offsets of a few pixels in every direction, so that points leave the maps too
+                for KeyValue(name, prm) in m.state_dict () do
+                    if name.StartsWith "sampling_offsets" || name.StartsWith "attention_weights" then
+                        use _ = torch.no_grad ()
+                        prm.copy_(torch.randn_like prm * 2.0f.ToScalar()) |> ignore
+                let n, lq = 2L, 7L
+                let query, input = torch.randn(n, lq, 16L), torch.randn(n, s, 16L)
+                let reference = torch.rand(n, lq, 2L, 2L) * 1.4f.ToScalar() - 0.2f.ToScalar()
+                let slow = m.Forward(query, reference, input, shapes, None).detach()    // autograd on: grid_sample
+                let fast =
+                    use _ = torch.no_grad ()
+                    m.Forward(query, reference, input, shapes, None)
+                Expect.isTrue (fast.allclose(slow, rtol = 1e-4, atol = 1e-5)) $"max diff {(fast - slow).abs().max().item<float32>()}"
+
         test "level start index" {
             Expect.sequenceEqual (MsDeformAttnCore.levelStartIndex [| 12L, 12L; 24L, 24L; 48L, 48L |]) [| 0L; 144L; 720L |] "Swin-B 384"
         }

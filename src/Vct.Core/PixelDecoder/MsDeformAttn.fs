@@ -86,6 +86,61 @@ module MsDeformAttnCore =
                     q0 <- q0 + len
                 out.view(n, m * d, lq).transpose(1L, 2L).contiguous())                          // [N, Lq, M*D]
 
+    /// (W_l, H_l) per level as [1, 1, 1, L, 1, 2] (x first).
+    let pixelScale (shapes: (int64 * int64)[]) (device: torch.Device) =
+        torch.tensor(shapes |> Array.collect (fun (h, w) -> [| float32 w; float32 h |]), device = device).view(1L, 1L, 1L, shapes.Length, 1L, 2L)
+
+    /// `sampleGather` on continuous pixel coordinates: pixels [N, Lq, M, L, P, 2] = location · (W_l, H_l) − 0.5
+    /// (x first; pixel centres at integers). Consumes `pixels` (it is clamped and floored in place).
+    let sampleGatherPixels (value: Tensor) (shapes: (int64 * int64)[]) (pixels: Tensor) (weights: Tensor) : Tensor =
+        let n, _, m, d = value.shape[0], value.shape[1], value.shape[2], value.shape[3]
+        let lq, l, p = pixels.shape[1], pixels.shape[3], pixels.shape[4]
+        validate value shapes pixels weights
+        Scope.run (fun () ->
+            let dev = value.device
+            let starts = levelStartIndex shapes
+            let padded = shapes |> Array.map (fun (h, w) -> h + 3L, w + 3L)
+            let paddedStarts = levelStartIndex padded
+            let sp = padded |> Array.sumBy (fun (h, w) -> h * w)
+            // [N, Sp, M*D]: each level [N, H, W, M*D] with a zero border, rows (n, s, m) of D channels
+            let table =
+                torch.cat(shapes |> Array.mapi (fun lvl (h, w) ->
+                              let v = value.narrow(1L, starts[lvl], h * w).reshape(n, h, w, m * d)
+                              functional.pad(v, [| 0L; 0L; 1L; 2L; 1L; 2L |]).view(n, (h + 3L) * (w + 3L), m * d)), 1L)
+            // pixel coordinates clamped to [−1, size]; corner = floor, frac = the rest (in place)
+            let size = pixelScale shapes dev
+            let pix = pixels.clamp_min_(-1.0f.ToScalar()).minimum(size)                            // [N, Lq, M, L, P, 2]
+            let corner = pix.floor()
+            let frac = pix.sub_(corner)
+            // row of the top-left tap: (n·Sp + start_l + (y0 + 1)·Wp + x0 + 1)·M + m, exact in float32 (< 2^24 rows
+            // for any realistic size; checked here)
+            let rows = float (n * sp * m)
+            if rows >= 16777216.0 then invalidOp $"deformable attention: {rows} value rows exceed the exact float32 index range"
+            let wp = torch.tensor(shapes |> Array.map (fun (_, w) -> float32 (w + 3L)), device = dev).view(1L, 1L, 1L, l, 1L)
+            // (n·Sp + start_l + Wp + 1)·M + m for every (n, m, level): [N, 1, M, L, 1]
+            let levelBase = torch.tensor(Array.init shapes.Length (fun i -> float32 (paddedStarts[i] + snd padded[i] + 1L)), device = dev)
+                                .view(1L, 1L, 1L, l, 1L)
+            let frameBase = torch.arange(n.ToScalar(), dtype = torch.float32, device = dev).mul_((float32 sp).ToScalar()).view(n, 1L, 1L, 1L, 1L)
+            let head = torch.arange(m.ToScalar(), dtype = torch.float32, device = dev).view(1L, 1L, m, 1L, 1L)
+            let rowBase = (levelBase + frameBase).mul_((float32 m).ToScalar()) + head                         // [N, 1, M, L, 1]
+            let topLeft =
+                (corner.select(-1L, 1L) * (wp * float32 m)).add_(corner.select(-1L, 0L) * float32 m).add_(rowBase)   // [N, Lq, M, L, P]
+            // the 4 taps (y0 x0, y0 x1, y1 x0, y1 x1) are 0, M, Wp·M, (Wp + 1)·M rows further
+            let step = torch.stack([| torch.zeros_like wp; torch.ones_like wp; wp; wp + 1.0f.ToScalar() |], -1L)
+                           .mul_((float32 m).ToScalar())                                                  // [1, 1, 1, L, 1, 4]
+            let index = (topLeft.unsqueeze(-1L) + step).to_type(torch.int64).view(n * lq * m, l * p * 4L)
+            let fx, fy = frac.select(-1L, 0L), frac.select(-1L, 1L)
+            let a = weights.to_type(pix.dtype)
+            let lower = fy * a                     // row y1
+            let upper = a.sub(lower)               // row y0
+            let ux, lx = upper * fx, lower * fx
+            let tapWeights =
+                torch.stack([| upper - ux; ux; lower - lx; lx |], -1L)
+                    .to_type(value.dtype).view(n * lq * m, l * p * 4L)
+            use bag = EmbeddingBag(1L, 1L, mode = EmbeddingBagMode.Sum)
+            bag.weight <- new Modules.Parameter(table.view(-1L, d).alias(), table.requires_grad)
+            bag.call(index, null, tapWeights).view(n, lq, m * d))
+
     /// The same sums as `sampleWith` as one weighted gather of value rows (LibTorch's embedding_bag in sum mode
     /// with per-sample weights): every (query, head) is a bag of L·P·4 rows of D channels, the 4 bilinear taps of
     /// each point weighted by tap × attention weight. The rows are contiguous D-vectors of the value in its own
@@ -96,52 +151,10 @@ module MsDeformAttnCore =
     /// value, locations and weights (embedding_bag's backward for the table and the per-sample weights).
     ///   value: [N, S, M, D], locations: [N, Lq, M, L, P, 2], weights: [N, Lq, M, L, P] -> [N, Lq, M*D]
     let sampleGather (value: Tensor) (shapes: (int64 * int64)[]) (locations: Tensor) (weights: Tensor) : Tensor =
-        let n, _, m, d = value.shape[0], value.shape[1], value.shape[2], value.shape[3]
-        let lq, l, p = locations.shape[1], locations.shape[3], locations.shape[4]
         validate value shapes locations weights
         Scope.run (fun () ->
-            let dev = value.device
-            let levels (f: int64 * int64 -> float32) = torch.tensor(Array.map f shapes, device = dev).view(1L, 1L, 1L, l, 1L)
-            let starts = levelStartIndex shapes
-            let padded = shapes |> Array.map (fun (h, w) -> h + 3L, w + 3L)
-            let paddedStarts = levelStartIndex padded
-            let sp = padded |> Array.sumBy (fun (h, w) -> h * w)
-            // [N, Sp, M*D]: each level [N, H, W, M*D] with a zero border, rows (n, s, m) of D channels
-            let table =
-                torch.cat(shapes |> Array.mapi (fun lvl (h, w) ->
-                              let v = value.narrow(1L, starts[lvl], h * w).reshape(n, h, w, m * d)
-                              functional.pad(v, [| 0L; 0L; 1L; 2L; 1L; 2L |]).view(n, (h + 3L) * (w + 3L), m * d)), 1L)
-            // continuous pixel coordinates (x, y) = loc · (W, H) − 0.5, clamped to [−1, size]
-            let size = torch.tensor(shapes |> Array.collect (fun (h, w) -> [| float32 w; float32 h |]), device = dev).view(1L, 1L, 1L, l, 1L, 2L)
-            let pix = (locations * size - 0.5f.ToScalar()).clamp_min_(-1.0f.ToScalar()).minimum(size)   // [N, Lq, M, L, P, 2]
-            let corner = pix.floor()
-            let frac = pix - corner
-            // row of the top-left tap: (n·Sp + start_l + (y0 + 1)·Wp + x0 + 1)·M + m, exact in float32 (< 2^24 rows
-            // for any realistic size; checked below)
-            let rows = float (n * sp * m)
-            if rows >= 16777216.0 then invalidOp $"deformable attention: {rows} value rows exceed the exact float32 index range"
-            let wp = levels (fun (_, w) -> float32 (w + 3L))
-            let levelBase = torch.tensor(Array.init shapes.Length (fun i -> float32 (paddedStarts[i] + snd padded[i] + 1L)), device = dev)
-                                .view(1L, 1L, 1L, l, 1L)
-            let frameBase = torch.arange(n.ToScalar(), dtype = torch.float32, device = dev).mul_((float32 sp).ToScalar()).view(n, 1L, 1L, 1L, 1L)
-            let head = torch.arange(m.ToScalar(), dtype = torch.float32, device = dev).view(1L, 1L, m, 1L, 1L)
-            let topLeft =
-                (corner.select(-1L, 1L) * wp).add_(corner.select(-1L, 0L)).add_(levelBase).add_(frameBase)
-                    .mul_((float32 m).ToScalar()).add_(head)                                              // [N, Lq, M, L, P]
-            // the 4 taps (y0 x0, y0 x1, y1 x0, y1 x1) are 0, M, Wp·M, (Wp + 1)·M rows further
-            let step = torch.stack([| torch.zeros_like wp; torch.ones_like wp; wp; wp + 1.0f.ToScalar() |], -1L)
-                           .mul_((float32 m).ToScalar())                                                  // [1, 1, 1, L, 1, 4]
-            let index = (topLeft.unsqueeze(-1L) + step).to_type(torch.int64).view(n * lq * m, l * p * 4L)
-            let fx, fy = frac.select(-1L, 0L), frac.select(-1L, 1L)
-            let a = weights.to_type(pix.dtype)
-            let lower = fy * a                     // row y1
-            let upper = a - lower                  // row y0
-            let tapWeights =
-                torch.stack([| upper - upper * fx; upper * fx; lower - lower * fx; lower * fx |], -1L)
-                    .to_type(value.dtype).view(n * lq * m, l * p * 4L)
-            use bag = EmbeddingBag(1L, 1L, mode = EmbeddingBagMode.Sum)
-            bag.weight <- new Modules.Parameter(table.view(-1L, d).alias(), table.requires_grad)
-            bag.call(index, null, tapWeights).view(n, lq, m * d))
+            let size = pixelScale shapes value.device                                        // [1, 1, 1, L, 1, 2]
+            sampleGatherPixels value shapes (locations * size - 0.5f.ToScalar()) weights)
 
     /// How `sample` computes the sums when no gradient is recorded.
     type Kernel =
@@ -211,6 +224,10 @@ type MSDeformAttn(cfg: MSDeformAttnConfig) as this =
 
     do reset ()
 
+    let checkReference (referencePoints: Tensor) =
+        if referencePoints.Dimensions <> 4L || referencePoints.shape[3] <> 2L then
+            invalidArg (nameof referencePoints) $"reference points must be [N, Lq, L, 2], got {Shape.show referencePoints}"
+
     /// Re-initialises as the official MSDeformAttn._reset_parameters (docs/architecture.md §6.4): offsets
     /// weight 0, bias = per head h the direction (cos θ_h, sin θ_h), θ_h = 2πh/M, scaled to max-abs 1, times
     /// (p + 1), same for every level; attention weights 0; value/output projections Xavier-uniform with bias 0.
@@ -222,8 +239,7 @@ type MSDeformAttn(cfg: MSDeformAttnConfig) as this =
     ///   query: [N, Lq, C], reference: [N, Lq, L, 2] in [0, 1] (x, y) ->
     ///   locations [N, Lq, M, L, P, 2], weights [N, Lq, M, L, P]
     member _.Locations(query: Tensor, referencePoints: Tensor, shapes: (int64 * int64)[]) : Tensor * Tensor =
-        if referencePoints.Dimensions <> 4L || referencePoints.shape[3] <> 2L then
-            invalidArg (nameof referencePoints) $"reference points must be [N, Lq, L, 2], got {Shape.show referencePoints}"
+        checkReference referencePoints
         use scope = torch.NewDisposeScope()
         let n, lq = query.shape[0], query.shape[1]
         let offsets = sampling_offsets.call(query).view(n, lq, nHeads, nLevels, nPoints, 2L)
@@ -242,6 +258,7 @@ type MSDeformAttn(cfg: MSDeformAttnConfig) as this =
     member this.Forward(query: Tensor, referencePoints: Tensor, input: Tensor, shapes: (int64 * int64)[],
                         paddingMask: Tensor option) : Tensor =
         if int64 shapes.Length <> nLevels then invalidArg (nameof shapes) $"{shapes.Length} level shapes, module has {nLevels} levels"
+        checkReference referencePoints
         let n, s = input.shape[0], input.shape[1]
         if Array.sumBy (fun (h, w) -> h * w) shapes <> s then
             invalidArg (nameof input) $"input {Shape.show input} does not hold the levels {shapes}"
@@ -252,5 +269,18 @@ type MSDeformAttn(cfg: MSDeformAttnConfig) as this =
                 | Some mk -> value.masked_fill(mk.unsqueeze(-1L), 0.0f.AsScalar)
                 | None -> value
             let value = value.view(n, s, nHeads, dModel / nHeads)
-            let loc, weights = this.Locations(query, referencePoints, shapes)
-            output_proj.call (MsDeformAttnCore.sample value shapes loc weights))
+            match MsDeformAttnCore.kernel with
+            | MsDeformAttnCore.Gather when not (torch.is_grad_enabled ()) ->
+                // The gather works in pixels: location · size − 0.5 = (reference · size − 0.5) + offset, so the
+                // offsets are neither divided by the level size nor multiplied back.
+                let lq = query.shape[1]
+                let offsets = sampling_offsets.call(query).view(n, lq, nHeads, nLevels, nPoints, 2L)
+                let weights = attention_weights.call(query).view(n, lq, nHeads, nLevels * nPoints).softmax(-1L).view(n, lq, nHeads, nLevels, nPoints)
+                let size = MsDeformAttnCore.pixelScale shapes query.device
+                let refPixels = (referencePoints.view(n, lq, 1L, nLevels, 1L, 2L) * size).sub_(0.5f.ToScalar())
+                // in float32 also under bf16 autocast (a bf16 pixel coordinate near 96 is only good to 0.5 pixel)
+                let pixels = offsets.to_type(torch.float32).add_(refPixels)
+                output_proj.call (MsDeformAttnCore.sampleGatherPixels value shapes pixels weights)
+            | _ ->
+                let loc, weights = this.Locations(query, referencePoints, shapes)
+                output_proj.call (MsDeformAttnCore.sample value shapes loc weights))

@@ -13,9 +13,11 @@ open Vct.Core.Evaluation
 [<RequireQualifiedAccess>]
 module Validation =
     /// Evaluates `model` on decoded videos with the VCT metrics: scores at the GT's size; `shuffleAudio` pairs each
-    /// video with another video's audio (a control that shows whether the model listens).
-    let evaluate (model: VctModel) (audio: TrainData.AudioCache) (records: VideoRecord[]) (shuffleAudio: bool) (workers: int) : MetricSummary =
+    /// video with another video's audio (a control that shows whether the model listens). `precision` is the
+    /// forward pass's arithmetic (`Segment.run`; refused with a one-line message where the device cannot).
+    let evaluateIn (precision: Precision) (model: VctModel) (audio: TrainData.AudioCache) (records: VideoRecord[]) (shuffleAudio: bool) (workers: int) : MetricSummary =
         if records.Length = 0 then raise (ArgumentException "no videos to evaluate (the split is empty)")
+        Precision.ensureSupported (Seq.head (model.parameters ())).device precision
         let subset = model.Config.Subset
         let evaluator = Metrics.evaluator subset MetricVariant.Vct (int model.Config.NumClasses)
         use _ = torch.no_grad ()
@@ -44,7 +46,7 @@ module Validation =
                       PreMasks = (if v.PreMasks.Length > 0 then Some(Batch.frames v.PreMasks) else None)
                       Audio = AudioInput.Maps maps }
                 let gt = Batch.labels v.Masks
-                use seg = Segment.run model { SegmentOptions.Default with OutputSize = OutputSize.Size(gt.shape[1], gt.shape[2]) } inputs
+                use seg = Segment.run model { SegmentOptions.Default with OutputSize = OutputSize.Size(gt.shape[1], gt.shape[2]); Precision = precision } inputs
                 let scores = seg.Scores
                 // Frames with GT only (S4/MS3 val/test annotate every frame; AVSS by the gt flags).
                 let gtFrames = v.Record.MaskFrames
@@ -54,6 +56,9 @@ module Validation =
                 evaluator.Add(v.Record.Id, scores.cpu(), gt) |> ignore
             gate.Pulse()
         evaluator.Summary()
+
+    /// `evaluateIn` float32: the metric the trainer, the main job and the goldens use.
+    let evaluate model audio records shuffleAudio workers = evaluateIn Precision.Float32 model audio records shuffleAudio workers
 
     /// `evaluate` sharded over the ranks: rank r scores videos r, r + N, ...; the per-video scores are summed to
     /// every rank and M_J/M_F are their mean over videos (or, with `officialMean`, the mean of the per-rank
