@@ -5,6 +5,7 @@ module Vct.Bench.Program
 let suites : (string * (int -> unit)) list =
     [ "checkpoint", CheckpointBench.run
       "model", ModelBench.run
+      "precision", PrecisionBench.run
       "profile", ProfileBench.run
       "audio", AudioBench.run
       "training", TrainingBench.run
