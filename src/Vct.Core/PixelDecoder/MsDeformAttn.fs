@@ -224,6 +224,13 @@ type MSDeformAttn(cfg: MSDeformAttnConfig) as this =
 
     do reset ()
 
+    /// Offsets in pixels [N, Lq, M, L, P, 2] and attention weights softmaxed jointly over a head's L·P entries
+    /// [N, Lq, M, L, P].
+    let offsetsAndWeights (query: Tensor) =
+        let n, lq = query.shape[0], query.shape[1]
+        sampling_offsets.call(query).view(n, lq, nHeads, nLevels, nPoints, 2L),
+        attention_weights.call(query).view(n, lq, nHeads, nLevels * nPoints).softmax(-1L).view(n, lq, nHeads, nLevels, nPoints)
+
     let checkReference (referencePoints: Tensor) =
         if referencePoints.Dimensions <> 4L || referencePoints.shape[3] <> 2L then
             invalidArg (nameof referencePoints) $"reference points must be [N, Lq, L, 2], got {Shape.show referencePoints}"
@@ -242,10 +249,7 @@ type MSDeformAttn(cfg: MSDeformAttnConfig) as this =
         checkReference referencePoints
         use scope = torch.NewDisposeScope()
         let n, lq = query.shape[0], query.shape[1]
-        let offsets = sampling_offsets.call(query).view(n, lq, nHeads, nLevels, nPoints, 2L)
-        let weights =
-            attention_weights.call(query).view(n, lq, nHeads, nLevels * nPoints).softmax(-1L)
-                .view(n, lq, nHeads, nLevels, nPoints)
+        let offsets, weights = offsetsAndWeights query
         // offset normaliser (W_l, H_l) per level
         let norm =
             torch.tensor(shapes |> Array.collect (fun (h, w) -> [| float32 w; float32 h |]), device = query.device)
@@ -274,8 +278,7 @@ type MSDeformAttn(cfg: MSDeformAttnConfig) as this =
                 // The gather works in pixels: location · size − 0.5 = (reference · size − 0.5) + offset, so the
                 // offsets are neither divided by the level size nor multiplied back.
                 let lq = query.shape[1]
-                let offsets = sampling_offsets.call(query).view(n, lq, nHeads, nLevels, nPoints, 2L)
-                let weights = attention_weights.call(query).view(n, lq, nHeads, nLevels * nPoints).softmax(-1L).view(n, lq, nHeads, nLevels, nPoints)
+                let offsets, weights = offsetsAndWeights query
                 let size = MsDeformAttnCore.pixelScale shapes query.device
                 let refPixels = (referencePoints.view(n, lq, 1L, nLevels, 1L, 2L) * size).sub_(0.5f.ToScalar())
                 // in float32 also under bf16 autocast (a bf16 pixel coordinate near 96 is only good to 0.5 pixel)
